@@ -1,0 +1,102 @@
+//! Every default of the configuration, written once.
+
+use super::{ColumnNames, CheckpointConfig, CodecConfig, LogFormat, OutboxConfig, PayloadFormat,
+    RoutingConfig, SourceConfig, SourceMode, TelemetryConfig};
+
+pub fn shutdown_timeout_ms() -> u64 { 10_000 }
+pub fn connect_timeout_ms() -> u64 { 5_000 }
+pub fn compression() -> String { "lz4".into() }
+pub fn linger_ms() -> u64 { 5 }
+pub fn batch_size_bytes() -> u64 { 1_000_000 }
+pub fn message_timeout_ms() -> u64 { 0 }
+pub fn queue_max_messages() -> u64 { 100_000 }
+pub fn source_mode() -> SourceMode { SourceMode::Logical }
+pub fn slot_name() -> String { "outbox_relay".into() }
+pub fn publication_name() -> String { "outbox_relay_pub".into() }
+pub fn create_slot() -> bool { true }
+pub fn status_interval_ms() -> u64 { 1_000 }
+pub fn poll_interval_ms() -> u64 { 1_000 }
+pub fn source_batch_rows() -> usize { 1_000 }
+pub fn outbox_schema() -> String { "public".into() }
+pub fn outbox_table() -> String { "outbox".into() }
+pub fn topic_template() -> String { "outbox.{aggregate_type}".into() }
+pub fn create_topics() -> bool { true }
+pub fn topic_partitions() -> i32 { -1 }
+pub fn topic_replication_factor() -> i32 { -1 }
+pub fn payload_format() -> PayloadFormat { PayloadFormat::Json }
+pub fn checkpoint_batch_rows() -> usize { 1_000 }
+pub fn checkpoint_flush_interval_ms() -> u64 { 50 }
+pub fn max_in_flight() -> usize { 50_000 }
+pub fn http_listen() -> String { "127.0.0.1:9187".into() }
+pub fn log_format() -> LogFormat { LogFormat::Text }
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        Self {
+            mode: source_mode(),
+            slot_name: slot_name(),
+            publication_name: publication_name(),
+            create_slot: create_slot(),
+            status_interval_ms: status_interval_ms(),
+            poll_interval_ms: poll_interval_ms(),
+            batch_rows: source_batch_rows(),
+        }
+    }
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self { schema: outbox_schema(), table: outbox_table(), columns: ColumnNames::default() }
+    }
+}
+
+impl Default for ColumnNames {
+    fn default() -> Self {
+        Self {
+            id: "id".into(),
+            event_id: "event_id".into(),
+            aggregate_type: "aggregate_type".into(),
+            aggregate_id: "aggregate_id".into(),
+            event_type: "event_type".into(),
+            kind: "kind".into(),
+            entity_version: "entity_version".into(),
+            payload: "payload".into(),
+            headers: "headers".into(),
+            occurred_at: "occurred_at".into(),
+        }
+    }
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            topic_template: topic_template(),
+            topics: Default::default(),
+            create_topics: create_topics(),
+            topic_partitions: topic_partitions(),
+            topic_replication_factor: topic_replication_factor(),
+        }
+    }
+}
+
+impl Default for CodecConfig {
+    fn default() -> Self {
+        Self { format: payload_format() }
+    }
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            batch_rows: checkpoint_batch_rows(),
+            flush_interval_ms: checkpoint_flush_interval_ms(),
+            max_in_flight: max_in_flight(),
+        }
+    }
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self { http_listen: http_listen(), log_format: log_format() }
+    }
+}

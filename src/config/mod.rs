@@ -1,0 +1,479 @@
+//! The one typed configuration tree.
+//!
+//! Loaded from a TOML file, then overridden by environment variables named
+//! `RELAY__SECTION__KEY` (double underscores separate levels), so a sidecar can
+//! take secrets such as `RELAY__POSTGRES__URL` from its environment. Unknown
+//! keys are rejected by name; [`Config::validate`] checks values and names the
+//! key and what is allowed. Every default is written once, in the `defaults`
+//! module, and documented in `relay.example.toml`.
+
+mod defaults;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+/// Prefix of environment overrides: `RELAY__KAFKA__BOOTSTRAP_SERVERS`.
+pub const ENV_PREFIX: &str = "RELAY__";
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file named by `--config` does not exist or cannot be read.
+    #[error("cannot read config file {path}: {reason}")]
+    Unreadable { path: PathBuf, reason: String },
+    /// The file or an environment override does not fit the schema
+    /// (unknown key, wrong type).
+    #[error("invalid configuration: {0}")]
+    Parse(String),
+    /// A value is outside what is allowed.
+    #[error("invalid value for `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+/// The whole configuration of one relay process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub postgres: PostgresConfig,
+    pub kafka: KafkaConfig,
+    #[serde(default)]
+    pub registry: RegistryConfig,
+    #[serde(default)]
+    pub source: SourceConfig,
+    #[serde(default)]
+    pub outbox: OutboxConfig,
+    #[serde(default)]
+    pub routing: RoutingConfig,
+    #[serde(default)]
+    pub codec: CodecConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+    /// How long a graceful shutdown may take before the relay exits anyway
+    /// (keep it below the pod's termination grace period).
+    #[serde(default = "defaults::shutdown_timeout_ms")]
+    pub shutdown_timeout_ms: u64,
+}
+
+/// Where the outbox lives.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// `postgres://user:password@host:port/database`; a secret, never logged.
+    pub url: SecretString,
+    /// Timeout for establishing a connection, in milliseconds.
+    #[serde(default = "defaults::connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+}
+
+/// The Kafka producer. Options not typed here go through `librdkafka`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Comma-separated `host:port` list.
+    pub bootstrap_servers: String,
+    /// `none`, `gzip`, `snappy`, `lz4` or `zstd`.
+    #[serde(default = "defaults::compression")]
+    pub compression: String,
+    /// How long the producer waits to fill a batch, in milliseconds.
+    #[serde(default = "defaults::linger_ms")]
+    pub linger_ms: u64,
+    /// Upper bound of one produce batch, in bytes (librdkafka `batch.size`).
+    #[serde(default = "defaults::batch_size_bytes")]
+    pub batch_size_bytes: u64,
+    /// How long librdkafka keeps retrying one message, in milliseconds;
+    /// 0 retries until delivered (safe with idempotence; the relay stops reading
+    /// while the queue is full instead of losing anything).
+    #[serde(default = "defaults::message_timeout_ms")]
+    pub message_timeout_ms: u64,
+    /// Messages the producer may hold in its queue before the relay pauses reading.
+    #[serde(default = "defaults::queue_max_messages")]
+    pub queue_max_messages: u64,
+    /// Raw librdkafka properties for everything else (TLS, SASL, ...).
+    /// Keys the typed options above or the relay's guarantees own are refused.
+    #[serde(default)]
+    pub librdkafka: BTreeMap<String, String>,
+}
+
+/// The Confluent-compatible schema registry (used by the Avro codec).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Base URL of the Confluent API, e.g. `http://127.0.0.1:58081/apis/ccompat/v7`.
+    /// Empty when no registry is used (`codec.format = "json"`).
+    #[serde(default)]
+    pub url: String,
+    /// Basic-auth user, if the registry requires one.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Basic-auth password; a secret, never logged.
+    #[serde(default)]
+    pub password: Option<SecretString>,
+}
+
+/// How outbox rows are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceMode {
+    /// Logical replication with `pgoutput`: rows in commit order, pushed.
+    Logical,
+    /// Ordered polling, for databases without logical replication.
+    Poll,
+}
+
+/// The source stage.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// `logical` (default) or `poll`.
+    #[serde(default = "defaults::source_mode")]
+    pub mode: SourceMode,
+    /// Name of the logical replication slot.
+    #[serde(default = "defaults::slot_name")]
+    pub slot_name: String,
+    /// Name of the publication on the outbox table (inserts only).
+    #[serde(default = "defaults::publication_name")]
+    pub publication_name: String,
+    /// Create the publication and slot at start-up when they are missing.
+    #[serde(default = "defaults::create_slot")]
+    pub create_slot: bool,
+    /// How often the relay reports its confirmed position to Postgres, in milliseconds.
+    #[serde(default = "defaults::status_interval_ms")]
+    pub status_interval_ms: u64,
+    /// Poll mode: fallback interval when no notification arrives, in milliseconds.
+    #[serde(default = "defaults::poll_interval_ms")]
+    pub poll_interval_ms: u64,
+    /// Rows read per batch.
+    #[serde(default = "defaults::source_batch_rows")]
+    pub batch_rows: usize,
+}
+
+/// The outbox table and, for teams with an existing outbox, its column names.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxConfig {
+    /// Schema of the outbox table.
+    #[serde(default = "defaults::outbox_schema")]
+    pub schema: String,
+    /// Name of the outbox table.
+    #[serde(default = "defaults::outbox_table")]
+    pub table: String,
+    /// Column names of the read side, when they differ from the default layout.
+    #[serde(default)]
+    pub columns: ColumnNames,
+}
+
+/// Column names of the outbox table's read side.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ColumnNames {
+    pub id: String,
+    pub event_id: String,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub event_type: String,
+    pub kind: String,
+    pub entity_version: String,
+    pub payload: String,
+    pub headers: String,
+    pub occurred_at: String,
+}
+
+/// Where each row goes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// Topic name template; `{aggregate_type}` is replaced by the row's entity type.
+    #[serde(default = "defaults::topic_template")]
+    pub topic_template: String,
+    /// Per-aggregate-type topic, overriding the template.
+    #[serde(default)]
+    pub topics: BTreeMap<String, String>,
+    /// Create a missing topic on first use. When false, a missing topic holds its
+    /// rows with an error naming the topic.
+    #[serde(default = "defaults::create_topics")]
+    pub create_topics: bool,
+    /// Partitions of created topics; -1 takes the broker's `num.partitions`.
+    #[serde(default = "defaults::topic_partitions")]
+    pub topic_partitions: i32,
+    /// Replication factor of created topics; -1 takes the broker's default.
+    #[serde(default = "defaults::topic_replication_factor")]
+    pub topic_replication_factor: i32,
+}
+
+/// Payload encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PayloadFormat {
+    /// The row's JSON payload as UTF-8 bytes.
+    Json,
+    /// Avro in the Confluent wire format, schemas from the registry.
+    Avro,
+}
+
+/// The codec stage.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CodecConfig {
+    /// `json` (default) or `avro`.
+    #[serde(default = "defaults::payload_format")]
+    pub format: PayloadFormat,
+}
+
+/// Publish-state recording and position confirmation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Acknowledged rows recorded in one round trip at most.
+    #[serde(default = "defaults::checkpoint_batch_rows")]
+    pub batch_rows: usize,
+    /// Longest wait before acknowledged rows are recorded, in milliseconds.
+    #[serde(default = "defaults::checkpoint_flush_interval_ms")]
+    pub flush_interval_ms: u64,
+    /// Deliveries awaiting their acknowledgement at most (bounds memory).
+    #[serde(default = "defaults::max_in_flight")]
+    pub max_in_flight: usize,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Metrics, health endpoints and logs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Address of the HTTP endpoint (`/metrics`, `/healthz`, `/readyz`);
+    /// use `0.0.0.0:9187` inside a pod so the kubelet and Prometheus reach it.
+    #[serde(default = "defaults::http_listen")]
+    pub http_listen: String,
+    /// `text` or `json`.
+    #[serde(default = "defaults::log_format")]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Reads `path`, applies `RELAY__*` environment overrides and validates.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        if let Err(err) = std::fs::metadata(path) {
+            return Err(ConfigError::Unreadable {
+                path: path.to_path_buf(),
+                reason: err.to_string(),
+            });
+        }
+        let figment = Figment::new()
+            .merge(Toml::file_exact(path))
+            .merge(Env::prefixed(ENV_PREFIX).split("__"));
+        Self::from_figment(figment)
+    }
+
+    /// Parses a TOML document (no environment), for tests and tools.
+    pub fn from_toml_str(toml: &str) -> Result<Self, ConfigError> {
+        Self::from_figment(Figment::new().merge(Toml::string(toml)))
+    }
+
+    fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+        let config: Config = figment.extract().map_err(|err| {
+            let msgs: Vec<String> = err.into_iter().map(describe_figment_error).collect();
+            ConfigError::Parse(msgs.join("; "))
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value and names the key that is wrong and what is allowed.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| {
+            Err(ConfigError::Invalid { key: key.to_string(), message })
+        };
+        let url = self.postgres.url.expose_secret();
+        if url.parse::<tokio_postgres::Config>().is_err() {
+            return invalid(
+                "postgres.url",
+                "expected a URL such as postgres://user:password@127.0.0.1:5432/db".into(),
+            );
+        }
+        if self.kafka.bootstrap_servers.trim().is_empty() {
+            return invalid("kafka.bootstrap_servers", "must list at least one host:port".into());
+        }
+        const COMPRESSIONS: [&str; 5] = ["none", "gzip", "snappy", "lz4", "zstd"];
+        if !COMPRESSIONS.contains(&self.kafka.compression.as_str()) {
+            return invalid(
+                "kafka.compression",
+                format!("`{}` is not one of {}", self.kafka.compression, COMPRESSIONS.join(", ")),
+            );
+        }
+        for key in self.kafka.librdkafka.keys() {
+            if let Some(owner) = crate::sink::owned_librdkafka_key(key) {
+                return invalid(
+                    &format!("kafka.librdkafka.\"{key}\""),
+                    format!("this property is set by the relay ({owner}); remove it from the map"),
+                );
+            }
+        }
+        if self.kafka.queue_max_messages == 0 {
+            return invalid("kafka.queue_max_messages", "must be at least 1".into());
+        }
+        for (key, name) in [
+            ("source.slot_name", &self.source.slot_name),
+            ("source.publication_name", &self.source.publication_name),
+            ("outbox.schema", &self.outbox.schema),
+            ("outbox.table", &self.outbox.table),
+        ] {
+            if !is_identifier(name) {
+                return invalid(
+                    key,
+                    format!("`{name}` must be a lower-case SQL identifier ([a-z_][a-z0-9_]*, up to 63 characters)"),
+                );
+            }
+        }
+        if !self.routing.topic_template.contains("{aggregate_type}")
+            && self.routing.topic_template.contains('{')
+        {
+            return invalid(
+                "routing.topic_template",
+                "the only placeholder allowed is {aggregate_type}".into(),
+            );
+        }
+        if self.routing.topic_partitions == 0 || self.routing.topic_partitions < -1 {
+            return invalid("routing.topic_partitions", "must be -1 (broker default) or at least 1".into());
+        }
+        if self.routing.topic_replication_factor == 0 || self.routing.topic_replication_factor < -1 {
+            return invalid(
+                "routing.topic_replication_factor",
+                "must be -1 (broker default) or at least 1".into(),
+            );
+        }
+        if self.codec.format == PayloadFormat::Avro && self.registry.url.is_empty() {
+            return invalid(
+                "registry.url",
+                "codec.format = \"avro\" needs a schema registry URL (or set codec.format = \"json\")".into(),
+            );
+        }
+        for (key, value) in [
+            ("source.batch_rows", self.source.batch_rows),
+            ("checkpoint.batch_rows", self.checkpoint.batch_rows),
+            ("checkpoint.max_in_flight", self.checkpoint.max_in_flight),
+        ] {
+            if value == 0 {
+                return invalid(key, "must be at least 1".into());
+            }
+        }
+        if self.telemetry.http_listen.parse::<std::net::SocketAddr>().is_err() {
+            return invalid(
+                "telemetry.http_listen",
+                format!("`{}` is not an address such as 127.0.0.1:9187", self.telemetry.http_listen),
+            );
+        }
+        Ok(())
+    }
+
+    /// The outbox table as a quoted, schema-qualified SQL name.
+    pub fn outbox_table_sql(&self) -> String {
+        format!("\"{}\".\"{}\"", self.outbox.schema, self.outbox.table)
+    }
+}
+
+/// Figment reports unknown fields as "unknown field `x`, expected one of ..."
+/// with the path of the containing table; join both so the message names
+/// the full key, e.g. `kafka.bootstrap_server`.
+fn describe_figment_error(err: figment::Error) -> String {
+    use figment::error::Kind;
+    let path = err.path.join(".");
+    let at = |field: &str| {
+        if path.is_empty() {
+            field.to_string()
+        } else {
+            format!("{path}.{field}")
+        }
+    };
+    match &err.kind {
+        Kind::UnknownField(field, expected) => format!(
+            "unknown key `{}`; allowed here: {}",
+            at(field),
+            expected.join(", ")
+        ),
+        Kind::MissingField(field) => format!("missing required key `{}`", at(field)),
+        _ if !path.is_empty() => format!("key `{path}`: {}", err.kind),
+        _ => err.kind.to_string(),
+    }
+}
+
+fn is_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && name.len() <= 63
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [postgres]
+        url = "postgres://relay:relay@127.0.0.1:55432/outbox"
+        [kafka]
+        bootstrap_servers = "127.0.0.1:59092"
+    "#;
+
+    #[test]
+    fn minimal_config_takes_defaults() {
+        let config = Config::from_toml_str(MINIMAL).expect("minimal config");
+        assert_eq!(config.source.mode, SourceMode::Logical);
+        assert_eq!(config.routing.topic_template, "outbox.{aggregate_type}");
+        assert_eq!(config.kafka.compression, "lz4");
+        assert_eq!(config.outbox.columns.aggregate_id, "aggregate_id");
+    }
+
+    #[test]
+    fn misspelled_key_is_named() {
+        let toml = MINIMAL.replace("bootstrap_servers", "bootstrap_server");
+        let err = Config::from_toml_str(&toml).expect_err("must fail").to_string();
+        assert!(err.contains("kafka.bootstrap_server"), "{err}");
+    }
+
+    #[test]
+    fn invalid_value_names_key_and_allowed_values() {
+        let toml = format!("{MINIMAL}\ncompression = \"brotli\"");
+        let err = Config::from_toml_str(&toml).expect_err("must fail").to_string();
+        assert!(err.contains("kafka.compression") && err.contains("zstd"), "{err}");
+    }
+
+    #[test]
+    fn librdkafka_map_refuses_owned_keys() {
+        let toml = format!("{MINIMAL}\n[kafka.librdkafka]\n\"enable.idempotence\" = \"false\"");
+        let err = Config::from_toml_str(&toml).expect_err("must fail").to_string();
+        assert!(err.contains("enable.idempotence"), "{err}");
+    }
+
+    #[test]
+    fn avro_without_registry_is_refused() {
+        let toml = format!("{MINIMAL}\n[codec]\nformat = \"avro\"");
+        let err = Config::from_toml_str(&toml).expect_err("must fail").to_string();
+        assert!(err.contains("registry.url"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_is_a_one_line_error() {
+        let err = Config::load(Path::new("/nonexistent/relay.toml")).expect_err("must fail");
+        let text = err.to_string();
+        assert!(text.contains("/nonexistent/relay.toml") && !text.contains('\n'), "{text}");
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let text = include_str!("../../relay.example.toml");
+        Config::from_toml_str(text).expect("relay.example.toml must load");
+    }
+}

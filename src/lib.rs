@@ -1,0 +1,69 @@
+//! outbox-relay: a transactional outbox relay from PostgreSQL to Apache Kafka.
+//!
+//! The pipeline: [`source`] (logical replication, in commit order) ->
+//! [`codec`] (payload encoding) -> [`sink`] (Kafka) -> [`checkpoint`]
+//! (publish state, position confirmation), with [`config`] and
+//! [`telemetry`] around it. [`run`] is what the `relay` binary calls.
+
+pub mod checkpoint;
+pub mod cli;
+pub mod codec;
+pub mod config;
+pub mod database;
+pub mod migrate;
+pub mod pipeline;
+pub mod sink;
+pub mod source;
+pub mod telemetry;
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+pub use config::Config;
+
+/// Why the relay stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("cannot serve telemetry.http_listen {addr}: {source}")]
+    Http { addr: String, source: std::io::Error },
+    #[error(transparent)]
+    Pipeline(#[from] pipeline::PipelineError),
+    #[error("shutdown took longer than shutdown_timeout_ms ({0} ms); unrecorded deliveries will be resent on restart")]
+    ShutdownDeadline(u64),
+}
+
+/// Runs the relay until `shutdown` resolves, then stops reading, drains
+/// in-flight deliveries, records their state and confirms the position,
+/// within `shutdown_timeout_ms`.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RelayError> {
+    let metrics = telemetry::install_metrics();
+    let health = telemetry::Health::default();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let addr = config.telemetry.http_listen.clone();
+    let socket: std::net::SocketAddr =
+        addr.parse().map_err(|_| RelayError::Http { addr: addr.clone(), source: std::io::ErrorKind::InvalidInput.into() })?;
+    let listener = tokio::net::TcpListener::bind(socket)
+        .await
+        .map_err(|source| RelayError::Http { addr: addr.clone(), source })?;
+    let http = tokio::spawn(telemetry::http::serve(listener, metrics, health.clone(), stop_rx.clone()));
+
+    let deadline = Duration::from_millis(config.shutdown_timeout_ms);
+    let pipeline = pipeline::run(config, stop_rx, health);
+    tokio::pin!(pipeline);
+    let result = tokio::select! {
+        result = &mut pipeline => result.map_err(RelayError::from),
+        _ = shutdown => {
+            tracing::info!("stopping: draining in-flight deliveries");
+            let _ = stop_tx.send(true);
+            match tokio::time::timeout(deadline, &mut pipeline).await {
+                Ok(result) => result.map_err(RelayError::from),
+                Err(_) => Err(RelayError::ShutdownDeadline(deadline.as_millis() as u64)),
+            }
+        }
+    };
+    let _ = stop_tx.send(true);
+    let _ = http.await;
+    result
+}

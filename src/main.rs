@@ -1,0 +1,92 @@
+//! The `relay` binary: parses arguments, loads the config, sets up logs and
+//! hands over to the library.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use relay::cli::{Cli, Command};
+use relay::config::{Config, LogFormat};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let path = cli.config.context("no configuration: pass --config FILE (see relay.example.toml)")?;
+    let config = Config::load(&path)?;
+    let format = if cli.log_json { LogFormat::Json } else { config.telemetry.log_format };
+    relay::telemetry::init_tracing(format);
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => {
+            relay::run(config, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate => {
+            let mut client = relay::database::connect(&config.postgres).await?;
+            let applied = relay::migrate::migrate(&mut client, &config).await?;
+            if applied.is_empty() {
+                println!("migrations: up to date");
+            } else {
+                println!("migrations: applied {}", applied.join(", "));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check => {
+            let verdicts = relay::cli::check::check(&config).await;
+            println!("{:<9} ok    {}", "config", path.display());
+            for verdict in &verdicts {
+                println!("{verdict}");
+            }
+            Ok(if verdicts.iter().all(|v| v.problem.is_none()) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Status { json, max_lag_seconds } => {
+            let client = relay::database::connect(&config.postgres).await?;
+            let status = relay::cli::status::status(&client, &config).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{status}");
+            }
+            let lagging = matches!((max_lag_seconds, status.oldest_pending_age_seconds), (Some(max), Some(age)) if age > max);
+            Ok(if lagging { ExitCode::from(2) } else { ExitCode::SUCCESS })
+        }
+    }
+}
+
+/// Resolves on SIGTERM (how Kubernetes stops a container) or Ctrl-C.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,55 @@
+//! Applies `migrations/` idempotently; a version table records what ran.
+
+use tokio_postgres::Client;
+
+use crate::config::{Config, SourceMode};
+use crate::source::logical;
+
+/// The migrations, in order, compiled into the binary.
+const MIGRATIONS: &[(&str, &str)] = &[("0001_outbox", include_str!("../migrations/0001_outbox.sql"))];
+
+/// Why migrating failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("migration {version} failed: {source}")]
+    Apply { version: String, source: tokio_postgres::Error },
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+}
+
+/// Applies every migration not yet recorded, each in its own transaction,
+/// under an advisory lock so concurrent sidecars do not race. In logical mode
+/// it then creates the publication and slot, so rows written from now on are
+/// streamed even before the relay first starts. Returns the versions applied.
+pub async fn migrate(client: &mut Client, config: &Config) -> Result<Vec<String>, MigrateError> {
+    let schema = &config.outbox.schema;
+    let table = &config.outbox.table;
+    let version_table = format!("\"{schema}\".\"{table}_relay_migrations\"");
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {version_table} (version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        ))
+        .await?;
+    let mut applied = Vec::new();
+    for (version, sql) in MIGRATIONS {
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock(7263521)", &[]).await?;
+        let done = tx
+            .query_opt(&format!("SELECT 1 FROM {version_table} WHERE version = $1"), &[version])
+            .await?
+            .is_some();
+        if !done {
+            let sql = sql.replace("{{schema}}", schema).replace("{{table}}", table);
+            tx.batch_execute(&sql)
+                .await
+                .map_err(|source| MigrateError::Apply { version: version.to_string(), source })?;
+            tx.execute(&format!("INSERT INTO {version_table} (version) VALUES ($1)"), &[version]).await?;
+            applied.push(version.to_string());
+        }
+        tx.commit().await?;
+    }
+    if config.source.mode == SourceMode::Logical {
+        logical::ensure_publication_and_slot(client, config).await?;
+    }
+    Ok(applied)
+}

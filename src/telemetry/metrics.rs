@@ -1,0 +1,103 @@
+//! Metric names, each described once, and the helpers the stages call.
+//! Listed for users in METRICS.md.
+
+use std::time::Duration;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+
+pub const PUBLISHED_TOTAL: &str = "outbox_relay_published_total";
+pub const PUBLISHED_BYTES_TOTAL: &str = "outbox_relay_published_bytes_total";
+pub const PUBLISH_LATENCY_SECONDS: &str = "outbox_relay_publish_latency_seconds";
+pub const PUBLISH_ERRORS_TOTAL: &str = "outbox_relay_publish_errors_total";
+pub const HELD_ROWS_TOTAL: &str = "outbox_relay_held_rows_total";
+pub const HELD_ENTITIES: &str = "outbox_relay_held_entities";
+pub const IN_FLIGHT: &str = "outbox_relay_in_flight";
+pub const PRODUCER_QUEUE_FULL_TOTAL: &str = "outbox_relay_producer_queue_full_total";
+pub const CHECKPOINT_BATCH_ROWS: &str = "outbox_relay_checkpoint_batch_rows";
+pub const CHECKPOINT_BATCH_SECONDS: &str = "outbox_relay_checkpoint_batch_seconds";
+pub const SOURCE_POSITION: &str = "outbox_relay_source_position_bytes";
+pub const CONFIRMED_POSITION: &str = "outbox_relay_confirmed_position_bytes";
+pub const LAST_PUBLISH_TIMESTAMP_SECONDS: &str = "outbox_relay_last_publish_timestamp_seconds";
+pub const RESTARTS_TOTAL: &str = "outbox_relay_pipeline_restarts_total";
+pub const ACTIVE: &str = "outbox_relay_active";
+
+/// Registers descriptions and units with the installed recorder.
+pub fn describe() {
+    describe_counter!(PUBLISHED_TOTAL, "Rows acknowledged by Kafka, by topic.");
+    describe_counter!(PUBLISHED_BYTES_TOTAL, Unit::Bytes, "Record value bytes handed to the producer.");
+    describe_histogram!(PUBLISH_LATENCY_SECONDS, Unit::Seconds, "From the row's commit (or occurred_at) to Kafka's acknowledgement.");
+    describe_counter!(PUBLISH_ERRORS_TOTAL, "Failed deliveries, by class (retriable, permanent).");
+    describe_counter!(HELD_ROWS_TOTAL, "Rows held because they cannot be published (their own error).");
+    describe_gauge!(HELD_ENTITIES, "Entities whose rows wait behind a held row.");
+    describe_gauge!(IN_FLIGHT, "Items between the source and their recorded publish state.");
+    describe_counter!(PRODUCER_QUEUE_FULL_TOTAL, "Times the producer queue was full and reading paused.");
+    describe_histogram!(CHECKPOINT_BATCH_ROWS, "Rows recorded per publish-state batch.");
+    describe_histogram!(CHECKPOINT_BATCH_SECONDS, Unit::Seconds, "Time to record one publish-state batch.");
+    describe_gauge!(SOURCE_POSITION, Unit::Bytes, "Last WAL position read from the slot (logical mode).");
+    describe_gauge!(CONFIRMED_POSITION, Unit::Bytes, "Last WAL position confirmed to Postgres (logical mode).");
+    describe_gauge!(LAST_PUBLISH_TIMESTAMP_SECONDS, Unit::Seconds, "Unix time of the last acknowledged row.");
+    describe_counter!(RESTARTS_TOTAL, "Pipeline restarts after an error, by component.");
+    describe_gauge!(ACTIVE, "1 when this instance is the active relay, 0 when standby.");
+}
+
+pub fn published(topic: &str, since: chrono::DateTime<chrono::Utc>) {
+    counter!(PUBLISHED_TOTAL, "topic" => topic.to_string()).increment(1);
+    let now = chrono::Utc::now();
+    let latency = (now - since).to_std().unwrap_or_default();
+    histogram!(PUBLISH_LATENCY_SECONDS).record(latency.as_secs_f64());
+    gauge!(LAST_PUBLISH_TIMESTAMP_SECONDS).set(now.timestamp_millis() as f64 / 1000.0);
+}
+
+pub fn bytes_produced(bytes: usize) {
+    counter!(PUBLISHED_BYTES_TOTAL).increment(bytes as u64);
+}
+
+pub fn publish_error(permanent: bool) {
+    let class = if permanent { "permanent" } else { "retriable" };
+    counter!(PUBLISH_ERRORS_TOTAL, "class" => class).increment(1);
+}
+
+pub fn held_row() {
+    counter!(HELD_ROWS_TOTAL).increment(1);
+}
+
+pub fn held_entities(n: usize) {
+    gauge!(HELD_ENTITIES).set(n as f64);
+}
+
+pub fn in_flight_inc() {
+    gauge!(IN_FLIGHT).increment(1.0);
+}
+
+pub fn in_flight_dec() {
+    gauge!(IN_FLIGHT).decrement(1.0);
+}
+
+pub fn in_flight_reset() {
+    gauge!(IN_FLIGHT).set(0.0);
+}
+
+pub fn queue_full() {
+    counter!(PRODUCER_QUEUE_FULL_TOTAL).increment(1);
+}
+
+pub fn checkpoint_batch(rows: usize, took: Duration) {
+    histogram!(CHECKPOINT_BATCH_ROWS).record(rows as f64);
+    histogram!(CHECKPOINT_BATCH_SECONDS).record(took.as_secs_f64());
+}
+
+pub fn source_position(position: u64) {
+    gauge!(SOURCE_POSITION).set(position as f64);
+}
+
+pub fn confirmed_position(position: u64) {
+    gauge!(CONFIRMED_POSITION).set(position as f64);
+}
+
+pub fn restart(component: &'static str) {
+    counter!(RESTARTS_TOTAL, "component" => component).increment(1);
+}
+
+pub fn active(is_active: bool) {
+    gauge!(ACTIVE).set(if is_active { 1.0 } else { 0.0 });
+}

@@ -1,0 +1,68 @@
+//! Logs, metrics and the HTTP endpoint (`/metrics`, `/healthz`, `/readyz`).
+
+pub mod http;
+pub mod metrics;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
+
+/// Installs the global tracing subscriber: text or JSON on stderr, filtered
+/// by `RUST_LOG` (default `info`).
+pub fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // A second call (tests) keeps the first subscriber.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// Installs the Prometheus recorder once per process and returns its handle.
+pub fn install_metrics() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets(&[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0])
+                .map(|b| b.install_recorder())
+                .and_then(|r| r)
+                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle());
+            metrics::describe();
+            handle
+        })
+        .clone()
+}
+
+/// What the health endpoints report, shared with the pipeline.
+#[derive(Debug, Clone, Default)]
+pub struct Health(Arc<HealthInner>);
+
+#[derive(Debug, Default)]
+struct HealthInner {
+    ready: AtomicBool,
+    active: AtomicBool,
+}
+
+impl Health {
+    /// Started, connected, able to publish (or a healthy standby).
+    pub fn set_ready(&self, ready: bool) {
+        self.0.ready.store(ready, Ordering::Relaxed);
+    }
+    pub fn ready(&self) -> bool {
+        self.0.ready.load(Ordering::Relaxed)
+    }
+    /// This instance holds the leader lock and streams.
+    pub fn set_active(&self, active: bool) {
+        self.0.active.store(active, Ordering::Relaxed);
+        metrics::active(active);
+    }
+    pub fn active(&self) -> bool {
+        self.0.active.load(Ordering::Relaxed)
+    }
+}
