@@ -10,8 +10,9 @@ use crate::config::{Config, PostgresConfig};
 /// Why Postgres could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum DatabaseError {
+    /// The message includes the cause (refused, authentication, timeout).
     #[error("cannot connect to Postgres: {0}")]
-    Connect(#[source] tokio_postgres::Error),
+    Connect(String),
     #[error("Postgres query failed: {0}")]
     Query(#[from] tokio_postgres::Error),
     #[error("invalid postgres.url: {0}")]
@@ -29,7 +30,10 @@ pub async fn connect(config: &PostgresConfig) -> Result<Client, DatabaseError> {
     if pg.get_application_name().is_none() {
         pg.application_name("outbox-relay");
     }
-    let (client, connection) = pg.connect(NoTls).await.map_err(DatabaseError::Connect)?;
+    let (client, connection) = pg.connect(NoTls).await.map_err(|err| {
+        let cause = std::error::Error::source(&err).map(|s| format!(" ({s})")).unwrap_or_default();
+        DatabaseError::Connect(format!("{err}{cause}"))
+    })?;
     tokio::spawn(async move {
         if let Err(err) = connection.await {
             tracing::debug!(error = %err, "postgres connection closed");

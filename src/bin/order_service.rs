@@ -1,1 +1,114 @@
-fn main() {}
+//! An example service for the demo: it changes orders and writes the
+//! matching outbox rows in the same transaction, the pattern the relay is for.
+//!
+//! Each change locks the order row (the upsert), bumps its version, and
+//! inserts an event message ("what happened") and a state message (the
+//! order's full current state), so writes to one order are serialized and
+//! per-entity order holds.
+
+use std::time::Duration;
+
+use clap::Parser;
+use rand::Rng;
+use tokio_postgres::NoTls;
+
+/// Writes orders and their outbox rows, one transaction per change.
+#[derive(Debug, Parser)]
+#[command(name = "order-service")]
+struct Args {
+    /// Postgres URL of the outbox database.
+    #[arg(long, env = "RELAY__POSTGRES__URL")]
+    url: String,
+    /// Changes per second.
+    #[arg(long, default_value_t = 20)]
+    rate: u32,
+    /// Stop after this many seconds (0 = run until killed).
+    #[arg(long, default_value_t = 0)]
+    seconds: u64,
+    /// How many distinct orders to spread the changes over.
+    #[arg(long, default_value_t = 10)]
+    orders: u32,
+}
+
+const STATUSES: [(&str, &str); 4] = [
+    ("placed", "OrderPlaced"),
+    ("paid", "OrderPaid"),
+    ("shipped", "OrderShipped"),
+    ("delivered", "OrderDelivered"),
+];
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    let (mut client, connection) = tokio_postgres::connect(&args.url, NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            eprintln!("order-service: connection closed: {err}");
+        }
+    });
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS orders (
+                id text PRIMARY KEY,
+                customer_id text NOT NULL,
+                status text NOT NULL,
+                total_cents bigint NOT NULL,
+                version bigint NOT NULL,
+                updated_at timestamptz NOT NULL DEFAULT now()
+            )",
+        )
+        .await?;
+    let interval = Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1)));
+    let started = std::time::Instant::now();
+    let mut ticker = tokio::time::interval(interval);
+    let mut written = 0u64;
+    loop {
+        ticker.tick().await;
+        if args.seconds > 0 && started.elapsed() >= Duration::from_secs(args.seconds) {
+            break;
+        }
+        let (order, customer, total) = {
+            let mut rng = rand::rng();
+            (
+                format!("order-{}", rng.random_range(1..=args.orders.max(1))),
+                format!("customer-{}", rng.random_range(1..=100)),
+                rng.random_range(500..50_000i64),
+            )
+        };
+        let tx = client.transaction().await?;
+        // The upsert locks the order row: concurrent writers of one order queue here.
+        let row = tx
+            .query_one(
+                "INSERT INTO orders (id, customer_id, status, total_cents, version) VALUES ($1, $2, 'placed', $3, 1)
+                 ON CONFLICT (id) DO UPDATE SET version = orders.version + 1,
+                     status = (ARRAY['placed','paid','shipped','delivered'])[(orders.version % 4) + 1],
+                     updated_at = now()
+                 RETURNING status, version, customer_id, total_cents",
+                &[&order, &customer, &total],
+            )
+            .await?;
+        let status: String = row.get(0);
+        let version: i64 = row.get(1);
+        let customer: String = row.get(2);
+        let total: i64 = row.get(3);
+        let event_type = STATUSES.iter().find(|(s, _)| *s == status).map(|(_, e)| *e).unwrap_or("OrderChanged");
+        let event = serde_json::json!({ "order_id": order, "status": status, "total_cents": total });
+        let state = serde_json::json!({
+            "order_id": order, "customer_id": customer, "status": status,
+            "total_cents": total, "version": version,
+        });
+        tx.execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, kind, entity_version, payload)
+             VALUES ('order', $1, $2, 'event', $3, $4), ('order_state', $1, 'OrderState', 'state', $3, $5)",
+            &[&order, &event_type, &version, &event, &state],
+        )
+        .await?;
+        tx.commit().await?;
+        written += 1;
+        if written % 100 == 0 {
+            println!("order-service: {written} changes written");
+        }
+    }
+    println!("order-service: done, {written} changes written");
+    Ok(())
+}

@@ -390,9 +390,12 @@ impl Config {
 fn describe_figment_error(err: figment::Error) -> String {
     use figment::error::Kind;
     let path = err.path.join(".");
+    // The path usually ends with the offending field already.
     let at = |field: &str| {
         if path.is_empty() {
             field.to_string()
+        } else if err.path.last().map(String::as_str) == Some(field) {
+            path.clone()
         } else {
             format!("{path}.{field}")
         }

@@ -1,0 +1,402 @@
+//! Test harness over the real local stack (`scripts/stack up`; the addresses
+//! come from `scripts/stack env`). Each test gets its own database, slot and
+//! topic prefix, so tests run in parallel.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::ClientConfig;
+use tokio_postgres::{Client, NoTls};
+
+/// Addresses of the running stack.
+#[derive(Debug, Clone)]
+pub struct Stack {
+    pub postgres_url: String,
+    pub bootstrap: String,
+    pub registry: String,
+    pub repo: PathBuf,
+}
+
+impl Stack {
+    pub fn from_env() -> Self {
+        let var = |name: &str| {
+            std::env::var(name).unwrap_or_else(|_| {
+                panic!("{name} is not set: run the tests with scripts/test, or `eval \"$(scripts/stack env)\"` first")
+            })
+        };
+        Self {
+            postgres_url: var("RELAY__POSTGRES__URL"),
+            bootstrap: var("RELAY__KAFKA__BOOTSTRAP_SERVERS"),
+            registry: var("RELAY__REGISTRY__URL"),
+            repo: PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+        }
+    }
+
+    /// Runs `scripts/stack ARGS` (e.g. `stop kafka`) and asserts it worked.
+    pub fn script(&self, args: &[&str]) {
+        let status = Command::new(self.repo.join("scripts/stack"))
+            .args(args)
+            .status()
+            .expect("run scripts/stack");
+        assert!(status.success(), "scripts/stack {args:?} failed");
+    }
+}
+
+pub async fn connect(url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.expect("connect to postgres");
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+/// A database of its own, with a unique slot name and topic prefix.
+pub struct TestDb {
+    pub stack: Stack,
+    pub name: String,
+    pub url: String,
+    pub slot: String,
+    pub topic_prefix: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestDb {
+    pub async fn new(stack: &Stack) -> Self {
+        let id = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
+        let name = format!("rt_{id}");
+        let admin = connect(&stack.postgres_url).await;
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create test database");
+        let (base, _) = stack.postgres_url.rsplit_once('/').expect("url has a database");
+        Self {
+            stack: stack.clone(),
+            url: format!("{base}/{name}"),
+            slot: format!("rt_{id}"),
+            topic_prefix: format!("rt{id}"),
+            name,
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        connect(&self.url).await
+    }
+
+    /// The topic rows of `aggregate_type` go to.
+    pub fn topic(&self, aggregate_type: &str) -> String {
+        format!("{}.{aggregate_type}", self.topic_prefix)
+    }
+
+    /// A relay config for this database; `extra` is appended TOML.
+    pub fn config_toml(&self, extra: &str) -> String {
+        format!(
+            r#"
+shutdown_timeout_ms = 10000
+[postgres]
+url = "{url}"
+[kafka]
+bootstrap_servers = "{bootstrap}"
+[registry]
+url = "{registry}"
+[source]
+slot_name = "{slot}"
+publication_name = "{slot}_pub"
+status_interval_ms = 200
+[routing]
+topic_template = "{prefix}.{{aggregate_type}}"
+topic_partitions = 6
+[telemetry]
+http_listen = "127.0.0.1:0"
+{extra}
+"#,
+            url = self.url,
+            bootstrap = self.stack.bootstrap,
+            registry = self.stack.registry,
+            slot = self.slot,
+            prefix = self.topic_prefix,
+        )
+    }
+
+    pub fn write_config(&self, extra: &str) -> PathBuf {
+        let path = self.dir.path().join(format!("relay-{}.toml", uuid::Uuid::new_v4().simple()));
+        std::fs::write(&path, self.config_toml(extra)).expect("write config");
+        path
+    }
+
+    /// `relay migrate` through the real binary.
+    pub fn migrate(&self, config: &PathBuf) {
+        let output = relay_command(config).arg("migrate").output().expect("run relay migrate");
+        assert!(output.status.success(), "relay migrate failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+
+    /// Drops the slot and the database (call after every relay is stopped).
+    pub async fn cleanup(self) {
+        let admin = connect(&self.stack.postgres_url).await;
+        let _ = admin
+            .execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1", &[&self.slot])
+            .await;
+        let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).await;
+    }
+}
+
+/// A `relay` command with no inherited `RELAY__*` overrides (the stack's
+/// environment would otherwise point it at the shared database).
+pub fn relay_command(config: &PathBuf) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_relay"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("RELAY__") || key == "RELAY_CONFIG" {
+            command.env_remove(key);
+        }
+    }
+    command.arg("--config").arg(config);
+    command
+}
+
+/// A relay running as a child process, logging to a file.
+pub struct RelayProcess {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl RelayProcess {
+    pub fn start(config: &PathBuf) -> Self {
+        let log = config.with_extension(format!("{}.log", uuid::Uuid::new_v4().simple()));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = relay_command(config)
+            .env("RUST_LOG", "info,relay=debug")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start relay");
+        Self { child, log }
+    }
+
+    /// SIGKILL: no drain, no final confirmation.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the exit; returns the exit code.
+    pub fn terminate(&mut self, deadline: Duration) -> Option<i32> {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let start = Instant::now();
+        while start.elapsed() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill9();
+        None
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill9();
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some`, failing the test after `deadline`.
+pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One consumed Kafka record.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub topic: String,
+    pub key: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub payload: Vec<u8>,
+    pub headers: HashMap<String, String>,
+}
+
+impl Record {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.payload).expect("payload is JSON")
+    }
+}
+
+/// Reads `topics` from the beginning until at least `count` records arrived
+/// (or `deadline` passes, which fails the test), in partition order.
+pub fn consume(bootstrap: &str, topics: &[&str], count: usize, deadline: Duration) -> Vec<Record> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("test-{}", uuid::Uuid::new_v4()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("topic.metadata.refresh.interval.ms", "500")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(topics).expect("subscribe");
+    let mut records = Vec::new();
+    let start = Instant::now();
+    while records.len() < count {
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?}: {} of {count} records arrived from {topics:?}",
+            records.len()
+        );
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(msg)) => {
+                let mut headers = HashMap::new();
+                if let Some(h) = msg.headers() {
+                    for header in h.iter() {
+                        let value = header.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default();
+                        headers.insert(header.key.to_string(), value);
+                    }
+                }
+                records.push(Record {
+                    topic: msg.topic().to_string(),
+                    key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default(),
+                    partition: msg.partition(),
+                    offset: msg.offset(),
+                    payload: msg.payload().map(|p| p.to_vec()).unwrap_or_default(),
+                    headers,
+                });
+            }
+            Some(Err(err)) => {
+                // Topics may not exist yet when the test starts consuming.
+                let text = err.to_string();
+                assert!(text.contains("UnknownTopic") || text.contains("Unknown topic"), "consumer error: {err}");
+            }
+            None => {}
+        }
+    }
+    records
+}
+
+/// Inserts one outbox row in its own transaction; returns its id.
+pub async fn insert_row(client: &Client, aggregate_type: &str, aggregate_id: &str, seq: i64) -> i64 {
+    let payload = serde_json::json!({ "entity": aggregate_id, "seq": seq });
+    client
+        .query_one(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, kind, entity_version, payload)
+             VALUES ($1, $2, 'Changed', 'event', $3, $4) RETURNING id",
+            &[&aggregate_type, &aggregate_id, &seq, &payload],
+        )
+        .await
+        .expect("insert outbox row")
+        .get(0)
+}
+
+/// Waits until every row of the outbox is published; returns the count.
+pub async fn wait_all_published(client: &Client, deadline: Duration) -> i64 {
+    wait_for("every outbox row to be marked published", deadline, || async {
+        let row = client
+            .query_one("SELECT count(*) FILTER (WHERE published_at IS NULL), count(*) FROM outbox", &[])
+            .await
+            .ok()?;
+        let (pending, total): (i64, i64) = (row.get(0), row.get(1));
+        (pending == 0).then_some(total)
+    })
+    .await
+}
+
+/// Per key, the `seq` payload field of the first occurrence of each message,
+/// in Kafka order: duplicates may repeat an earlier message but must never
+/// reorder first occurrences.
+pub fn first_occurrence_order(records: &[Record]) -> HashMap<String, Vec<i64>> {
+    let mut seen = std::collections::HashSet::new();
+    let mut by_key: HashMap<String, Vec<i64>> = HashMap::new();
+    let mut sorted: Vec<&Record> = records.iter().collect();
+    sorted.sort_by_key(|r| (r.topic.clone(), r.partition, r.offset));
+    for record in sorted {
+        let event_id = record.headers.get("event_id").cloned().unwrap_or_default();
+        if seen.insert(event_id) {
+            let seq = record.json()["seq"].as_i64().expect("seq");
+            by_key.entry(record.key.clone()).or_default().push(seq);
+        }
+    }
+    by_key
+}
+
+/// Starts `writers` concurrent writers that together insert `total` rows over
+/// `entities` entities. Each write locks its entity row and bumps its version
+/// in the same transaction as the outbox insert (the documented rule), so per
+/// entity the commit order is the `seq` order 1, 2, 3...
+pub fn spawn_workload(url: &str, total: usize, entities: usize, writers: usize) -> tokio::task::JoinHandle<()> {
+    let url = url.to_string();
+    tokio::spawn(async move {
+        let setup = connect(&url).await;
+        setup
+            .batch_execute("CREATE TABLE IF NOT EXISTS entities (id text PRIMARY KEY, version bigint NOT NULL)")
+            .await
+            .expect("entities table");
+        let mut tasks = Vec::new();
+        for w in 0..writers {
+            let url = url.clone();
+            let share = total / writers + usize::from(w < total % writers);
+            tasks.push(tokio::spawn(async move {
+                let mut client = connect(&url).await;
+                for i in 0..share {
+                    let entity = format!("entity-{}", (i * writers + w) % entities);
+                    let tx = client.transaction().await.expect("begin");
+                    let version: i64 = tx
+                        .query_one(
+                            "INSERT INTO entities (id, version) VALUES ($1, 1)
+                             ON CONFLICT (id) DO UPDATE SET version = entities.version + 1 RETURNING version",
+                            &[&entity],
+                        )
+                        .await
+                        .expect("lock entity")
+                        .get(0);
+                    let payload = serde_json::json!({ "entity": entity, "seq": version, "pad": "x".repeat(200) });
+                    tx.execute(
+                        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, kind, entity_version, payload)
+                         VALUES ('entity', $1, 'Changed', 'state', $2, $3)",
+                        &[&entity, &version, &payload],
+                    )
+                    .await
+                    .expect("insert outbox row");
+                    tx.commit().await.expect("commit");
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.expect("writer");
+        }
+    })
+}
+
+/// Asserts per-key order: the first occurrences of each key's messages come
+/// in `seq` order 1..=n with nothing missing.
+pub fn assert_per_key_order(records: &[Record]) {
+    for (key, seqs) in first_occurrence_order(records) {
+        let expected: Vec<i64> = (1..=seqs.len() as i64).collect();
+        assert_eq!(seqs, expected, "per-key order of {key} (first occurrences)");
+    }
+}
+
+/// Asserts every outbox row's event id is among the records.
+pub async fn assert_all_present(client: &Client, records: &[Record]) {
+    let ids: std::collections::HashSet<&str> =
+        records.iter().filter_map(|r| r.headers.get("event_id").map(String::as_str)).collect();
+    let rows = client.query("SELECT event_id::text FROM outbox", &[]).await.expect("read event ids");
+    let missing: Vec<String> = rows.iter().map(|r| r.get::<_, String>(0)).filter(|id| !ids.contains(id.as_str())).collect();
+    assert!(missing.is_empty(), "{} of {} messages never reached Kafka, e.g. {:?}", missing.len(), rows.len(), missing.first());
+}

@@ -1,0 +1,195 @@
+//! End to end against the real stack: outbox rows in, Kafka records out,
+//! publish state recorded.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_arrive_with_key_topic_headers_payload_and_publish_state() {
+    let stack = Stack::from_env();
+    let db = TestDb::new(&stack).await;
+    let config = db.write_config("");
+    db.migrate(&config);
+    let client = db.client().await;
+
+    let mut relay = RelayProcess::start(&config);
+    // Several transactions, several entities, two aggregate types, one row
+    // with extra headers.
+    let mut expected = HashMap::new();
+    for tx in 0..10i64 {
+        for entity in 0..5i64 {
+            let aggregate = if entity % 2 == 0 { "order" } else { "profile" };
+            let id = insert_row(&client, aggregate, &format!("e-{entity}"), tx).await;
+            expected.insert(id, (aggregate.to_string(), format!("e-{entity}"), tx));
+        }
+    }
+    client
+        .execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, kind, payload, headers)
+             VALUES ('order', 'e-traced', 'Traced', 'command', '{\"seq\": 99}',
+                     '{\"traceparent\": \"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\"}')",
+            &[],
+        )
+        .await
+        .expect("insert traced row");
+
+    let total = wait_all_published(&client, Duration::from_secs(60)).await;
+    assert_eq!(total, 51);
+    let records = consume(&stack.bootstrap, &[&db.topic("order"), &db.topic("profile")], 51, Duration::from_secs(60));
+    assert_eq!(records.len(), 51, "exactly once in a clean run");
+
+    let rows = client
+        .query(
+            "SELECT id, event_id::text, aggregate_type, aggregate_id, kafka_topic, kafka_partition, kafka_offset, attempts, last_error
+             FROM outbox ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("read publish state");
+    let by_event: HashMap<String, &Record> =
+        records.iter().map(|r| (r.headers.get("event_id").cloned().unwrap_or_default(), r)).collect();
+    for row in &rows {
+        let event_id: String = row.get(1);
+        let record = by_event.get(&event_id).unwrap_or_else(|| panic!("no record for event {event_id}"));
+        let aggregate_type: String = row.get(2);
+        let aggregate_id: String = row.get(3);
+        assert_eq!(record.key, aggregate_id, "key is the entity id");
+        assert_eq!(record.topic, db.topic(&aggregate_type));
+        assert_eq!(row.get::<_, Option<String>>(4).as_deref(), Some(record.topic.as_str()));
+        assert_eq!(row.get::<_, Option<i32>>(5), Some(record.partition), "recorded partition");
+        assert_eq!(row.get::<_, Option<i64>>(6), Some(record.offset), "recorded offset");
+        assert_eq!(row.get::<_, i32>(7), 1, "one attempt");
+        assert_eq!(row.get::<_, Option<String>>(8), None);
+        assert_eq!(record.headers.get("aggregate_type"), Some(&aggregate_type));
+        assert!(record.headers.contains_key("occurred_at"));
+        let id: i64 = row.get(0);
+        if let Some((_, _, seq)) = expected.get(&id) {
+            assert_eq!(record.json()["seq"], serde_json::json!(seq));
+            assert_eq!(record.headers.get("entity_version"), Some(&seq.to_string()));
+            assert_eq!(record.headers.get("kind").map(String::as_str), Some("event"));
+            assert_eq!(record.headers.get("event_type").map(String::as_str), Some("Changed"));
+        } else {
+            assert_eq!(record.headers.get("traceparent").map(String::as_str), Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+            assert_eq!(record.headers.get("kind").map(String::as_str), Some("command"));
+            assert!(!record.headers.contains_key("entity_version"));
+        }
+    }
+    // Per key, one partition and the insert order.
+    let order = first_occurrence_order(&records.iter().filter(|r| r.key != "e-traced").cloned().collect::<Vec<_>>());
+    for (key, seqs) in order {
+        assert_eq!(seqs, (0..10).collect::<Vec<i64>>(), "order of {key}");
+    }
+
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0), "graceful stop exits 0\n{}", relay.log_text());
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_order_beats_id_order() {
+    let stack = Stack::from_env();
+    let db = TestDb::new(&stack).await;
+    let config = db.write_config("");
+    db.migrate(&config);
+    let mut relay = RelayProcess::start(&config);
+
+    // A takes the lower id but commits after B; both write one entity.
+    let mut a = db.client().await;
+    let b = db.client().await;
+    let ta = a.transaction().await.expect("begin A");
+    let id_a: i64 = ta
+        .query_one(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, kind, payload) VALUES ('order', 'same', 'A', 'event', '{\"seq\": 1}') RETURNING id",
+            &[],
+        )
+        .await
+        .expect("insert A")
+        .get(0);
+    let id_b = insert_row(&b, "order", "same", 2).await;
+    assert!(id_a < id_b);
+    ta.commit().await.expect("commit A");
+
+    let records = consume(&stack.bootstrap, &[&db.topic("order")], 2, Duration::from_secs(60));
+    let seqs: Vec<i64> = records.iter().map(|r| r.json()["seq"].as_i64().expect("seq")).collect();
+    assert_eq!(seqs, vec![2, 1], "B committed first, so B's message comes first");
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0));
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_keep_per_key_commit_order() {
+    let stack = Stack::from_env();
+    let db = TestDb::new(&stack).await;
+    let config = db.write_config("");
+    db.migrate(&config);
+    let mut relay = RelayProcess::start(&config);
+    let client = db.client().await;
+
+    spawn_workload(&db.url, 2_000, 5, 8).await.expect("workload");
+    let total = wait_all_published(&client, Duration::from_secs(120)).await;
+    assert_eq!(total, 2_000);
+    let records = consume(&stack.bootstrap, &[&db.topic("entity")], 2_000, Duration::from_secs(60));
+    assert_all_present(&client, &records).await;
+    assert_per_key_order(&records);
+    let partitions_per_key = records.iter().fold(HashMap::<&str, std::collections::HashSet<i32>>::new(), |mut m, r| {
+        m.entry(&r.key).or_default().insert(r.partition);
+        m
+    });
+    assert!(partitions_per_key.values().all(|p| p.len() == 1), "each key in one partition");
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0));
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_match_the_java_client() {
+    let stack = Stack::from_env();
+    let libs = std::env::var("RELAY_KAFKA_LIBS").expect("RELAY_KAFKA_LIBS (from scripts/stack env)");
+    let db = TestDb::new(&stack).await;
+    let config = db.write_config("");
+    db.migrate(&config);
+    let mut relay = RelayProcess::start(&config);
+    let client = db.client().await;
+
+    // ASCII, UTF-8 and long keys.
+    let mut keys: Vec<String> = (0..150).map(|i| format!("customer-{i}")).collect();
+    keys.extend(["ü", "日本語-キー", "", " ", "a".repeat(300).as_str()].iter().map(|s| s.to_string()));
+    for key in &keys {
+        insert_row(&client, "partitioned", key, 1).await;
+    }
+    wait_all_published(&client, Duration::from_secs(60)).await;
+    let rows = client.query("SELECT aggregate_id, kafka_partition FROM outbox", &[]).await.expect("publish state");
+    let relay_partition: HashMap<String, i32> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+
+    let mut java = std::process::Command::new("java")
+        .arg("-cp")
+        .arg(format!("{libs}/*"))
+        .arg(stack.repo.join("tests/java/JavaPartitioner.java"))
+        .arg("6")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run java");
+    {
+        use std::io::Write;
+        let mut stdin = java.stdin.take().expect("stdin");
+        for key in &keys {
+            writeln!(stdin, "{key}").expect("write key");
+        }
+    }
+    let output = java.wait_with_output().expect("java output");
+    assert!(output.status.success(), "java partitioner failed");
+    let text = String::from_utf8(output.stdout).expect("utf-8");
+    let mut compared = 0;
+    for line in text.lines() {
+        let (key, partition) = line.rsplit_once('\t').expect("key<TAB>partition");
+        let partition: i32 = partition.parse().expect("partition");
+        assert_eq!(relay_partition.get(key), Some(&partition), "partition of key {key:?}");
+        compared += 1;
+    }
+    assert_eq!(compared, keys.len());
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0));
+    db.cleanup().await;
+}
