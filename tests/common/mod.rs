@@ -91,26 +91,21 @@ impl TestDb {
         format!("{}.{aggregate_type}", self.topic_prefix)
     }
 
-    /// A relay config for this database; `extra` is appended TOML.
+    /// A relay config for this database. Every key is a dotted key at the
+    /// top level, so `extra` can add any key (e.g. `kafka.linger_ms = 10`).
     pub fn config_toml(&self, extra: &str) -> String {
         format!(
             r#"
 shutdown_timeout_ms = 10000
-[postgres]
-url = "{url}"
-[kafka]
-bootstrap_servers = "{bootstrap}"
-[registry]
-url = "{registry}"
-[source]
-slot_name = "{slot}"
-publication_name = "{slot}_pub"
-status_interval_ms = 200
-[routing]
-topic_template = "{prefix}.{{aggregate_type}}"
-topic_partitions = 6
-[telemetry]
-http_listen = "127.0.0.1:0"
+postgres.url = "{url}"
+kafka.bootstrap_servers = "{bootstrap}"
+registry.url = "{registry}"
+source.slot_name = "{slot}"
+source.publication_name = "{slot}_pub"
+source.status_interval_ms = 200
+routing.topic_template = "{prefix}.{{aggregate_type}}"
+routing.topic_partitions = 6
+telemetry.http_listen = "127.0.0.1:0"
 {extra}
 "#,
             url = self.url,

@@ -1,0 +1,136 @@
+//! Crashes and outages against the real stack: kill -9 of the relay, a
+//! stopped broker, a restarted Postgres. These stop shared services, so they
+//! run one at a time (cargo runs test binaries one after another, and a lock
+//! serializes the tests of this binary).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Starts the named component again even if the test fails half-way.
+struct Restart<'a> {
+    stack: &'a Stack,
+    component: &'static str,
+}
+
+impl Drop for Restart<'_> {
+    fn drop(&mut self) {
+        self.stack.script(&["start", self.component]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_dash_nine_repeatedly_loses_nothing_and_keeps_per_key_order() {
+    let _serial = SERIAL.lock().await;
+    let stack = Stack::from_env();
+    let db = TestDb::new(&stack).await;
+    let config = db.write_config("");
+    db.migrate(&config);
+    let client = db.client().await;
+
+    const TOTAL: usize = 20_000;
+    let workload = spawn_workload(&db.url, TOTAL, 50, 4);
+    let mut relay = RelayProcess::start(&config);
+    let mut kills = 0;
+    // Kill whenever the relay has made some progress, while the stream goes on.
+    while kills < 6 {
+        let before: i64 = client
+            .query_one("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL", &[])
+            .await
+            .expect("count")
+            .get(0);
+        wait_for("the relay to publish more rows", Duration::from_secs(60), || async {
+            let now: i64 = client
+                .query_one("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL", &[])
+                .await
+                .ok()?
+                .get(0);
+            (now >= before + 500 || now == TOTAL as i64).then_some(())
+        })
+        .await;
+        relay.kill9();
+        kills += 1;
+        relay = RelayProcess::start(&config);
+    }
+    workload.await.expect("workload");
+    let total = wait_all_published(&client, Duration::from_secs(180)).await;
+    assert_eq!(total, TOTAL as i64);
+    let records = consume(&stack.bootstrap, &[&db.topic("entity")], TOTAL, Duration::from_secs(120));
+    assert_all_present(&client, &records).await;
+    assert_per_key_order(&records);
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0), "{}", relay.log_text());
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_outage_recovers_by_itself_and_check_names_kafka() {
+    let _serial = SERIAL.lock().await;
+    let stack = Stack::from_env();
+    let db = TestDb::new(&stack).await;
+    let config = db.write_config("");
+    db.migrate(&config);
+    let client = db.client().await;
+    let mut relay = RelayProcess::start(&config);
+
+    let first = spawn_workload(&db.url, 1_000, 20, 2);
+    first.await.expect("first workload");
+    wait_all_published(&client, Duration::from_secs(60)).await;
+
+    {
+        stack.script(&["stop", "kafka"]);
+        let _restart = Restart { stack: &stack, component: "kafka" };
+        // Writes go on while the broker is away.
+        spawn_workload(&db.url, 1_000, 20, 2).await.expect("second workload");
+        let output = relay_command(&config).arg("check").output().expect("relay check");
+        assert!(!output.status.success(), "check must fail while Kafka is down");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let kafka_line = stdout.lines().find(|l| l.starts_with("kafka")).expect("a kafka line");
+        assert!(kafka_line.contains("FAIL") && kafka_line.contains("unreachable"), "{kafka_line}");
+        assert!(stdout.lines().any(|l| l.starts_with("postgres") && l.contains("ok")), "{stdout}");
+        // The outage lasts 20 s in all.
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        let pending: i64 = client
+            .query_one("SELECT count(*) FROM outbox WHERE published_at IS NULL", &[])
+            .await
+            .expect("count")
+            .get(0);
+        assert!(pending > 0, "rows written during the outage cannot be published yet");
+    }
+    wait_all_published(&client, Duration::from_secs(120)).await;
+    let records = consume(&stack.bootstrap, &[&db.topic("entity")], 2_000, Duration::from_secs(120));
+    assert_all_present(&client, &records).await;
+    assert_per_key_order(&records);
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0), "{}", relay.log_text());
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restart_reconnects_and_resumes_from_the_slot() {
+    let _serial = SERIAL.lock().await;
+    let stack = Stack::from_env();
+    let db = TestDb::new(&stack).await;
+    let config = db.write_config("");
+    db.migrate(&config);
+    let mut relay = RelayProcess::start(&config);
+
+    spawn_workload(&db.url, 3_000, 20, 4).await.expect("first workload");
+    {
+        // Restart while the relay is still working through the backlog.
+        stack.script(&["stop", "postgres"]);
+        let _restart = Restart { stack: &stack, component: "postgres" };
+    }
+    spawn_workload(&db.url, 1_000, 20, 2).await.expect("second workload");
+    let client = db.client().await;
+    let total = wait_all_published(&client, Duration::from_secs(180)).await;
+    assert_eq!(total, 4_000);
+    let records = consume(&stack.bootstrap, &[&db.topic("entity")], 4_000, Duration::from_secs(120));
+    assert_all_present(&client, &records).await;
+    assert_per_key_order(&records);
+    assert!(relay.log_text().contains("restarting from the last confirmed position"), "the relay noticed the restart");
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0), "{}", relay.log_text());
+    db.cleanup().await;
+}
