@@ -335,6 +335,17 @@ pub fn first_occurrence_order(records: &[Record]) -> HashMap<String, Vec<i64>> {
 /// in the same transaction as the outbox insert (the documented rule), so per
 /// entity the commit order is the `seq` order 1, 2, 3...
 pub fn spawn_workload(url: &str, total: usize, entities: usize, writers: usize) -> tokio::task::JoinHandle<()> {
+    spawn_paced_workload(url, total, entities, writers, None)
+}
+
+/// [`spawn_workload`] at about `rows_per_sec` in all (as fast as possible if `None`).
+pub fn spawn_paced_workload(
+    url: &str,
+    total: usize,
+    entities: usize,
+    writers: usize,
+    rows_per_sec: Option<f64>,
+) -> tokio::task::JoinHandle<()> {
     let url = url.to_string();
     tokio::spawn(async move {
         let setup = connect(&url).await;
@@ -348,7 +359,15 @@ pub fn spawn_workload(url: &str, total: usize, entities: usize, writers: usize) 
             let share = total / writers + usize::from(w < total % writers);
             tasks.push(tokio::spawn(async move {
                 let mut client = connect(&url).await;
+                let mut ticker = rows_per_sec.map(|rate| {
+                    let mut t = tokio::time::interval(Duration::from_secs_f64(writers as f64 / rate));
+                    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    t
+                });
                 for i in 0..share {
+                    if let Some(ticker) = ticker.as_mut() {
+                        ticker.tick().await;
+                    }
                     let entity = format!("entity-{}", (i * writers + w) % entities);
                     let tx = client.transaction().await.expect("begin");
                     let version: i64 = tx

@@ -1,0 +1,177 @@
+//! Relay throughput and latency against the real local stack, with a
+//! baseline measured in the same run: Kafka's own producer performance tool
+//! sending records of the same size with the same producer guarantees.
+//!
+//! Run: `scripts/bench` (brings the stack up, then `cargo bench --bench throughput`).
+//! Writes a Markdown table to stdout and `target/bench-throughput.md`.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const ROWS: usize = 100_000;
+const ENTITIES: usize = 1_000;
+const WRITERS: usize = 8;
+const LIVE_ROWS: usize = 20_000;
+const LIVE_RATE: f64 = 2_000.0;
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmHWM:")).map(|v| v.trim().trim_end_matches("kB").trim().to_string()))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|kib| kib / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx]
+}
+
+/// Kafka's ProducerPerformance with the relay's producer settings.
+fn baseline_records_per_sec(bootstrap: &str, topic: &str) -> f64 {
+    let libs = std::env::var("RELAY_KAFKA_LIBS").expect("RELAY_KAFKA_LIBS");
+    let output = Command::new("java")
+        .args(["-Xmx512m", "-cp", &format!("{libs}/*"), "org.apache.kafka.tools.ProducerPerformance"])
+        .args(["--topic", topic, "--num-records", &ROWS.to_string(), "--record-size", "300", "--throughput", "-1"])
+        .args(["--producer-props", &format!("bootstrap.servers={bootstrap}"), "acks=all", "enable.idempotence=true", "linger.ms=5", "compression.type=lz4"])
+        .output()
+        .expect("run ProducerPerformance");
+    let text = String::from_utf8_lossy(&output.stdout);
+    // Last line: "100000 records sent, 81234.5 records/sec (23.24 MB/sec), ..."
+    text.lines()
+        .rev()
+        .find_map(|l| l.split(" records sent, ").nth(1))
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read ProducerPerformance output:\n{text}\n{}", String::from_utf8_lossy(&output.stderr)))
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let stack = Stack::from_env();
+    let db = TestDb::new(&stack).await;
+    let config = db.write_config("");
+    db.migrate(&config);
+    let client = db.client().await;
+
+    // Baseline topic with the same partitions.
+    let baseline_topic = format!("{}.baseline", db.topic_prefix);
+    let libs = std::env::var("RELAY_KAFKA_LIBS").expect("RELAY_KAFKA_LIBS");
+    let created = Command::new("java")
+        .args(["-cp", &format!("{libs}/*"), "org.apache.kafka.tools.TopicCommand", "--bootstrap-server", &stack.bootstrap])
+        .args(["--create", "--topic", &baseline_topic, "--partitions", "6", "--replication-factor", "1"])
+        .output()
+        .expect("create baseline topic");
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let baseline = baseline_records_per_sec(&stack.bootstrap, &baseline_topic);
+
+    // 1. Drain: 100k rows written by 8 writers with the relay stopped, then
+    //    the relay publishes the backlog (pure relay throughput).
+    let started = Instant::now();
+    spawn_workload(&db.url, ROWS, ENTITIES, WRITERS).await.expect("workload");
+    let write_secs = started.elapsed().as_secs_f64();
+    let relay = RelayProcess::start(&config);
+    let started = Instant::now();
+    wait_all_published(&client, Duration::from_secs(600)).await;
+    let drain_secs = started.elapsed().as_secs_f64();
+    let drain_rate = ROWS as f64 / drain_secs;
+    let drain_rss = peak_rss_mib(relay.child.id());
+
+    // 2. Live: writers at a steady LIVE_RATE rows/s while the relay runs;
+    //    latency from each row's commit (occurred_at; the transactions are
+    //    short) to the moment a consumer holds the record.
+    let consumer_topic = db.topic("entity");
+    let bootstrap = stack.bootstrap.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let consumer_done = done.clone();
+    let consumer = std::thread::spawn(move || {
+        consume_new_with_latency(&bootstrap, &consumer_topic, LIVE_ROWS, &consumer_done, ready_tx)
+    });
+    ready_rx.recv_timeout(Duration::from_secs(60)).expect("consumer assigned");
+    spawn_paced_workload(&db.url, LIVE_ROWS, ENTITIES, WRITERS, Some(LIVE_RATE)).await.expect("live workload");
+    wait_all_published(&client, Duration::from_secs(600)).await;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut live = consumer.join().expect("consumer");
+    live.sort_by(|a, b| a.total_cmp(b));
+    let live_rss = peak_rss_mib(relay.child.id());
+    drop(relay);
+
+    let report = format!(
+        "| measure | value |\n|---|---|\n\
+         | baseline: Kafka ProducerPerformance, 300 B records, acks=all, idempotent, lz4 | {baseline:.0} records/s |\n\
+         | relay drain of a 100k-row backlog | {drain_rate:.0} messages/s ({:.2} x baseline) |\n\
+         | writers alone (8 connections, 1k entities, entity lock + outbox insert) | {:.0} rows/s |\n\
+         | live commit -> consumer latency at {LIVE_RATE} rows/s, p50 / p99 ({} samples) | {:.1} ms / {:.1} ms |\n\
+         | relay peak RSS (drain / after live) | {drain_rss:.0} MiB / {live_rss:.0} MiB |\n",
+        drain_rate / baseline,
+        ROWS as f64 / write_secs,
+        live.len(),
+        percentile(&live, 0.50) * 1000.0,
+        percentile(&live, 0.99) * 1000.0,
+    );
+    println!("{report}");
+    let _ = std::fs::write(db.stack.repo.join("target/bench-throughput.md"), &report);
+    db.cleanup().await;
+}
+
+/// Joins a fresh group at the end of `topic`, signals `ready` once
+/// partitions are assigned, then returns for each of the next `count`
+/// records (or fewer, see the loop) the seconds from its `occurred_at` header to its receipt.
+fn consume_new_with_latency(
+    bootstrap: &str,
+    topic: &str,
+    count: usize,
+    done: &std::sync::atomic::AtomicBool,
+    ready: std::sync::mpsc::Sender<()>,
+) -> Vec<f64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("bench-{}", uuid::Uuid::new_v4()))
+        .set("auto.offset.reset", "latest")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut signalled = false;
+    let mut out = Vec::with_capacity(count);
+    let mut last_record = Instant::now();
+    // Until every record arrived, or the rows are all published and nothing
+    // more came for 3 s.
+    while out.len() < count
+        && !(done.load(std::sync::atomic::Ordering::Relaxed) && last_record.elapsed() > Duration::from_secs(3))
+    {
+        let polled = consumer.poll(Duration::from_millis(50));
+        if !signalled && consumer.assignment().map(|a| a.count() > 0).unwrap_or(false) {
+            // Make the "latest" position concrete before the writers start.
+            let _ = consumer.position();
+            signalled = true;
+            let _ = ready.send(());
+        }
+        if let Some(Ok(msg)) = polled {
+            last_record = Instant::now();
+            let now = chrono::Utc::now();
+            let occurred = msg
+                .headers()
+                .and_then(|h| h.iter().find(|h| h.key == "occurred_at").and_then(|h| h.value.map(|v| v.to_vec())))
+                .and_then(|v| String::from_utf8(v).ok())
+                .and_then(|s| chrono::DateTime::parse_from_rfc3339(&s).ok());
+            if let Some(occurred) = occurred {
+                out.push((now - occurred.with_timezone(&chrono::Utc)).num_microseconds().unwrap_or(0) as f64 / 1e6);
+            }
+        }
+    }
+    out
+}
