@@ -106,9 +106,14 @@ pub async fn run(config: Config, mut stop: watch::Receiver<bool>, health: Health
         tracing::info!("this relay is active");
         health.set_active(true);
         loop {
+            let started = std::time::Instant::now();
             match run_once(&config, stop.clone(), &health).await {
                 Ok(()) => return Ok(()),
                 Err(err) => {
+                    // A run that went well for a while starts the backoff afresh.
+                    if started.elapsed() > Duration::from_secs(60) {
+                        delays = backoff();
+                    }
                     health.set_ready(false);
                     metrics::restart(err.component());
                     metrics::in_flight_reset();
@@ -123,7 +128,6 @@ pub async fn run(config: Config, mut stop: watch::Receiver<bool>, health: Health
                     }
                 }
             }
-            delays = backoff();
         }
     }
 }

@@ -208,7 +208,8 @@ impl KafkaSink {
     async fn publish(&mut self, row: OutboxRow) -> InFlight {
         let topic = self.router.topic_for(&row.aggregate_type);
         let meta = RowMeta::new(&row, &topic);
-        if let Some(blocker) = self.held.blocker(&row.aggregate_type, &row.aggregate_id) {
+        // A held row that comes again (resent after a restart) is retried itself.
+        if let Some(blocker) = self.held.blocker(&row.aggregate_type, &row.aggregate_id).filter(|b| *b != row.id) {
             return InFlight::Held { meta, error: format!("waiting behind held row {blocker} of the same entity"), attempted: false };
         }
         let hold = |this: &Self, meta: RowMeta, error: String| {
@@ -216,8 +217,10 @@ impl KafkaSink {
             tracing::error!(row_id = meta.id, topic = %meta.topic, error = %error, "row held: it cannot be published until an operator acts");
             InFlight::Held { meta, error, attempted: true }
         };
-        if let Err(error) = self.ensure_topic(&topic).await {
-            return hold(self, meta, error);
+        match self.ensure_topic(&topic).await {
+            Ok(()) => {}
+            Err(PublishError::Permanent(error)) => return hold(self, meta, error),
+            Err(retriable) => return InFlight::Sent { meta, delivery: Box::pin(futures::future::ready(Err(retriable))) },
         }
         let payload = match self.codec.encode(&row) {
             Ok(payload) => payload,
@@ -255,8 +258,10 @@ impl KafkaSink {
         }
     }
 
-    /// Makes sure `topic` exists, creating it when allowed.
-    async fn ensure_topic(&mut self, topic: &str) -> Result<(), String> {
+    /// Makes sure `topic` exists, creating it when allowed. A definite "no"
+    /// (not authorized, invalid, missing with creation off) is permanent; an
+    /// unreachable broker is retriable and never holds a row.
+    async fn ensure_topic(&mut self, topic: &str) -> Result<(), PublishError> {
         if self.known_topics.contains(topic) {
             return Ok(());
         }
@@ -271,12 +276,23 @@ impl KafkaSink {
                 .admin
                 .create_topics([&new_topic], &options)
                 .await
-                .map_err(|e| format!("cannot create topic `{topic}`: {e}"))?;
+                .map_err(|e| PublishError::Retriable(format!("cannot create topic `{topic}`: {e}")))?;
             for result in results {
                 match result {
                     Ok(_) => tracing::info!(topic, "created topic"),
                     Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                    Err((_, code)) => return Err(format!("cannot create topic `{topic}`: {code}")),
+                    Err((_, code)) => {
+                        let error = format!("cannot create topic `{topic}`: {code}");
+                        return Err(match code {
+                            RDKafkaErrorCode::TopicAuthorizationFailed
+                            | RDKafkaErrorCode::ClusterAuthorizationFailed
+                            | RDKafkaErrorCode::InvalidTopic
+                            | RDKafkaErrorCode::InvalidPartitions
+                            | RDKafkaErrorCode::InvalidReplicationFactor
+                            | RDKafkaErrorCode::PolicyViolation => PublishError::Permanent(error),
+                            _ => PublishError::Retriable(error),
+                        });
+                    }
                 }
             }
         } else {
@@ -289,12 +305,12 @@ impl KafkaSink {
                     .map(|md| md.topics().iter().any(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty()))
             })
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("cannot read metadata of topic `{topic}`: {e}"))?;
+            .map_err(|e| PublishError::Retriable(e.to_string()))?
+            .map_err(|e| PublishError::Retriable(format!("cannot read metadata of topic `{topic}`: {e}")))?;
             if !found {
-                return Err(format!(
+                return Err(PublishError::Permanent(format!(
                     "topic `{topic}` does not exist and routing.create_topics is false: create it, or set routing.create_topics = true"
-                ));
+                )));
             }
         }
         self.known_topics.insert(topic.to_string());
