@@ -193,3 +193,79 @@ async fn partitions_match_the_java_client() {
     assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0));
     db.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_error_holds_the_row_and_its_entity_but_not_others() {
+    let stack = Stack::from_env();
+    let db = TestDb::new(&stack).await;
+    // Records above 10 kB are refused by the producer: a permanent error.
+    let config = db.write_config("kafka.librdkafka.\"message.max.bytes\" = \"10000\"");
+    db.migrate(&config);
+    let client = db.client().await;
+    let mut relay = RelayProcess::start(&config);
+
+    insert_row(&client, "order", "bad", 1).await;
+    let big = serde_json::json!({ "seq": 2, "blob": "x".repeat(20_000) });
+    let held_id: i64 = client
+        .query_one(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, kind, payload) VALUES ('order', 'bad', 'Huge', 'event', $1) RETURNING id",
+            &[&big],
+        )
+        .await
+        .expect("insert big row")
+        .get(0);
+    let waiting_id = insert_row(&client, "order", "bad", 3).await;
+    for seq in 1..=3 {
+        insert_row(&client, "order", "good", seq).await;
+    }
+
+    let records = consume(&stack.bootstrap, &[&db.topic("order")], 4, Duration::from_secs(60));
+    let good: Vec<i64> = records.iter().filter(|r| r.key == "good").map(|r| r.json()["seq"].as_i64().expect("seq")).collect();
+    assert_eq!(good, vec![1, 2, 3], "other entities keep flowing");
+    let bad: Vec<i64> = records.iter().filter(|r| r.key == "bad").map(|r| r.json()["seq"].as_i64().expect("seq")).collect();
+    assert_eq!(bad, vec![1], "nothing of the entity after the held row");
+
+    let state = |id: i64| {
+        let client = &client;
+        async move {
+            let row = client
+                .query_one("SELECT published_at IS NOT NULL, attempts, last_error FROM outbox WHERE id = $1", &[&id])
+                .await
+                .expect("row state");
+            (row.get::<_, bool>(0), row.get::<_, i32>(1), row.get::<_, Option<String>>(2))
+        }
+    };
+    let (published, attempts, error) = wait_for("the held row's state", Duration::from_secs(30), || async {
+        let s = state(held_id).await;
+        s.2.is_some().then_some(s)
+    })
+    .await;
+    assert!(!published);
+    assert_eq!(attempts, 1);
+    assert!(error.as_deref().unwrap_or("").contains("too large"), "{error:?}");
+    let (published, attempts, error) = wait_for("the waiting row's state", Duration::from_secs(30), || async {
+        let s = state(waiting_id).await;
+        s.2.is_some().then_some(s)
+    })
+    .await;
+    assert!(!published);
+    assert_eq!(attempts, 0, "never sent");
+    assert!(error.as_deref().unwrap_or("").contains(&format!("held row {held_id}")), "{error:?}");
+
+    // After a restart the entity still waits; status counts the held rows.
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0), "{}", relay.log_text());
+    let mut relay = RelayProcess::start(&config);
+    let later = insert_row(&client, "order", "bad", 4).await;
+    insert_row(&client, "order", "good", 4).await;
+    consume(&stack.bootstrap, &[&db.topic("order")], 5, Duration::from_secs(60));
+    wait_for("the later row to be held behind", Duration::from_secs(30), || async { state(later).await.2.is_some().then_some(()) }).await;
+    let status = wait_for("relay status to show nothing pending", Duration::from_secs(30), || async {
+        let output = relay_command(&config).args(["status", "--json"]).output().expect("relay status");
+        let status: serde_json::Value = serde_json::from_slice(&output.stdout).expect("status JSON");
+        (status["pending"] == serde_json::json!(0)).then_some(status)
+    })
+    .await;
+    assert_eq!(status["failed"], serde_json::json!(3), "{status}");
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0), "{}", relay.log_text());
+    db.cleanup().await;
+}
