@@ -221,6 +221,7 @@ impl Checkpoint {
                 .await?;
         }
         if let Some(position) = batch.position {
+            tracing::trace!(position, first = ?batch.ids.first(), last = ?batch.ids.last(), "recorded; confirming");
             // Only now is every row up to `position` recorded.
             self.confirmed.send_replace(position);
         }

@@ -1,6 +1,7 @@
 //! The codec stage: turns an outbox row's payload into the bytes of a Kafka
 //! record value.
 
+pub mod avro;
 use bytes::Bytes;
 
 use crate::config::PayloadFormat;

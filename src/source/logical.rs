@@ -233,6 +233,7 @@ impl LogicalSource {
                                 if let Some((id, layout)) = &layout {
                                     if *id == relation_id {
                                         let row = layout.row(&values, committed_at)?;
+                                        tracing::trace!(row_id = row.id, "row read");
                                         if send(SourceEvent::Row(row)).await.is_err() {
                                             return Ok(());
                                         }
@@ -242,6 +243,7 @@ impl LogicalSource {
                             Message::Other(_) => {}
                         },
                         ReplicationEvent::Commit { end_lsn, .. } => {
+                            tracing::trace!(end_lsn = %end_lsn, "commit");
                             in_transaction = false;
                             last_marker = end_lsn.as_u64();
                             metrics::source_position(last_marker);
@@ -254,6 +256,7 @@ impl LogicalSource {
                             // sent: confirming it lets an idle slot release WAL.
                             let position = wal_end.as_u64();
                             if !in_transaction && position > last_marker {
+                                tracing::trace!(wal_end = %wal_end, "idle position");
                                 last_marker = position;
                                 metrics::source_position(position);
                                 if send(SourceEvent::Checkpoint(position)).await.is_err() {

@@ -158,11 +158,18 @@ pub struct RelayProcess {
 }
 
 impl RelayProcess {
+    /// Logs go to `target/tmp/relay-logs/` and stay there after the test,
+    /// for the post-mortem of a failure.
     pub fn start(config: &PathBuf) -> Self {
-        let log = config.with_extension(format!("{}.log", uuid::Uuid::new_v4().simple()));
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("relay-logs");
+        std::fs::create_dir_all(&dir).expect("log dir");
+        let stem = config.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let log = dir.join(format!("{stem}-{}.log", chrono::Utc::now().format("%H%M%S%.3f")));
         let file = std::fs::File::create(&log).expect("log file");
+        let filter = std::env::var("RELAY_TEST_LOG").unwrap_or_else(|_| "info,relay=debug".into());
         let child = relay_command(config)
-            .env("RUST_LOG", "info,relay=debug")
+            .env("RUST_LOG", filter)
+            .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
@@ -236,8 +243,9 @@ impl Record {
     }
 }
 
-/// Reads `topics` from the beginning until at least `count` records arrived
-/// (or `deadline` passes, which fails the test), in partition order.
+/// Reads `topics` from the beginning until `count` distinct messages (by
+/// `event_id`) arrived, duplicates included in the result; `deadline`
+/// passing fails the test.
 pub fn consume(bootstrap: &str, topics: &[&str], count: usize, deadline: Duration) -> Vec<Record> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -249,12 +257,13 @@ pub fn consume(bootstrap: &str, topics: &[&str], count: usize, deadline: Duratio
         .expect("consumer");
     consumer.subscribe(topics).expect("subscribe");
     let mut records = Vec::new();
+    let mut unique = std::collections::HashSet::new();
     let start = Instant::now();
-    while records.len() < count {
+    while unique.len() < count {
         assert!(
             start.elapsed() < deadline,
-            "timed out after {deadline:?}: {} of {count} records arrived from {topics:?}",
-            records.len()
+            "timed out after {deadline:?}: {} of {count} distinct messages arrived from {topics:?}",
+            unique.len()
         );
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(msg)) => {
@@ -265,6 +274,7 @@ pub fn consume(bootstrap: &str, topics: &[&str], count: usize, deadline: Duratio
                         headers.insert(header.key.to_string(), value);
                     }
                 }
+                unique.insert(headers.get("event_id").cloned().unwrap_or_else(|| format!("{}-{}", msg.partition(), msg.offset())));
                 records.push(Record {
                     topic: msg.topic().to_string(),
                     key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default(),
