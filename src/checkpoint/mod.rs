@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
+use tracing::Instrument;
 use tokio_postgres::Client;
 
 use crate::sink::{HeldEntities, PendingDelivery, PublishError};
@@ -116,12 +117,16 @@ impl Checkpoint {
             "UPDATE {table_sql} AS o SET published_at = now(), kafka_topic = u.topic, \
              kafka_partition = u.part, kafka_offset = u.off, attempts = o.attempts + 1, last_error = NULL \
              FROM unnest($1::bigint[], $2::text[], $3::int[], $4::bigint[]) AS u(id, topic, part, off) \
-             WHERE o.\"{id_column}\" = u.id"
+             WHERE o.\"{id_column}\" = u.id RETURNING o.\"{id_column}\""
         );
+        // Matches published rows too (leaving them as they are), so that
+        // "not matched" only ever means "not visible yet".
         let hold_sql = format!(
-            "UPDATE {table_sql} AS o SET attempts = o.attempts + u.tried, last_error = u.err \
+            "UPDATE {table_sql} AS o SET \
+             attempts = CASE WHEN o.published_at IS NULL THEN o.attempts + u.tried ELSE o.attempts END, \
+             last_error = CASE WHEN o.published_at IS NULL THEN u.err ELSE o.last_error END \
              FROM unnest($1::bigint[], $2::text[], $3::int[]) AS u(id, err, tried) \
-             WHERE o.\"{id_column}\" = u.id AND o.published_at IS NULL"
+             WHERE o.\"{id_column}\" = u.id RETURNING o.\"{id_column}\""
         );
         Self { client, publish_sql, hold_sql, batch_rows, flush_interval, held, confirmed }
     }
@@ -207,19 +212,7 @@ impl Checkpoint {
 
     async fn flush(&self, batch: &mut Batch) -> Result<(), CheckpointError> {
         let span = tracing::debug_span!("checkpoint_batch", published = batch.ids.len(), held = batch.held_ids.len());
-        let _enter = span.enter();
-        let started = std::time::Instant::now();
-        if !batch.ids.is_empty() {
-            self.client
-                .execute(&self.publish_sql, &[&batch.ids, &batch.topics, &batch.partitions, &batch.offsets])
-                .await?;
-            metrics::checkpoint_batch(batch.ids.len(), started.elapsed());
-        }
-        if !batch.held_ids.is_empty() {
-            self.client
-                .execute(&self.hold_sql, &[&batch.held_ids, &batch.held_errors, &batch.held_attempts])
-                .await?;
-        }
+        self.record(batch).instrument(span).await?;
         if let Some(position) = batch.position {
             tracing::trace!(position, first = ?batch.ids.first(), last = ?batch.ids.last(), "recorded; confirming");
             // Only now is every row up to `position` recorded.
@@ -227,5 +220,60 @@ impl Checkpoint {
         }
         *batch = Batch::default();
         Ok(())
+    }
+
+    /// Writes the batch's publish state, making sure every row was matched.
+    ///
+    /// Logical decoding may stream a transaction a moment before its commit
+    /// is visible to other sessions (the commit record is flushed before the
+    /// committing backend leaves the proc array), so an UPDATE racing it can
+    /// miss a just-committed row. The missing ids are retried until they are
+    /// visible; the position is confirmed only after that.
+    async fn record(&self, batch: &Batch) -> Result<(), CheckpointError> {
+        let started = std::time::Instant::now();
+        if !batch.ids.is_empty() {
+            let mut pending: Vec<usize> = (0..batch.ids.len()).collect();
+            for attempt in 0.. {
+                let ids: Vec<i64> = pending.iter().map(|&i| batch.ids[i]).collect();
+                let topics: Vec<&str> = pending.iter().map(|&i| batch.topics[i].as_str()).collect();
+                let partitions: Vec<i32> = pending.iter().map(|&i| batch.partitions[i]).collect();
+                let offsets: Vec<i64> = pending.iter().map(|&i| batch.offsets[i]).collect();
+                let rows = self.client.query(&self.publish_sql, &[&ids, &topics, &partitions, &offsets]).await?;
+                let matched: std::collections::HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
+                pending.retain(|&i| !matched.contains(&batch.ids[i]));
+                if pending.is_empty() || !self.wait_for_visibility(attempt, pending.len()).await {
+                    break;
+                }
+            }
+            metrics::checkpoint_batch(batch.ids.len(), started.elapsed());
+        }
+        if !batch.held_ids.is_empty() {
+            let mut pending: Vec<usize> = (0..batch.held_ids.len()).collect();
+            for attempt in 0.. {
+                let ids: Vec<i64> = pending.iter().map(|&i| batch.held_ids[i]).collect();
+                let errors: Vec<&str> = pending.iter().map(|&i| batch.held_errors[i].as_str()).collect();
+                let attempts: Vec<i32> = pending.iter().map(|&i| batch.held_attempts[i]).collect();
+                let rows = self.client.query(&self.hold_sql, &[&ids, &errors, &attempts]).await?;
+                let matched: std::collections::HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
+                pending.retain(|&i| !matched.contains(&batch.held_ids[i]));
+                if pending.is_empty() || !self.wait_for_visibility(attempt, pending.len()).await {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Backs off before retrying rows whose commit is not visible yet.
+    /// Gives up after about five seconds: a row deleted right after its
+    /// insert (some outbox writers do that) never becomes visible.
+    async fn wait_for_visibility(&self, attempt: u32, missing: usize) -> bool {
+        const MAX_ATTEMPTS: u32 = 12;
+        if attempt >= MAX_ATTEMPTS {
+            tracing::warn!(missing, "rows were published but not found when recording their state (deleted after insert?)");
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(2u64 << attempt.min(11)).min(Duration::from_secs(1))).await;
+        true
     }
 }
