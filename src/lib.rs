@@ -39,7 +39,7 @@ pub enum RelayError {
 /// within `shutdown_timeout_ms`.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RelayError> {
     let metrics = telemetry::install_metrics();
-    let health = telemetry::Health::default();
+    let health = telemetry::Health::new(config.telemetry.readiness);
     let (stop_tx, stop_rx) = watch::channel(false);
     let addr = config.telemetry.http_listen.clone();
     let socket: std::net::SocketAddr =
@@ -48,6 +48,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .await
         .map_err(|source| RelayError::Http { addr: addr.clone(), source })?;
     let http = tokio::spawn(telemetry::http::serve(listener, metrics, health.clone(), stop_rx.clone()));
+
+    let sampler = tokio::spawn(telemetry::lag::sample(config.clone(), health.clone(), stop_rx.clone()));
+    let retention = tokio::spawn(checkpoint::retention::run(config.clone(), health.clone(), stop_rx.clone()));
 
     let deadline = Duration::from_millis(config.shutdown_timeout_ms);
     let pipeline = pipeline::run(config, stop_rx, health);
@@ -64,6 +67,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     };
     let _ = stop_tx.send(true);
-    let _ = http.await;
+    let _ = tokio::join!(http, sampler, retention);
     result
 }

@@ -56,7 +56,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Status { json, max_lag_seconds } => {
             let client = relay::database::connect(&config.postgres).await?;
-            let status = relay::cli::status::status(&client, &config).await?;
+            let status = relay::telemetry::lag::status(&client, &config).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {

@@ -6,7 +6,10 @@ use crate::config::{Config, SourceMode};
 use crate::source::logical;
 
 /// The migrations, in order, compiled into the binary.
-const MIGRATIONS: &[(&str, &str)] = &[("0001_outbox", include_str!("../migrations/0001_outbox.sql"))];
+const MIGRATIONS: &[(&str, &str)] = &[
+    ("0001_outbox", include_str!("../migrations/0001_outbox.sql")),
+    ("0002_notify", include_str!("../migrations/0002_notify.sql")),
+];
 
 /// Why migrating failed.
 #[derive(Debug, thiserror::Error)]

@@ -17,6 +17,8 @@
 //! - Recording is batched: one `UPDATE ... FROM unnest(...)` round trip per
 //!   batch of published rows, one per batch of held rows.
 
+pub mod retention;
+
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};

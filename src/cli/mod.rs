@@ -2,7 +2,7 @@
 //! one-off operations against the same configuration.
 
 pub mod check;
-pub mod status;
+
 
 use std::path::PathBuf;
 

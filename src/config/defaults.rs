@@ -1,7 +1,7 @@
 //! Every default of the configuration, written once.
 
-use super::{ColumnNames, CheckpointConfig, CodecConfig, LogFormat, OutboxConfig, PayloadFormat,
-    RoutingConfig, SourceConfig, SourceMode, TelemetryConfig};
+use super::{ColumnNames, CheckpointConfig, CodecConfig, LogFormat, OutboxConfig, PayloadFormat, Readiness,
+    RetentionConfig, RoutingConfig, SourceConfig, SourceMode, TelemetryConfig};
 
 pub fn shutdown_timeout_ms() -> u64 { 10_000 }
 pub fn connect_timeout_ms() -> u64 { 5_000 }
@@ -17,6 +17,7 @@ pub fn create_slot() -> bool { true }
 pub fn status_interval_ms() -> u64 { 1_000 }
 pub fn poll_interval_ms() -> u64 { 1_000 }
 pub fn source_batch_rows() -> usize { 1_000 }
+pub fn source_batch_max_bytes() -> usize { 1 << 20 }
 pub fn outbox_schema() -> String { "public".into() }
 pub fn outbox_table() -> String { "outbox".into() }
 pub fn topic_template() -> String { "outbox.{aggregate_type}".into() }
@@ -29,6 +30,13 @@ pub fn checkpoint_flush_interval_ms() -> u64 { 50 }
 pub fn max_in_flight() -> usize { 50_000 }
 pub fn http_listen() -> String { "127.0.0.1:9187".into() }
 pub fn log_format() -> LogFormat { LogFormat::Text }
+pub fn readiness() -> Readiness { Readiness::Lenient }
+pub fn progress_timeout_secs() -> u64 { 300 }
+pub fn lag_sample_interval_ms() -> u64 { 5_000 }
+pub fn retention_enabled() -> bool { true }
+pub fn retention_max_age_secs() -> u64 { 5 * 24 * 3600 }
+pub fn retention_batch_rows() -> i64 { 1_000 }
+pub fn retention_interval_secs() -> u64 { 60 }
 
 impl Default for SourceConfig {
     fn default() -> Self {
@@ -40,6 +48,7 @@ impl Default for SourceConfig {
             status_interval_ms: status_interval_ms(),
             poll_interval_ms: poll_interval_ms(),
             batch_rows: source_batch_rows(),
+            batch_max_bytes: source_batch_max_bytes(),
         }
     }
 }
@@ -97,6 +106,23 @@ impl Default for CheckpointConfig {
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        Self { http_listen: http_listen(), log_format: log_format() }
+        Self {
+            http_listen: http_listen(),
+            log_format: log_format(),
+            readiness: readiness(),
+            progress_timeout_secs: progress_timeout_secs(),
+            lag_sample_interval_ms: lag_sample_interval_ms(),
+        }
+    }
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            enabled: retention_enabled(),
+            max_age_secs: retention_max_age_secs(),
+            batch_rows: retention_batch_rows(),
+            interval_secs: retention_interval_secs(),
+        }
     }
 }

@@ -55,6 +55,8 @@ pub struct Config {
     pub checkpoint: CheckpointConfig,
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    #[serde(default)]
+    pub retention: RetentionConfig,
     /// How long a graceful shutdown may take before the relay exits anyway
     /// (keep it below the pod's termination grace period).
     #[serde(default = "defaults::shutdown_timeout_ms")]
@@ -152,6 +154,10 @@ pub struct SourceConfig {
     /// Rows read per batch.
     #[serde(default = "defaults::source_batch_rows")]
     pub batch_rows: usize,
+    /// Poll mode: upper bound of one batch's column text, in bytes (a single
+    /// larger row still goes, alone).
+    #[serde(default = "defaults::source_batch_max_bytes")]
+    pub batch_max_bytes: usize,
 }
 
 /// The outbox table and, for teams with an existing outbox, its column names.
@@ -249,6 +255,18 @@ pub enum LogFormat {
     Json,
 }
 
+/// How strict `/readyz` is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Readiness {
+    /// Ready once started (active or standby), and stays ready through Kafka
+    /// or Postgres outages: a sidecar's failing probe would take the
+    /// application's pod out of service.
+    Lenient,
+    /// Ready only while the pipeline is connected and running.
+    Strict,
+}
+
 /// Metrics, health endpoints and logs.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -260,6 +278,34 @@ pub struct TelemetryConfig {
     /// `text` or `json`.
     #[serde(default = "defaults::log_format")]
     pub log_format: LogFormat,
+    /// `lenient` (default, safe for sidecars) or `strict`.
+    #[serde(default = "defaults::readiness")]
+    pub readiness: Readiness,
+    /// `/health/progress` fails when rows are pending and nothing was
+    /// published for this long, in seconds.
+    #[serde(default = "defaults::progress_timeout_secs")]
+    pub progress_timeout_secs: u64,
+    /// How often the lag gauges are sampled from Postgres, in milliseconds.
+    #[serde(default = "defaults::lag_sample_interval_ms")]
+    pub lag_sample_interval_ms: u64,
+}
+
+/// Deletion of old published rows. Held rows are never deleted.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Delete published rows at all.
+    #[serde(default = "defaults::retention_enabled")]
+    pub enabled: bool,
+    /// Published rows older than this are deleted, in seconds (default 5 days).
+    #[serde(default = "defaults::retention_max_age_secs")]
+    pub max_age_secs: u64,
+    /// Rows deleted per statement: small, so no long locks.
+    #[serde(default = "defaults::retention_batch_rows")]
+    pub batch_rows: i64,
+    /// Pause between retention rounds, in seconds.
+    #[serde(default = "defaults::retention_interval_secs")]
+    pub interval_secs: u64,
 }
 
 impl Config {
@@ -360,8 +406,15 @@ impl Config {
                 "codec.format = \"avro\" needs a schema registry URL (or set codec.format = \"json\")".into(),
             );
         }
+        if self.retention.batch_rows < 1 {
+            return invalid("retention.batch_rows", "must be at least 1".into());
+        }
+        if self.telemetry.lag_sample_interval_ms == 0 {
+            return invalid("telemetry.lag_sample_interval_ms", "must be at least 1".into());
+        }
         for (key, value) in [
             ("source.batch_rows", self.source.batch_rows),
+            ("source.batch_max_bytes", self.source.batch_max_bytes),
             ("checkpoint.batch_rows", self.checkpoint.batch_rows),
             ("checkpoint.max_in_flight", self.checkpoint.max_in_flight),
         ] {

@@ -1,12 +1,13 @@
 //! The source stage: reads outbox rows in commit order.
 //!
 //! Two implementations feed the same downstream path: [`logical`] (streaming
-//! with `pgoutput`, the default) and ordered polling. A source emits
+//! with `pgoutput`, the default) and ordered polling ([`poll`]). A source emits
 //! [`SourceEvent`]s into a bounded channel; when the channel is full it stops
 //! reading, which is how Kafka backpressure reaches Postgres.
 
 pub mod logical;
 pub mod pgoutput;
+pub mod poll;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};

@@ -26,6 +26,7 @@ pub async fn serve(
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/health/progress", get(progress))
         .with_state(AppState { metrics, health });
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "http endpoint listening");
@@ -45,7 +46,17 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::
     let ready = state.health.ready();
     let body = serde_json::json!({
         "ready": ready,
+        "connected": state.health.connected(),
         "role": if state.health.active() { "active" } else { "standby" },
     });
     (if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body))
+}
+
+/// 503 when rows are pending but nothing has been published for
+/// `telemetry.progress_timeout_secs`: delivery has stopped although the
+/// process looks healthy. Always 200 on a standby.
+async fn progress(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
+    let progressing = !state.health.active() || state.health.progressing();
+    let body = serde_json::json!({ "progressing": progressing });
+    (if progressing { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body))
 }

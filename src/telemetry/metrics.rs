@@ -20,6 +20,12 @@ pub const CONFIRMED_POSITION: &str = "outbox_relay_confirmed_position_bytes";
 pub const LAST_PUBLISH_TIMESTAMP_SECONDS: &str = "outbox_relay_last_publish_timestamp_seconds";
 pub const RESTARTS_TOTAL: &str = "outbox_relay_pipeline_restarts_total";
 pub const ACTIVE: &str = "outbox_relay_active";
+pub const UNPUBLISHED_ROWS: &str = "outbox_relay_unpublished_rows";
+pub const OLDEST_UNPUBLISHED_AGE_SECONDS: &str = "outbox_relay_oldest_unpublished_age_seconds";
+pub const HELD_ROWS: &str = "outbox_relay_held_rows";
+pub const SLOT_RETAINED_WAL_BYTES: &str = "outbox_relay_slot_retained_wal_bytes";
+pub const REGISTRY_ERRORS_TOTAL: &str = "outbox_relay_registry_errors_total";
+pub const RETENTION_DELETED_ROWS_TOTAL: &str = "outbox_relay_retention_deleted_rows_total";
 
 /// Registers descriptions and units with the installed recorder.
 pub fn describe() {
@@ -38,6 +44,12 @@ pub fn describe() {
     describe_gauge!(LAST_PUBLISH_TIMESTAMP_SECONDS, Unit::Seconds, "Unix time of the last acknowledged row.");
     describe_counter!(RESTARTS_TOTAL, "Pipeline restarts after an error, by component.");
     describe_gauge!(ACTIVE, "1 when this instance is the active relay, 0 when standby.");
+    describe_gauge!(UNPUBLISHED_ROWS, "Rows not yet published and not held (sampled from Postgres).");
+    describe_gauge!(OLDEST_UNPUBLISHED_AGE_SECONDS, Unit::Seconds, "Age of the oldest unpublished, not held row; 0 when none.");
+    describe_gauge!(HELD_ROWS, "Rows held with an error (sampled from Postgres).");
+    describe_gauge!(SLOT_RETAINED_WAL_BYTES, Unit::Bytes, "WAL the replication slot retains (logical mode).");
+    describe_counter!(REGISTRY_ERRORS_TOTAL, "Failed schema registry requests.");
+    describe_counter!(RETENTION_DELETED_ROWS_TOTAL, "Published rows deleted by retention.");
 }
 
 pub fn published(topic: &str, since: chrono::DateTime<chrono::Utc>) {
@@ -100,4 +112,21 @@ pub fn restart(component: &'static str) {
 
 pub fn active(is_active: bool) {
     gauge!(ACTIVE).set(if is_active { 1.0 } else { 0.0 });
+}
+
+pub fn lag(status: &crate::telemetry::lag::Status) {
+    gauge!(UNPUBLISHED_ROWS).set(status.pending as f64);
+    gauge!(OLDEST_UNPUBLISHED_AGE_SECONDS).set(status.oldest_pending_age_seconds.unwrap_or(0.0));
+    gauge!(HELD_ROWS).set(status.failed as f64);
+    if let Some(bytes) = status.slot_retained_wal_bytes {
+        gauge!(SLOT_RETAINED_WAL_BYTES).set(bytes as f64);
+    }
+}
+
+pub fn registry_error() {
+    counter!(REGISTRY_ERRORS_TOTAL).increment(1);
+}
+
+pub fn retention_deleted(rows: u64) {
+    counter!(RETENTION_DELETED_ROWS_TOTAL).increment(rows);
 }

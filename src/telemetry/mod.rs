@@ -1,6 +1,7 @@
 //! Logs, metrics and the HTTP endpoint (`/metrics`, `/healthz`, `/readyz`).
 
 pub mod http;
+pub mod lag;
 pub mod metrics;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,7 +10,7 @@ use std::sync::Arc;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogFormat;
+use crate::config::{LogFormat, Readiness};
 
 /// Installs the global tracing subscriber: text or JSON on stderr, filtered
 /// by `RUST_LOG` (default `info`).
@@ -41,30 +42,69 @@ pub fn install_metrics() -> PrometheusHandle {
         .clone()
 }
 
-/// What the health endpoints report, shared with the pipeline.
-#[derive(Debug, Clone, Default)]
+/// What the health endpoints report, shared with the pipeline and the lag
+/// sampler.
+#[derive(Debug, Clone)]
 pub struct Health(Arc<HealthInner>);
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct HealthInner {
-    ready: AtomicBool,
+    readiness: Readiness,
+    started: AtomicBool,
+    connected: AtomicBool,
     active: AtomicBool,
+    progressing: AtomicBool,
 }
 
 impl Health {
-    /// Started, connected, able to publish (or a healthy standby).
+    pub fn new(readiness: Readiness) -> Self {
+        Self(Arc::new(HealthInner {
+            readiness,
+            started: AtomicBool::new(false),
+            connected: AtomicBool::new(false),
+            active: AtomicBool::new(false),
+            progressing: AtomicBool::new(true),
+        }))
+    }
+
+    /// The pipeline is connected and streaming (or a standby is waiting).
     pub fn set_ready(&self, ready: bool) {
-        self.0.ready.store(ready, Ordering::Relaxed);
+        if ready {
+            self.0.started.store(true, Ordering::Relaxed);
+        }
+        self.0.connected.store(ready, Ordering::Relaxed);
     }
+
+    /// What `/readyz` answers, by the configured strictness.
     pub fn ready(&self) -> bool {
-        self.0.ready.load(Ordering::Relaxed)
+        match self.0.readiness {
+            Readiness::Lenient => self.0.started.load(Ordering::Relaxed),
+            Readiness::Strict => self.0.connected.load(Ordering::Relaxed),
+        }
     }
+
+    /// Whether the pipeline is connected right now.
+    pub fn connected(&self) -> bool {
+        self.0.connected.load(Ordering::Relaxed)
+    }
+
     /// This instance holds the leader lock and streams.
     pub fn set_active(&self, active: bool) {
         self.0.active.store(active, Ordering::Relaxed);
         metrics::active(active);
     }
+
     pub fn active(&self) -> bool {
         self.0.active.load(Ordering::Relaxed)
+    }
+
+    /// False when rows are pending and nothing was published for
+    /// `telemetry.progress_timeout_secs`.
+    pub fn set_progressing(&self, progressing: bool) {
+        self.0.progressing.store(progressing, Ordering::Relaxed);
+    }
+
+    pub fn progressing(&self) -> bool {
+        self.0.progressing.load(Ordering::Relaxed)
     }
 }

@@ -103,6 +103,7 @@ registry.url = "{registry}"
 source.slot_name = "{slot}"
 source.publication_name = "{slot}_pub"
 source.status_interval_ms = 200
+telemetry.lag_sample_interval_ms = 200
 routing.topic_template = "{prefix}.{{aggregate_type}}"
 routing.topic_partitions = 6
 telemetry.http_listen = "127.0.0.1:0"
@@ -199,6 +200,26 @@ impl RelayProcess {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The base URL of the relay's HTTP endpoint, read from its log.
+    pub async fn http_base(&self) -> String {
+        wait_for("the relay's http endpoint", Duration::from_secs(30), || async {
+            let log = self.log_text();
+            let line = log.lines().find(|l| l.contains("http endpoint listening"))?;
+            let addr = line.split("addr=").nth(1)?.split_whitespace().next()?;
+            Some(format!("http://{addr}"))
+        })
+        .await
+    }
+
+    /// The value of an unlabelled metric from `/metrics`, if present.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let body = reqwest::get(format!("{}/metrics", self.http_base().await)).await.ok()?.text().await.ok()?;
+        body.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
     }
 }
 

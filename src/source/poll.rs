@@ -1,0 +1,364 @@
+//! Ordered polling source (`source.mode = "poll"`), for databases where the
+//! relay may not use logical replication (no `REPLICATION` role, no
+//! `wal_level = logical`). Same sink, same checkpoint stage, same publish-state
+//! columns as the logical source: only the reading differs.
+//!
+//! # How rows are read
+//!
+//! ```sql
+//! SELECT <configured columns as text> FROM outbox AS o
+//! WHERE o.published_at IS NULL AND o.last_error IS NULL
+//! ORDER BY o.id LIMIT $batch_rows
+//! ```
+//!
+//! There is no cursor (`id > last_seen`). A row stays selectable for as long
+//! as it is unpublished, so the question "has the poller moved past it?"
+//! never arises.
+//!
+//! # Why no row is ever skipped, even one that commits late
+//!
+//! Naive polling keeps `last_seen` and asks for `id > last_seen`. Ids are
+//! taken at insert time, not at commit time: a transaction that took id 5 and
+//! commits after rows 6 and 7 were read becomes visible behind the cursor
+//! and is lost. Here, the only condition is the row's own publish state.
+//! Row 5 is invisible to the polls that run before its commit, and the first
+//! poll after its commit finds it, because it is still unpublished.
+//! `published_at` is set only by the checkpoint stage, and only after Kafka
+//! acknowledged the row. No other state can hide an unpublished row except
+//! `last_error` (a held row, exactly as in logical mode: an operator clears
+//! `last_error` to retry it).
+//!
+//! Latency: a statement-level `AFTER INSERT` trigger (migration
+//! `0002_notify`) sends `NOTIFY <table>_relay`. Postgres delivers it when the
+//! inserting transaction commits, so the late row wakes the poller right
+//! away. `source.poll_interval_ms` is only the fallback, e.g. when a
+//! notification is lost while the LISTEN connection reconnects.
+//!
+//! # Why nothing is sent twice while in flight
+//!
+//! Only one batch is in flight at a time. After a batch's rows comes a
+//! [`SourceEvent::Checkpoint`] marker with the batch number. The checkpoint
+//! stage sends that number back through `confirmed` once every row before the
+//! marker has its publish state recorded (`published_at`, or `last_error` for
+//! held rows). The next SELECT runs only after that, so it cannot see those
+//! rows again. A crash between delivery and recording resends the
+//! unrecorded batch after the restart, which is the same at-least-once window
+//! as the logical mode.
+//!
+//! # Why per-entity order holds (and what breaks it)
+//!
+//! The rule, which the application must follow: **in the transaction that
+//! inserts an outbox row, lock or update the entity's own row before the
+//! insert** (`SELECT ... FOR UPDATE`, or the domain `UPDATE` itself). Then two
+//! transactions that write the same entity are serialized. The second one
+//! takes its outbox id after the first one committed (it waited for the
+//! lock), so:
+//!
+//! 1. per entity, id order is commit order, and
+//! 2. whenever a row of an entity is visible, every earlier row of that
+//!    entity is visible too: its transaction committed before the lock was
+//!    released.
+//!
+//! Each poll therefore sees, for every entity, a prefix of that entity's
+//! unpublished rows in commit order, and emits it in id order. Rows of earlier
+//! polls are recorded before this poll runs. An entity's row is therefore
+//! never sent before an earlier row of the same entity, whatever other
+//! transactions do. An unrelated long transaction only hides its own rows.
+//! The ids it holds below the others do not stop anything, because nothing
+//! here orders by transaction id or waits for the oldest open transaction.
+//!
+//! What breaks it: writers that do **not** serialize per entity. Two
+//! concurrent transactions that insert rows for the same entity without
+//! locking it can commit in the opposite order of their ids, and a poll can
+//! run between the two commits. Logical mode would then publish in commit
+//! order and poll mode in id order (if both are visible), or the later row
+//! first (if only it is visible). Without the lock, "order" of such writes
+//! is not defined by the application either.
+//!
+//! Held rows behave as in logical mode, through the same code path. The sink's
+//! held-entity map (loaded from `last_error` at start) turns later rows of a
+//! held entity into held rows "waiting behind held row N", which gives them a
+//! `last_error`, so later polls skip them too.
+//!
+//! # Cost
+//!
+//! The query walks the partial index `<table>_unpublished_idx` (`id WHERE
+//! published_at IS NULL`). Its size is the unpublished backlog plus held rows,
+//! not the table's history, so a poll costs the same on a table with a
+//! hundred million published rows as on an empty one. Batches are bounded by
+//! `source.batch_rows` and `source.batch_max_bytes`. A full batch is followed
+//! by another poll at once; otherwise the poller sleeps until a notification
+//! or the fallback interval.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use secrecy::ExposeSecret;
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::{AsyncMessage, Client, NoTls};
+
+use super::{Position, RowError, RowLayout, SourceEvent};
+use crate::config::{ColumnNames, Config};
+use crate::database::{self, DatabaseError};
+
+/// Why the poll source stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PollError {
+    #[error(transparent)]
+    Database(#[from] DatabaseError),
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("outbox row cannot be read: {0}")]
+    Row(#[from] RowError),
+    #[error("outbox table {0} not found; run `relay migrate`")]
+    NoTable(String),
+    #[error("the LISTEN connection to Postgres closed")]
+    ListenerClosed,
+}
+
+/// The notification channel the `0002_notify` trigger signals.
+pub fn channel_name(config: &Config) -> String {
+    format!("{}_relay", config.outbox.table)
+}
+
+/// The configured read-side columns, in [`ColumnNames`] order, that the table has.
+fn selected_columns(names: &ColumnNames, existing: &[String]) -> Vec<String> {
+    [
+        &names.id,
+        &names.event_id,
+        &names.aggregate_type,
+        &names.aggregate_id,
+        &names.event_type,
+        &names.kind,
+        &names.entity_version,
+        &names.payload,
+        &names.headers,
+        &names.occurred_at,
+    ]
+    .into_iter()
+    .filter(|name| existing.iter().any(|e| e == *name))
+    .cloned()
+    .collect()
+}
+
+/// The poll query. Every column comes as text, as the logical stream carries
+/// it, so [`RowLayout::row`] builds rows in the same way in both modes.
+/// `occurred_at` is printed in UTC whatever the session's TimeZone, in the ISO
+/// format Postgres uses (`2026-11-23 16:40:00.123456+00`).
+pub fn poll_sql(table_sql: &str, names: &ColumnNames, columns: &[String]) -> String {
+    let list: Vec<String> = columns
+        .iter()
+        .map(|c| {
+            if *c == names.occurred_at {
+                format!("to_char(o.\"{c}\"::timestamptz AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'")
+            } else {
+                format!("o.\"{c}\"::text")
+            }
+        })
+        .collect();
+    format!(
+        "SELECT {} FROM {table_sql} AS o \
+         WHERE o.published_at IS NULL AND o.last_error IS NULL \
+         ORDER BY o.\"{id}\" LIMIT $1",
+        list.join(", "),
+        id = names.id,
+    )
+}
+
+/// How many of the leading rows (sizes in bytes) fit in `max_bytes`: at
+/// least one, so a single row larger than the limit still goes (alone).
+pub fn rows_within(sizes: &[usize], max_bytes: usize) -> usize {
+    let mut total = 0usize;
+    for (i, size) in sizes.iter().enumerate() {
+        total = total.saturating_add(*size);
+        if total > max_bytes && i > 0 {
+            return i;
+        }
+    }
+    sizes.len()
+}
+
+/// Reads unpublished outbox rows in id order, one batch in flight at a time.
+pub struct PollSource {
+    config: Config,
+}
+
+impl PollSource {
+    pub fn new(config: Config) -> Self {
+        Self { config }
+    }
+
+    /// Runs until `stop` turns true or Postgres fails. Rows and a batch marker
+    /// (`Checkpoint(n)`, n = 1, 2, ...) go to `out`; the next poll waits until
+    /// the checkpoint stage reports `n` through `confirmed`.
+    pub async fn run(
+        &self,
+        out: mpsc::Sender<SourceEvent>,
+        mut confirmed: watch::Receiver<Position>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), PollError> {
+        // LISTEN before the first poll, so no commit falls between the two.
+        let (_listener, mut wake) = self.listen().await?;
+        let client = database::connect(&self.config.postgres).await?;
+        let (statement, layout) = self.prepare(&client).await?;
+        let source = &self.config.source;
+        let limit = i64::try_from(source.batch_rows).unwrap_or(i64::MAX);
+        let interval = Duration::from_millis(source.poll_interval_ms);
+        tracing::info!(channel = %channel_name(&self.config), "polling source started");
+        let mut batch: Position = 0;
+        loop {
+            if *stop.borrow() {
+                return Ok(());
+            }
+            let rows = client.query(&statement, &[&limit]).await?;
+            let mut values = Vec::with_capacity(rows.len());
+            let mut sizes = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let mut columns = Vec::with_capacity(row.len());
+                let mut size = 0;
+                for i in 0..row.len() {
+                    let value: Option<&str> = row.try_get(i)?;
+                    size += value.map_or(0, str::len);
+                    columns.push(value.map(|v| Bytes::copy_from_slice(v.as_bytes())));
+                }
+                values.push(columns);
+                sizes.push(size);
+            }
+            let take = rows_within(&sizes, source.batch_max_bytes);
+            let full = rows.len() >= source.batch_rows || take < rows.len();
+            if take > 0 {
+                for columns in values.iter().take(take) {
+                    let row = layout.row(columns, None)?;
+                    tracing::trace!(row_id = row.id, "row read");
+                    if out.send(SourceEvent::Row(row)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                batch += 1;
+                tracing::debug!(batch, rows = take, bytes = sizes.iter().take(take).sum::<usize>(), "batch read");
+                if out.send(SourceEvent::Checkpoint(batch)).await.is_err() {
+                    return Ok(());
+                }
+                // One batch in flight: its publish state must be recorded
+                // before the next SELECT, or that SELECT would see it again.
+                tokio::select! {
+                    biased;
+                    _ = stop.wait_for(|s| *s) => return Ok(()),
+                    recorded = confirmed.wait_for(|p| *p >= batch) => {
+                        if recorded.is_err() {
+                            // The checkpoint stage is gone; the pipeline reports why.
+                            return Ok(());
+                        }
+                    }
+                }
+                if full {
+                    continue;
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+                woken = wake.recv() => {
+                    if woken.is_none() {
+                        return Err(PollError::ListenerClosed);
+                    }
+                }
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+
+    /// Reads the table's columns and prepares the poll query.
+    async fn prepare(&self, client: &Client) -> Result<(tokio_postgres::Statement, RowLayout), PollError> {
+        let table = self.config.outbox_table_sql();
+        let exists: Option<String> = client.query_one("SELECT to_regclass($1)::text", &[&table]).await?.get(0);
+        if exists.is_none() {
+            return Err(PollError::NoTable(table));
+        }
+        let existing: Vec<String> = client
+            .query(
+                "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped",
+                &[&table],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let names = &self.config.outbox.columns;
+        let columns = selected_columns(names, &existing);
+        let layout = RowLayout::new(&columns, names)?;
+        let sql = poll_sql(&table, names, &columns);
+        tracing::debug!(sql = %sql, "poll query");
+        Ok((client.prepare(&sql).await?, layout))
+    }
+
+    /// Opens the LISTEN connection. The receiver yields once per wake-up
+    /// (notifications coalesce) and ends when the connection closes.
+    async fn listen(&self) -> Result<(Client, mpsc::Receiver<()>), PollError> {
+        let postgres = &self.config.postgres;
+        let mut pg: tokio_postgres::Config = postgres
+            .url
+            .expose_secret()
+            .parse()
+            .map_err(|e: tokio_postgres::Error| DatabaseError::Url(e.to_string()))?;
+        pg.connect_timeout(Duration::from_millis(postgres.connect_timeout_ms));
+        if pg.get_application_name().is_none() {
+            pg.application_name("outbox-relay-listen");
+        }
+        let (client, mut connection) = pg.connect(NoTls).await.map_err(|err| {
+            let cause = std::error::Error::source(&err).map(|s| format!(" ({s})")).unwrap_or_default();
+            DatabaseError::Connect(format!("{err}{cause}"))
+        })?;
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(async move {
+            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(message) = messages.next().await {
+                match message {
+                    Ok(AsyncMessage::Notification(_)) => {
+                        // Full means a wake-up is pending already.
+                        let _ = tx.try_send(());
+                    }
+                    Ok(_) => {}
+                    Err(err) => {
+                        tracing::warn!(error = %err, "LISTEN connection failed");
+                        break;
+                    }
+                }
+            }
+        });
+        client.batch_execute(&format!("LISTEN \"{}\"", channel_name(&self.config))).await?;
+        Ok((client, rx))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_bound_cuts_batches_but_always_takes_one_row() {
+        assert_eq!(rows_within(&[], 100), 0);
+        assert_eq!(rows_within(&[10, 20, 30], 100), 3);
+        assert_eq!(rows_within(&[40, 40, 40], 100), 2);
+        assert_eq!(rows_within(&[50, 50, 1], 100), 3);
+        assert_eq!(rows_within(&[500, 1], 100), 1, "an oversized first row goes alone");
+        assert_eq!(rows_within(&[1, 500], 100), 1);
+    }
+
+    #[test]
+    fn query_selects_by_publish_state_without_cursor_and_maps_columns() {
+        let names = ColumnNames::default();
+        let existing: Vec<String> = ["id", "event_id", "aggregate_type", "aggregate_id", "event_type", "kind", "payload", "occurred_at", "published_at", "last_error"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let columns = selected_columns(&names, &existing);
+        assert!(!columns.contains(&"entity_version".to_string()) && !columns.contains(&"headers".to_string()));
+        assert!(RowLayout::new(&columns, &names).is_ok());
+        let sql = poll_sql("\"public\".\"outbox\"", &names, &columns);
+        assert!(sql.contains("WHERE o.published_at IS NULL AND o.last_error IS NULL ORDER BY o.\"id\" LIMIT $1"), "{sql}");
+        assert!(!sql.contains('>'), "no cursor: {sql}");
+        assert!(sql.contains("AT TIME ZONE 'UTC'"), "{sql}");
+    }
+}
