@@ -11,6 +11,7 @@ use crate::config::{Config, SourceMode};
 use crate::database::{self, DatabaseError};
 use crate::sink::{HeldEntities, KafkaSink, SinkError};
 use crate::source::logical::{self, LogicalError, LogicalSource};
+use crate::source::poll::{PollError, PollSource};
 use crate::telemetry::{metrics, Health};
 
 /// Why one run of the pipeline ended. Every variant is retried with backoff;
@@ -27,14 +28,14 @@ pub enum PipelineError {
     Sink(#[from] SinkError),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
-    #[error("source.mode = \"poll\" is not available in this build; use source.mode = \"logical\"")]
-    PollUnavailable,
+    #[error(transparent)]
+    Poll(#[from] PollError),
 }
 
 impl PipelineError {
     fn component(&self) -> &'static str {
         match self {
-            Self::Database(_) | Self::Postgres(_) | Self::Source(_) | Self::PollUnavailable => "postgres",
+            Self::Database(_) | Self::Postgres(_) | Self::Source(_) | Self::Poll(_) => "postgres",
             Self::Sink(_) => "kafka",
             Self::Checkpoint(CheckpointError::Delivery(_)) => "kafka",
             Self::Checkpoint(_) => "postgres",
@@ -153,11 +154,9 @@ async fn load_held(client: &tokio_postgres::Client, config: &Config) -> Result<H
 /// One run of the pipeline, from the last confirmed position until `stop`
 /// or the first failure of any stage.
 async fn run_once(config: &Config, stop: watch::Receiver<bool>, health: &Health) -> Result<(), PipelineError> {
-    if config.source.mode == SourceMode::Poll {
-        return Err(PipelineError::PollUnavailable);
-    }
+    let logical_mode = config.source.mode == SourceMode::Logical;
     let client = database::connect(&config.postgres).await?;
-    if config.source.create_slot && logical::ensure_publication_and_slot(&client, config).await? {
+    if logical_mode && config.source.create_slot && logical::ensure_publication_and_slot(&client, config).await? {
         tracing::warn!("the replication slot was created now: rows committed before this moment are not streamed");
     }
     let held = load_held(&client, config).await?;
@@ -177,10 +176,16 @@ async fn run_once(config: &Config, stop: watch::Receiver<bool>, health: &Health)
         held,
         confirmed_tx,
     );
-    let source = LogicalSource::new(config.clone());
+    // Everything after the source is one code path for both modes.
+    let source = async {
+        match config.source.mode {
+            SourceMode::Logical => LogicalSource::new(config.clone()).run(source_tx, confirmed_rx, stop).await.map_err(PipelineError::from),
+            SourceMode::Poll => PollSource::new(config.clone()).run(source_tx, confirmed_rx, stop).await.map_err(PipelineError::from),
+        }
+    };
     health.set_ready(true);
     let (source_result, sink_result, checkpoint_result) = tokio::join!(
-        source.run(source_tx, confirmed_rx, stop),
+        source,
         sink.run(source_rx, flight_tx),
         checkpoint.run(flight_rx),
     );
@@ -188,7 +193,9 @@ async fn run_once(config: &Config, stop: watch::Receiver<bool>, health: &Health)
     source_result?;
     sink_result?;
     let position = *final_position.borrow();
-    logical::persist_confirmed(&control, &config.source.slot_name, position).await;
+    if logical_mode {
+        logical::persist_confirmed(&control, &config.source.slot_name, position).await;
+    }
     tracing::info!(position, "stopped; publish state recorded and position confirmed");
     Ok(())
 }

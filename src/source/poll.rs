@@ -341,7 +341,8 @@ mod tests {
         assert_eq!(rows_within(&[], 100), 0);
         assert_eq!(rows_within(&[10, 20, 30], 100), 3);
         assert_eq!(rows_within(&[40, 40, 40], 100), 2);
-        assert_eq!(rows_within(&[50, 50, 1], 100), 3);
+        assert_eq!(rows_within(&[50, 50], 100), 2, "exactly at the bound");
+        assert_eq!(rows_within(&[50, 50, 1], 100), 2);
         assert_eq!(rows_within(&[500, 1], 100), 1, "an oversized first row goes alone");
         assert_eq!(rows_within(&[1, 500], 100), 1);
     }
