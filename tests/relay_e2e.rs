@@ -208,7 +208,8 @@ async fn permanent_error_holds_the_row_and_its_entity_but_not_others() {
     let big = serde_json::json!({ "seq": 2, "blob": "x".repeat(20_000) });
     let held_id: i64 = client
         .query_one(
-            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, kind, payload) VALUES ('order', 'bad', 'Huge', 'event', $1) RETURNING id",
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, kind, payload, headers) VALUES ('order', 'bad', 'Huge', 'event', $1,
+             '{\"traceparent\": \"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\"}') RETURNING id",
             &[&big],
         )
         .await
@@ -251,6 +252,11 @@ async fn permanent_error_holds_the_row_and_its_entity_but_not_others() {
     assert!(!published);
     assert_eq!(attempts, 0, "never sent");
     assert!(error.as_deref().unwrap_or("").contains(&format!("held row {held_id}")), "{error:?}");
+
+    let log = relay.log_text();
+    let held_line = log.lines().find(|l| l.contains("row held")).expect("the held row is logged");
+    assert!(held_line.contains("0af7651916cd43dd8448eb211c80319c"), "trace context in the log line: {held_line}");
+    assert!(!log.contains("xxxxxxxxxx"), "payloads are never logged");
 
     // After a restart the entity still waits; status counts the held rows.
     assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0), "{}", relay.log_text());

@@ -39,6 +39,8 @@ pub struct RowMeta {
     pub topic: String,
     /// Commit time where known, else `occurred_at`: the start of the latency.
     pub since: chrono::DateTime<chrono::Utc>,
+    /// The row's W3C trace context, carried into the relay's log lines.
+    pub traceparent: Option<String>,
 }
 
 impl RowMeta {
@@ -49,6 +51,10 @@ impl RowMeta {
             aggregate_id: row.aggregate_id.clone(),
             topic: topic.to_string(),
             since: row.committed_at.unwrap_or(row.occurred_at),
+            traceparent: row.headers.as_ref().and_then(|h| {
+                let value: serde_json::Value = serde_json::from_slice(h).ok()?;
+                value.get("traceparent")?.as_str().map(str::to_string)
+            }),
         }
     }
 }
@@ -190,7 +196,7 @@ impl Checkpoint {
                         Err(PublishError::Permanent(error)) => {
                             metrics::publish_error(true);
                             metrics::held_row();
-                            tracing::error!(row_id = meta.id, topic = %meta.topic, error = %error, "delivery failed permanently; row held");
+                            tracing::error!(row_id = meta.id, topic = %meta.topic, traceparent = meta.traceparent.as_deref().unwrap_or(""), error = %error, "delivery failed permanently; row held");
                             self.held.hold(&meta.aggregate_type, &meta.aggregate_id, meta.id);
                             batch.held_ids.push(meta.id);
                             batch.held_errors.push(error);

@@ -214,7 +214,7 @@ impl KafkaSink {
         }
         let hold = |this: &Self, meta: RowMeta, error: String| {
             this.held.hold(&meta.aggregate_type, &meta.aggregate_id, meta.id);
-            tracing::error!(row_id = meta.id, topic = %meta.topic, error = %error, "row held: it cannot be published until an operator acts");
+            tracing::error!(row_id = meta.id, topic = %meta.topic, traceparent = meta.traceparent.as_deref().unwrap_or(""), error = %error, "row held: it cannot be published until an operator acts");
             InFlight::Held { meta, error, attempted: true }
         };
         match self.ensure_topic(&topic).await {
