@@ -25,8 +25,9 @@
 //! poll after its commit finds it, because it is still unpublished.
 //! `published_at` is set only by the checkpoint stage, and only after Kafka
 //! acknowledged the row. No other state can hide an unpublished row except
-//! `last_error` (a held row, exactly as in logical mode: an operator clears
-//! `last_error` to retry it).
+//! `last_error` (a held row, exactly as in logical mode: to retry it, an
+//! operator clears `last_error` on it and on the rows waiting behind it, then
+//! restarts the relay, which loads held entities at start).
 //!
 //! Latency: a statement-level `AFTER INSERT` trigger (migration
 //! `0002_notify`) sends `NOTIFY <table>_relay`. Postgres delivers it when the
