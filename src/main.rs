@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use relay::cli::{Cli, Command};
+use relay::cli::{Cli, Command, SchemasAction};
 use relay::config::{Config, LogFormat};
 
 fn main() -> ExitCode {
@@ -53,6 +53,23 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{verdict}");
             }
             Ok(if verdicts.iter().all(|v| v.problem.is_none()) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Schemas { action } => {
+            let report = match action {
+                SchemasAction::Register => relay::cli::schemas::register(&config).await?,
+                SchemasAction::Check => relay::cli::schemas::check(&config).await?,
+            };
+            let mut failed = false;
+            for (subject, outcome) in &report {
+                match outcome {
+                    Ok(text) => println!("ok    {subject}: {text}"),
+                    Err(text) => {
+                        failed = true;
+                        println!("FAIL  {subject}: {text}");
+                    }
+                }
+            }
+            Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
         Command::Status { json, max_lag_seconds } => {
             let client = relay::database::connect(&config.postgres).await?;

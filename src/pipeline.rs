@@ -7,6 +7,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::sync::{mpsc, watch};
 
 use crate::checkpoint::{Checkpoint, CheckpointError};
+use crate::codec::{Codec, SchemaError};
 use crate::config::{Config, SourceMode};
 use crate::database::{self, DatabaseError};
 use crate::sink::{HeldEntities, KafkaSink, SinkError};
@@ -27,6 +28,8 @@ pub enum PipelineError {
     #[error(transparent)]
     Sink(#[from] SinkError),
     #[error(transparent)]
+    Schema(#[from] SchemaError),
+    #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
     Poll(#[from] PollError),
@@ -37,6 +40,7 @@ impl PipelineError {
         match self {
             Self::Database(_) | Self::Postgres(_) | Self::Source(_) | Self::Poll(_) => "postgres",
             Self::Sink(_) => "kafka",
+            Self::Schema(_) => "registry",
             Self::Checkpoint(CheckpointError::Delivery(_)) => "kafka",
             Self::Checkpoint(_) => "postgres",
         }
@@ -67,6 +71,9 @@ async fn pause(delay: Duration, stop: &mut watch::Receiver<bool>) -> bool {
 pub async fn run(config: Config, mut stop: watch::Receiver<bool>, health: Health) -> Result<(), PipelineError> {
     let lock_key = database::leader_lock_key(&config);
     let mut delays = backoff();
+    // Resolved once, then kept across restarts: a registry outage after
+    // start-up cannot stop publishing.
+    let mut codec: Option<Codec> = None;
     'elect: loop {
         if *stop.borrow() {
             return Ok(());
@@ -108,7 +115,18 @@ pub async fn run(config: Config, mut stop: watch::Receiver<bool>, health: Health
         health.set_active(true);
         loop {
             let started = std::time::Instant::now();
-            match run_once(&config, stop.clone(), &health).await {
+            let result = match codec.as_ref() {
+                Some(prepared) => run_once(&config, prepared, stop.clone(), &health).await,
+                None => match Codec::prepare(&config).await {
+                    Ok(prepared) => {
+                        codec = Some(prepared);
+                        continue;
+                    }
+                    Err(err) if err.is_fatal() => return Err(err.into()),
+                    Err(err) => Err(err.into()),
+                },
+            };
+            match result {
                 Ok(()) => return Ok(()),
                 Err(err) => {
                     // A run that went well for a while starts the backoff afresh.
@@ -153,14 +171,14 @@ async fn load_held(client: &tokio_postgres::Client, config: &Config) -> Result<H
 
 /// One run of the pipeline, from the last confirmed position until `stop`
 /// or the first failure of any stage.
-async fn run_once(config: &Config, stop: watch::Receiver<bool>, health: &Health) -> Result<(), PipelineError> {
+async fn run_once(config: &Config, codec: &Codec, stop: watch::Receiver<bool>, health: &Health) -> Result<(), PipelineError> {
     let logical_mode = config.source.mode == SourceMode::Logical;
     let client = database::connect(&config.postgres).await?;
     if logical_mode && config.source.create_slot && logical::ensure_publication_and_slot(&client, config).await? {
         tracing::warn!("the replication slot was created now: rows committed before this moment are not streamed");
     }
     let held = load_held(&client, config).await?;
-    let sink = KafkaSink::new(config, held.clone())?;
+    let sink = KafkaSink::new(config, held.clone(), codec.clone())?;
     let control = database::connect(&config.postgres).await?;
 
     let (source_tx, source_rx) = mpsc::channel(config.source.batch_rows);

@@ -2,6 +2,7 @@
 //! one-off operations against the same configuration.
 
 pub mod check;
+pub mod schemas;
 
 
 use std::path::PathBuf;
@@ -43,4 +44,20 @@ pub enum Command {
         #[arg(long, value_name = "SECONDS")]
         max_lag_seconds: Option<f64>,
     },
+    /// Register the Avro schemas of codec.schemas, or check them against the
+    /// registry's compatibility rules.
+    Schemas {
+        #[command(subcommand)]
+        action: SchemasAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SchemasAction {
+    /// Register every schema under its subject (idempotent) and set the
+    /// subject's compatibility level to codec.compatibility.
+    Register,
+    /// Check every schema against its subject's compatibility rule; exit 1
+    /// naming each subject that fails, and why.
+    Check,
 }

@@ -1,38 +1,208 @@
 //! The codec stage: turns an outbox row's payload into the bytes of a Kafka
 //! record value.
+//!
+//! `json`: the payload as Postgres printed it. `avro`: the payload converted
+//! to an Avro datum by the schema configured for its (aggregate type, event
+//! type), in the Confluent wire format with the schema's registry id. Ids are
+//! resolved once, before the first row ([`Codec::prepare`]); after that a
+//! registry outage cannot stop publishing.
 
 pub mod avro;
+pub mod registry;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use apache_avro::schema::ResolvedSchema;
+use apache_avro::Schema;
 use bytes::Bytes;
 
-use crate::config::PayloadFormat;
+use crate::config::{Config, PayloadFormat};
+use crate::sink::TopicRouter;
 use crate::source::OutboxRow;
+use registry::{subject_name, Registry, RegistryError};
 
 /// Why a payload could not be encoded. The row is held, never dropped.
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
     #[error("payload is not valid JSON: {0}")]
     Json(#[from] serde_json::Error),
-    #[error("payload format {0:?} is not available in this build")]
-    Unsupported(PayloadFormat),
+    #[error("no schema for aggregate type `{aggregate_type}`, event type `{event_type}`: add `\"{aggregate_type}/{event_type}\"` or `\"{aggregate_type}\"` to codec.schemas")]
+    NoSchema { aggregate_type: String, event_type: String },
+    #[error("schema {file} has no registry id for topic `{topic}`")]
+    NoSchemaId { file: String, topic: String },
+    #[error("payload does not match schema {file}: {source}")]
+    Mismatch { file: String, source: avro::AvroError },
+}
+
+/// Why the schemas could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    #[error("cannot read schema file {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("schema file {path} is not a valid Avro schema: {reason}")]
+    Parse { path: String, reason: String },
+    #[error("schema file {path} is not a named record")]
+    Unnamed { path: String },
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+}
+
+impl SchemaError {
+    /// A broken schema file needs an operator and a restart; registry
+    /// trouble (unreachable, not yet registered) may clear by itself.
+    pub fn is_fatal(&self) -> bool {
+        !matches!(self, Self::Registry(_))
+    }
+}
+
+/// One schema file, parsed, with its registry id per topic.
+#[derive(Debug)]
+pub struct LoadedSchema {
+    /// File name as configured (relative to `codec.schemas_dir`).
+    pub file: String,
+    /// The schema text as registered.
+    pub text: String,
+    /// The record's full name (for record-name subject strategies).
+    pub full_name: String,
+    pub schema: Schema,
+    ids: HashMap<String, u32>,
+}
+
+/// The schemas of `codec.schemas`, keyed by `"<aggregate_type>"` or
+/// `"<aggregate_type>/<event_type>"`, and the topic each aggregate type goes
+/// to: what `relay schemas register|check` and the codec work through.
+pub struct SchemaSet {
+    /// (mapping key, topic, schema)
+    pub entries: Vec<(String, String, Arc<LoadedSchema>)>,
+}
+
+impl SchemaSet {
+    /// Reads and parses every configured schema file.
+    pub fn load(config: &Config) -> Result<Self, SchemaError> {
+        let router = TopicRouter::new(&config.routing);
+        let mut by_file: HashMap<String, Arc<LoadedSchema>> = HashMap::new();
+        let mut entries = Vec::new();
+        for (key, file) in &config.codec.schemas {
+            let loaded = match by_file.get(file) {
+                Some(loaded) => loaded.clone(),
+                None => {
+                    let loaded = Arc::new(load_schema(&config.codec.schemas_dir, file)?);
+                    by_file.insert(file.clone(), loaded.clone());
+                    loaded
+                }
+            };
+            let aggregate_type = key.split('/').next().unwrap_or(key);
+            entries.push((key.clone(), router.topic_for(aggregate_type), loaded));
+        }
+        Ok(Self { entries })
+    }
+
+    /// The registry subject of each entry, by the configured strategy.
+    pub fn subjects<'a>(&'a self, config: &'a Config) -> impl Iterator<Item = (String, &'a str, &'a Arc<LoadedSchema>)> + 'a {
+        self.entries.iter().map(move |(_, topic, schema)| {
+            (subject_name(config.codec.subject_strategy, topic, &schema.full_name), topic.as_str(), schema)
+        })
+    }
+}
+
+fn load_schema(dir: &Path, file: &str) -> Result<LoadedSchema, SchemaError> {
+    let path = dir.join(file);
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(&path).map_err(|e| SchemaError::Read { path: shown.clone(), reason: e.to_string() })?;
+    let schema = Schema::parse_str(&text).map_err(|e| SchemaError::Parse { path: shown.clone(), reason: e.to_string() })?;
+    let full_name = schema.name().map(|n| n.fullname(None)).ok_or(SchemaError::Unnamed { path: shown })?;
+    Ok(LoadedSchema { file: file.to_string(), text, full_name, schema, ids: HashMap::new() })
 }
 
 /// Encodes payloads in the configured format.
 #[derive(Debug, Clone)]
 pub struct Codec {
     format: PayloadFormat,
+    /// Avro only: schema per mapping key.
+    schemas: Arc<HashMap<String, Arc<LoadedSchema>>>,
 }
 
 impl Codec {
-    pub fn new(format: PayloadFormat) -> Self {
-        Self { format }
+    /// A codec that needs no preparation (JSON).
+    pub fn json() -> Self {
+        Self { format: PayloadFormat::Json, schemas: Arc::default() }
     }
 
-    /// The record value for `row`.
-    pub fn encode(&self, row: &OutboxRow) -> Result<Bytes, CodecError> {
+    /// Loads the schemas and resolves every (schema, topic) id in the
+    /// registry once: registering it when `codec.auto_register` is on,
+    /// else looking it up (a schema that is not registered is an error
+    /// naming the subject).
+    pub async fn prepare(config: &Config) -> Result<Self, SchemaError> {
+        if config.codec.format == PayloadFormat::Json {
+            return Ok(Self::json());
+        }
+        let set = SchemaSet::load(config)?;
+        let registry = Registry::new(&config.registry)?;
+        let mut ids: HashMap<(String, String), u32> = HashMap::new();
+        for (subject, topic, schema) in set.subjects(config) {
+            let id = if config.codec.auto_register {
+                registry.register(&subject, &schema.text, &schema.full_name).await?
+            } else {
+                registry.lookup(&subject, &schema.text, &schema.file).await?
+            };
+            tracing::info!(subject = %subject, id, file = %schema.file, "schema resolved");
+            ids.insert((schema.file.clone(), topic.to_string()), id);
+        }
+        let mut schemas = HashMap::new();
+        for (key, _topic, schema) in &set.entries {
+            let mut loaded = LoadedSchema {
+                file: schema.file.clone(),
+                text: schema.text.clone(),
+                full_name: schema.full_name.clone(),
+                schema: schema.schema.clone(),
+                ids: HashMap::new(),
+            };
+            for ((file, topic), id) in &ids {
+                if *file == schema.file {
+                    loaded.ids.insert(topic.clone(), *id);
+                }
+            }
+            schemas.insert(key.clone(), Arc::new(loaded));
+        }
+        Ok(Self { format: PayloadFormat::Avro, schemas: Arc::new(schemas) })
+    }
+
+    /// The record value for `row`, published to `topic`.
+    pub fn encode(&self, row: &OutboxRow, topic: &str) -> Result<Bytes, CodecError> {
         match self.format {
             // Postgres already printed the jsonb as canonical JSON text.
             PayloadFormat::Json => Ok(row.payload.clone()),
-            PayloadFormat::Avro => Err(CodecError::Unsupported(PayloadFormat::Avro)),
+            PayloadFormat::Avro => {
+                let schema = self
+                    .schemas
+                    .get(&format!("{}/{}", row.aggregate_type, row.event_type))
+                    .or_else(|| self.schemas.get(&row.aggregate_type))
+                    .ok_or_else(|| CodecError::NoSchema {
+                        aggregate_type: row.aggregate_type.clone(),
+                        event_type: row.event_type.clone(),
+                    })?;
+                let id = *schema
+                    .ids
+                    .get(topic)
+                    .ok_or_else(|| CodecError::NoSchemaId { file: schema.file.clone(), topic: topic.to_string() })?;
+                let payload: serde_json::Value = serde_json::from_slice(&row.payload)?;
+                let event_id = row.event_id.to_string();
+                let envelope = avro::Envelope {
+                    event_id: &event_id,
+                    event_type: &row.event_type,
+                    aggregate_type: &row.aggregate_type,
+                    aggregate_id: &row.aggregate_id,
+                    entity_version: row.entity_version,
+                    occurred_at: row.occurred_at,
+                };
+                let mismatch = |source| CodecError::Mismatch { file: schema.file.clone(), source };
+                let resolved = ResolvedSchema::new(&schema.schema)
+                    .map_err(|e| mismatch(avro::AvroError::Encode(e.to_string())))?;
+                let datum = avro::encode_payload(&payload, &envelope, &schema.schema, &resolved).map_err(mismatch)?;
+                Ok(Bytes::from(avro::confluent_frame(id, &datum)))
+            }
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Every default of the configuration, written once.
 
 use super::{ColumnNames, CheckpointConfig, CodecConfig, LogFormat, OutboxConfig, PayloadFormat, Readiness,
-    RetentionConfig, RoutingConfig, SourceConfig, SourceMode, TelemetryConfig};
+    RetentionConfig, RoutingConfig, SubjectStrategy, SourceConfig, SourceMode, TelemetryConfig};
 
 pub fn shutdown_timeout_ms() -> u64 { 10_000 }
 pub fn connect_timeout_ms() -> u64 { 5_000 }
@@ -25,6 +25,9 @@ pub fn create_topics() -> bool { true }
 pub fn topic_partitions() -> i32 { -1 }
 pub fn topic_replication_factor() -> i32 { -1 }
 pub fn payload_format() -> PayloadFormat { PayloadFormat::Json }
+pub fn schemas_dir() -> std::path::PathBuf { "schemas".into() }
+pub fn subject_strategy() -> SubjectStrategy { SubjectStrategy::TopicRecord }
+pub fn compatibility() -> String { "BACKWARD".into() }
 pub fn checkpoint_batch_rows() -> usize { 1_000 }
 pub fn checkpoint_flush_interval_ms() -> u64 { 50 }
 pub fn max_in_flight() -> usize { 50_000 }
@@ -90,7 +93,14 @@ impl Default for RoutingConfig {
 
 impl Default for CodecConfig {
     fn default() -> Self {
-        Self { format: payload_format() }
+        Self {
+            format: payload_format(),
+            schemas_dir: schemas_dir(),
+            schemas: Default::default(),
+            subject_strategy: subject_strategy(),
+            compatibility: compatibility(),
+            auto_register: false,
+        }
     }
 }
 

@@ -223,6 +223,19 @@ pub enum PayloadFormat {
     Avro,
 }
 
+/// How registry subjects are named (Confluent's subject name strategies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubjectStrategy {
+    /// `<topic>-value`: one schema per topic.
+    Topic,
+    /// `<record full name>`: one schema per record type, across topics.
+    Record,
+    /// `<topic>-<record full name>`: several event types on one topic, which
+    /// per-entity order needs (one topic per entity type).
+    TopicRecord,
+}
+
 /// The codec stage.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -230,6 +243,24 @@ pub struct CodecConfig {
     /// `json` (default) or `avro`.
     #[serde(default = "defaults::payload_format")]
     pub format: PayloadFormat,
+    /// Folder of the `.avsc` files named in `schemas`.
+    #[serde(default = "defaults::schemas_dir")]
+    pub schemas_dir: PathBuf,
+    /// Schema file per `"<aggregate_type>/<event_type>"`, with a default per
+    /// `"<aggregate_type>"`.
+    #[serde(default)]
+    pub schemas: BTreeMap<String, String>,
+    /// `topic_record` (default), `topic` or `record`.
+    #[serde(default = "defaults::subject_strategy")]
+    pub subject_strategy: SubjectStrategy,
+    /// Compatibility level `relay schemas register` sets on each subject
+    /// (BACKWARD, FORWARD, FULL, their _TRANSITIVE forms, or NONE).
+    #[serde(default = "defaults::compatibility")]
+    pub compatibility: String,
+    /// Register missing schemas at start-up instead of requiring
+    /// `relay schemas register` (off: schemas are governed, not improvised).
+    #[serde(default)]
+    pub auto_register: bool,
 }
 
 /// Publish-state recording and position confirmation.
@@ -398,6 +429,20 @@ impl Config {
             return invalid(
                 "routing.topic_replication_factor",
                 "must be -1 (broker default) or at least 1".into(),
+            );
+        }
+        const LEVELS: [&str; 7] =
+            ["BACKWARD", "BACKWARD_TRANSITIVE", "FORWARD", "FORWARD_TRANSITIVE", "FULL", "FULL_TRANSITIVE", "NONE"];
+        if !LEVELS.contains(&self.codec.compatibility.as_str()) {
+            return invalid(
+                "codec.compatibility",
+                format!("`{}` is not one of {}", self.codec.compatibility, LEVELS.join(", ")),
+            );
+        }
+        if self.codec.format == PayloadFormat::Avro && self.codec.schemas.is_empty() {
+            return invalid(
+                "codec.schemas",
+                "codec.format = \"avro\" needs at least one schema, e.g. order = \"order/OrderPlaced.avsc\"".into(),
             );
         }
         if self.codec.format == PayloadFormat::Avro && self.registry.url.is_empty() {

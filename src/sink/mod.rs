@@ -168,7 +168,7 @@ pub struct KafkaSink {
 }
 
 impl KafkaSink {
-    pub fn new(config: &Config, held: HeldEntities) -> Result<Self, SinkError> {
+    pub fn new(config: &Config, held: HeldEntities, codec: Codec) -> Result<Self, SinkError> {
         let client_config = producer_config(&config.kafka);
         let producer: FutureProducer = client_config.create().map_err(SinkError::Client)?;
         let mut admin_config = ClientConfig::new();
@@ -182,7 +182,7 @@ impl KafkaSink {
             admin,
             router: TopicRouter::new(&config.routing),
             routing: config.routing.clone(),
-            codec: Codec::new(config.codec.format),
+            codec,
             held,
             known_topics: HashSet::new(),
         })
@@ -222,7 +222,7 @@ impl KafkaSink {
             Err(PublishError::Permanent(error)) => return hold(self, meta, error),
             Err(retriable) => return InFlight::Sent { meta, delivery: Box::pin(futures::future::ready(Err(retriable))) },
         }
-        let payload = match self.codec.encode(&row) {
+        let payload = match self.codec.encode(&row, &topic) {
             Ok(payload) => payload,
             Err(err) => return hold(self, meta, err.to_string()),
         };

@@ -1,0 +1,56 @@
+//! `relay schemas register|check`.
+
+use crate::codec::registry::{Registry, RegistryError};
+use crate::codec::{SchemaError, SchemaSet};
+use crate::config::Config;
+
+/// One line of output per subject: `(subject, problem)`; `problem` is
+/// `None` when all is well, and the text says what happened either way.
+pub type Report = Vec<(String, Result<String, String>)>;
+
+/// Registers every configured schema and sets each subject's compatibility.
+pub async fn register(config: &Config) -> Result<Report, SchemaError> {
+    let set = SchemaSet::load(config)?;
+    let registry = Registry::new(&config.registry)?;
+    let mut report = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (subject, _topic, schema) in set.subjects(config) {
+        if !seen.insert(subject.clone()) {
+            continue;
+        }
+        let outcome = async {
+            // A new subject takes the level before its first version; an
+            // existing one keeps being checked under the configured level.
+            registry.set_compatibility(&subject, &config.codec.compatibility).await?;
+            let id = registry.register(&subject, &schema.text, &schema.full_name).await?;
+            Ok::<_, RegistryError>(format!("id {id}, {} ({})", schema.file, config.codec.compatibility))
+        }
+        .await;
+        report.push((subject, outcome.map_err(|e| e.to_string())));
+    }
+    Ok(report)
+}
+
+/// Checks every configured schema against its subject.
+pub async fn check(config: &Config) -> Result<Report, SchemaError> {
+    let set = SchemaSet::load(config)?;
+    let registry = Registry::new(&config.registry)?;
+    let mut report = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (subject, _topic, schema) in set.subjects(config) {
+        if !seen.insert(subject.clone()) {
+            continue;
+        }
+        let outcome = match registry.has_subject(&subject).await {
+            Ok(false) => Ok(format!("{}: new subject, nothing to be compatible with", schema.file)),
+            Ok(true) => match registry.check(&subject, &schema.text, &schema.full_name).await {
+                Ok(None) => Ok(format!("{}: compatible", schema.file)),
+                Ok(Some(reason)) => Err(format!("{} is not compatible: {reason}", schema.file)),
+                Err(err) => Err(err.to_string()),
+            },
+            Err(err) => Err(err.to_string()),
+        };
+        report.push((subject, outcome));
+    }
+    Ok(report)
+}

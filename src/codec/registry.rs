@@ -1,0 +1,195 @@
+//! The Confluent-compatible schema registry: subjects, ids, compatibility.
+//!
+//! Registration and compatibility go through `schema_registry_converter`;
+//! the two calls it lacks (look up a schema's id under a subject without
+//! registering it, and set a subject's compatibility level) are plain HTTP
+//! calls of the same API.
+
+use std::time::Duration;
+
+use schema_registry_converter::async_impl::schema_registry::{is_compatible_schema, post_schema, SrSettings};
+use schema_registry_converter::schema_registry_common::{SchemaType, SuppliedSchema};
+use secrecy::ExposeSecret;
+
+use crate::config::{RegistryConfig, SubjectStrategy};
+use crate::telemetry::metrics;
+
+/// Why a registry call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RegistryError {
+    /// The registry could not be reached or answered with a server error:
+    /// retry with backoff.
+    #[error("schema registry unreachable: {0}")]
+    Unreachable(String),
+    /// The schema is not registered under the subject (and auto-registration is off).
+    #[error("schema {file} is not registered under subject `{subject}`: run `relay schemas register`")]
+    NotRegistered { subject: String, file: String },
+    /// The registry refused the request (incompatible, invalid schema).
+    #[error("schema registry refused {what}: {reason}")]
+    Refused { what: String, reason: String },
+}
+
+/// The subject a schema is registered under, by strategy.
+pub fn subject_name(strategy: SubjectStrategy, topic: &str, record_full_name: &str) -> String {
+    match strategy {
+        SubjectStrategy::Topic => format!("{topic}-value"),
+        SubjectStrategy::Record => record_full_name.to_string(),
+        SubjectStrategy::TopicRecord => format!("{topic}-{record_full_name}"),
+    }
+}
+
+/// A client of one registry.
+#[derive(Clone)]
+pub struct Registry {
+    base: String,
+    settings: SrSettings,
+    http: reqwest::Client,
+    auth: Option<(String, Option<String>)>,
+}
+
+impl Registry {
+    pub fn new(config: &RegistryConfig) -> Result<Self, RegistryError> {
+        let base = config.url.trim_end_matches('/').to_string();
+        let mut builder = SrSettings::new_builder(base.clone());
+        builder.set_timeout(Duration::from_secs(10));
+        let auth = config
+            .username
+            .as_ref()
+            .map(|u| (u.clone(), config.password.as_ref().map(|p| p.expose_secret().to_string())));
+        if let Some((user, password)) = &auth {
+            builder.set_basic_authorization(user, password.as_deref());
+        }
+        let settings = builder.build().map_err(|e| RegistryError::Unreachable(e.to_string()))?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| RegistryError::Unreachable(e.to_string()))?;
+        Ok(Self { base, settings, http, auth })
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .header("content-type", "application/vnd.schemaregistry.v1+json");
+        if let Some((user, password)) = &self.auth {
+            request = request.basic_auth(user, password.as_deref());
+        }
+        request
+    }
+
+    /// Registers `schema` under `subject` (idempotent) and returns its id.
+    pub async fn register(&self, subject: &str, schema: &str, full_name: &str) -> Result<u32, RegistryError> {
+        let supplied = SuppliedSchema::new(Some(full_name.to_string()), SchemaType::Avro, schema.to_string());
+        post_schema(&self.settings, subject.to_string(), supplied).await.map(|r| r.id).map_err(|e| {
+            metrics::registry_error();
+            if e.retriable {
+                RegistryError::Unreachable(e.to_string())
+            } else {
+                RegistryError::Refused { what: format!("registering under `{subject}`"), reason: e.to_string() }
+            }
+        })
+    }
+
+    /// The id of `schema` under `subject`, without registering it.
+    pub async fn lookup(&self, subject: &str, schema: &str, file: &str) -> Result<u32, RegistryError> {
+        let body = serde_json::json!({ "schema": schema, "schemaType": "AVRO" });
+        let response = self
+            .request(reqwest::Method::POST, &format!("/subjects/{subject}"))
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| {
+                metrics::registry_error();
+                RegistryError::Unreachable(e.to_string())
+            })?;
+        let status = response.status();
+        if status.as_u16() == 404 {
+            return Err(RegistryError::NotRegistered { subject: subject.to_string(), file: file.to_string() });
+        }
+        if status.is_server_error() {
+            metrics::registry_error();
+            return Err(RegistryError::Unreachable(format!("{subject}: HTTP {status}")));
+        }
+        let value: serde_json::Value = response.json().await.map_err(|e| RegistryError::Unreachable(e.to_string()))?;
+        value["id"].as_u64().map(|id| id as u32).ok_or_else(|| RegistryError::Refused {
+            what: format!("looking up `{subject}`"),
+            reason: format!("HTTP {status}: {value}"),
+        })
+    }
+
+    /// Sets the subject's compatibility level.
+    pub async fn set_compatibility(&self, subject: &str, level: &str) -> Result<(), RegistryError> {
+        let response = self
+            .request(reqwest::Method::PUT, &format!("/config/{subject}"))
+            .json(&serde_json::json!({ "compatibility": level }))
+            .send()
+            .await
+            .map_err(|e| RegistryError::Unreachable(e.to_string()))?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            let status = response.status();
+            let text = response.text().await.unwrap_or_default();
+            Err(RegistryError::Refused { what: format!("compatibility {level} for `{subject}`"), reason: format!("HTTP {status}: {text}") })
+        }
+    }
+
+    /// Whether the subject exists at all.
+    pub async fn has_subject(&self, subject: &str) -> Result<bool, RegistryError> {
+        let response = self
+            .request(reqwest::Method::GET, &format!("/subjects/{subject}/versions"))
+            .send()
+            .await
+            .map_err(|e| RegistryError::Unreachable(e.to_string()))?;
+        Ok(response.status().is_success())
+    }
+
+    /// Checks `schema` against the subject's compatibility rule. `Ok(None)`
+    /// when compatible, `Ok(Some(reason))` when not.
+    pub async fn check(&self, subject: &str, schema: &str, full_name: &str) -> Result<Option<String>, RegistryError> {
+        let supplied = SuppliedSchema::new(Some(full_name.to_string()), SchemaType::Avro, schema.to_string());
+        let compatible = is_compatible_schema(&self.settings, subject.to_string(), supplied)
+            .await
+            .map_err(|e| RegistryError::Unreachable(e.to_string()))?;
+        if compatible {
+            return Ok(None);
+        }
+        // Ask for the registry's own explanation.
+        let body = serde_json::json!({ "schema": schema, "schemaType": "AVRO" });
+        let reason = match self
+            .request(reqwest::Method::POST, &format!("/compatibility/subjects/{subject}/versions/latest?verbose=true"))
+            .json(&body)
+            .send()
+            .await
+        {
+            Ok(response) => {
+                let value: serde_json::Value = response.json().await.unwrap_or_default();
+                match value.get("messages").and_then(|m| m.as_array()) {
+                    Some(messages) if !messages.is_empty() => {
+                        messages.iter().map(|m| m.as_str().map(str::to_string).unwrap_or_else(|| m.to_string())).collect::<Vec<_>>().join("; ")
+                    }
+                    _ => "incompatible with the latest registered version".to_string(),
+                }
+            }
+            Err(_) => "incompatible with the latest registered version".to_string(),
+        };
+        Ok(Some(reason))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subject_names_by_strategy() {
+        let name = "dev.outboxrelay.example.OrderPlaced";
+        assert_eq!(subject_name(SubjectStrategy::Topic, "outbox.order", name), "outbox.order-value");
+        assert_eq!(subject_name(SubjectStrategy::Record, "outbox.order", name), name);
+        assert_eq!(
+            subject_name(SubjectStrategy::TopicRecord, "outbox.order", name),
+            "outbox.order-dev.outboxrelay.example.OrderPlaced"
+        );
+    }
+}
