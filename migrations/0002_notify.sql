@@ -1,7 +1,10 @@
 -- Poll mode wakes up on NOTIFY "{{table}}_relay" instead of waiting for
--- source.poll_interval_ms. Statement-level: one notification per INSERT
--- statement, and Postgres folds identical notifications of one transaction
--- into one, delivered at commit (when the rows become visible).
+-- source.poll_interval_ms. This migration only creates the trigger function;
+-- the statement-level trigger that calls it exists only while the relay runs
+-- in poll mode (`relay migrate` and the poll source create it, logical mode
+-- drops it): NOTIFY serializes the commits of notifying transactions on a
+-- global lock, a cost logical-mode writers must not pay. Identical
+-- notifications of one transaction fold into one, delivered at commit.
 CREATE OR REPLACE FUNCTION "{{schema}}"."{{table}}_relay_notify"() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -9,8 +12,3 @@ BEGIN
     RETURN NULL;
 END
 $$;
-
-DROP TRIGGER IF EXISTS "{{table}}_relay_notify" ON "{{schema}}"."{{table}}";
-CREATE TRIGGER "{{table}}_relay_notify"
-    AFTER INSERT ON "{{schema}}"."{{table}}"
-    FOR EACH STATEMENT EXECUTE FUNCTION "{{schema}}"."{{table}}_relay_notify"();

@@ -23,7 +23,8 @@ pub enum MigrateError {
 /// Applies every migration not yet recorded, each in its own transaction,
 /// under an advisory lock so concurrent sidecars do not race. In logical mode
 /// it then creates the publication and slot, so rows written from now on are
-/// streamed even before the relay first starts. Returns the versions applied.
+/// streamed even before the relay first starts; in poll mode the NOTIFY
+/// trigger (dropped in logical mode). Returns the versions applied.
 pub async fn migrate(client: &mut Client, config: &Config) -> Result<Vec<String>, MigrateError> {
     let schema = &config.outbox.schema;
     let table = &config.outbox.table;
@@ -54,5 +55,6 @@ pub async fn migrate(client: &mut Client, config: &Config) -> Result<Vec<String>
     if config.source.mode == SourceMode::Logical {
         logical::ensure_publication_and_slot(client, config).await?;
     }
+    crate::source::poll::set_notify_trigger(client, config, config.source.mode == SourceMode::Poll).await?;
     Ok(applied)
 }

@@ -291,3 +291,22 @@ async fn poll_query_uses_the_partial_index_whatever_the_history() {
     eprintln!("poll over 200k published rows: {:?} round trip, plan {plan}", started.elapsed());
     db.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_trigger_exists_only_in_poll_mode() {
+    let stack = Stack::from_env();
+    let db = TestDb::new(&stack).await;
+    let client = db.client().await;
+    let triggers = || async {
+        client
+            .query_one("SELECT count(*) FROM pg_trigger WHERE tgname = 'outbox_relay_notify'", &[])
+            .await
+            .expect("count triggers")
+            .get::<_, i64>(0)
+    };
+    db.migrate(&db.write_config("source.mode = \"poll\""));
+    assert_eq!(triggers().await, 1, "poll mode wakes up on NOTIFY");
+    db.migrate(&db.write_config(""));
+    assert_eq!(triggers().await, 0, "logical-mode writers must not pay NOTIFY's commit lock");
+    db.cleanup().await;
+}

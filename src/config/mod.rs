@@ -560,9 +560,12 @@ mod tests {
 
     #[test]
     fn avro_without_registry_is_refused() {
-        let toml = format!("{MINIMAL}\n[codec]\nformat = \"avro\"");
+        let toml = format!("{MINIMAL}\n[codec]\nformat = \"avro\"\n[codec.schemas]\norder = \"order/OrderPlaced.avsc\"");
         let err = Config::from_toml_str(&toml).expect_err("must fail").to_string();
         assert!(err.contains("registry.url"), "{err}");
+        let toml = format!("{MINIMAL}\n[codec]\nformat = \"avro\"\n[registry]\nurl = \"http://127.0.0.1:1\"");
+        let err = Config::from_toml_str(&toml).expect_err("must fail").to_string();
+        assert!(err.contains("codec.schemas"), "{err}");
     }
 
     #[test]

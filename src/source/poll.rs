@@ -29,8 +29,9 @@
 //! operator clears `last_error` on it and on the rows waiting behind it, then
 //! restarts the relay, which loads held entities at start).
 //!
-//! Latency: a statement-level `AFTER INSERT` trigger (migration
-//! `0002_notify`) sends `NOTIFY <table>_relay`. Postgres delivers it when the
+//! Latency: a statement-level `AFTER INSERT` trigger (function from
+//! migration `0002_notify`, trigger created by [`set_notify_trigger`] in
+//! poll mode only) sends `NOTIFY <table>_relay`. Postgres delivers it when the
 //! inserting transaction commits, so the late row wakes the poller right
 //! away. `source.poll_interval_ms` is only the fallback, e.g. when a
 //! notification is lost while the LISTEN connection reconnects.
@@ -118,7 +119,36 @@ pub enum PollError {
     ListenerClosed,
 }
 
-/// The notification channel the `0002_notify` trigger signals.
+/// Creates (poll mode) or drops (logical mode) the statement-level trigger
+/// that sends `NOTIFY <table>_relay` on insert. Only poll mode listens, and
+/// NOTIFY makes notifying transactions queue on one lock at commit.
+pub async fn set_notify_trigger(client: &tokio_postgres::Client, config: &Config, enabled: bool) -> Result<(), tokio_postgres::Error> {
+    let table = &config.outbox.table;
+    let schema = &config.outbox.schema;
+    let drop = format!("DROP TRIGGER IF EXISTS \"{table}_relay_notify\" ON \"{schema}\".\"{table}\"");
+    if !enabled {
+        return client.batch_execute(&drop).await;
+    }
+    let exists = client
+        .query_opt(
+            "SELECT 1 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE t.tgname = $1 AND c.relname = $2 AND n.nspname = $3",
+            &[&format!("{table}_relay_notify"), table, schema],
+        )
+        .await?
+        .is_some();
+    if !exists {
+        client
+            .batch_execute(&format!(
+                "CREATE TRIGGER \"{table}_relay_notify\" AFTER INSERT ON \"{schema}\".\"{table}\" \
+                 FOR EACH STATEMENT EXECUTE FUNCTION \"{schema}\".\"{table}_relay_notify\"()"
+            ))
+            .await?;
+    }
+    Ok(())
+}
+
+/// The notification channel the notify trigger signals.
 pub fn channel_name(config: &Config) -> String {
     format!("{}_relay", config.outbox.table)
 }
@@ -202,6 +232,7 @@ impl PollSource {
         // LISTEN before the first poll, so no commit falls between the two.
         let (_listener, mut wake) = self.listen().await?;
         let client = database::connect(&self.config.postgres).await?;
+        set_notify_trigger(&client, &self.config, true).await?;
         let (statement, layout) = self.prepare(&client).await?;
         let source = &self.config.source;
         let limit = i64::try_from(source.batch_rows).unwrap_or(i64::MAX);
