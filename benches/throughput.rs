@@ -55,40 +55,45 @@ fn baseline_records_per_sec(bootstrap: &str, topic: &str) -> f64 {
         .unwrap_or_else(|| panic!("cannot read ProducerPerformance output:\n{text}\n{}", String::from_utf8_lossy(&output.stderr)))
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
-    let stack = Stack::from_env();
-    let db = TestDb::new(&stack).await;
-    let config = db.write_config("");
+/// One way of running the relay, measured on the same workload.
+struct Scenario {
+    name: &'static str,
+    extra_toml: String,
+    avro: bool,
+}
+
+struct Figures {
+    drain_rate: f64,
+    drain_rss: f64,
+    live: Vec<f64>,
+    live_rss: f64,
+    write_rate: f64,
+}
+
+async fn run_scenario(stack: &Stack, scenario: &Scenario) -> Figures {
+    let db = TestDb::new(stack).await;
+    let config = db.write_config(&scenario.extra_toml);
     db.migrate(&config);
+    if scenario.avro {
+        let output = relay_command(&config).args(["schemas", "register"]).output().expect("register schemas");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stdout));
+    }
     let client = db.client().await;
 
-    // Baseline topic with the same partitions.
-    let baseline_topic = format!("{}.baseline", db.topic_prefix);
-    let libs = std::env::var("RELAY_KAFKA_LIBS").expect("RELAY_KAFKA_LIBS");
-    let created = Command::new("java")
-        .args(["-cp", &format!("{libs}/*"), "org.apache.kafka.tools.TopicCommand", "--bootstrap-server", &stack.bootstrap])
-        .args(["--create", "--topic", &baseline_topic, "--partitions", "6", "--replication-factor", "1"])
-        .output()
-        .expect("create baseline topic");
-    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
-    let baseline = baseline_records_per_sec(&stack.bootstrap, &baseline_topic);
-
-    // 1. Drain: 100k rows written by 8 writers with the relay stopped, then
-    //    the relay publishes the backlog (pure relay throughput).
+    // Drain: 100k rows written by 8 writers with the relay stopped, then the
+    // relay publishes the backlog (pure relay throughput).
     let started = Instant::now();
     spawn_workload(&db.url, ROWS, ENTITIES, WRITERS).await.expect("workload");
-    let write_secs = started.elapsed().as_secs_f64();
+    let write_rate = ROWS as f64 / started.elapsed().as_secs_f64();
     let relay = RelayProcess::start(&config);
     let started = Instant::now();
-    wait_all_published(&client, Duration::from_secs(600)).await;
-    let drain_secs = started.elapsed().as_secs_f64();
-    let drain_rate = ROWS as f64 / drain_secs;
+    wait_all_published(&client, Duration::from_secs(900)).await;
+    let drain_rate = ROWS as f64 / started.elapsed().as_secs_f64();
     let drain_rss = peak_rss_mib(relay.child.id());
 
-    // 2. Live: writers at a steady LIVE_RATE rows/s while the relay runs;
-    //    latency from each row's commit (occurred_at; the transactions are
-    //    short) to the moment a consumer holds the record.
+    // Live: writers at a steady LIVE_RATE rows/s while the relay runs;
+    // latency from each row's commit (occurred_at; the transactions are
+    // short) to the moment a consumer holds the record.
     let consumer_topic = db.topic("entity");
     let bootstrap = stack.bootstrap.clone();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -105,23 +110,108 @@ async fn main() {
     live.sort_by(|a, b| a.total_cmp(b));
     let live_rss = peak_rss_mib(relay.child.id());
     drop(relay);
+    db.cleanup().await;
+    Figures { drain_rate, drain_rss, live, live_rss, write_rate }
+}
 
+/// The poll query's cost on a table with 1M published rows and 1,000
+/// pending ones: EXPLAIN (ANALYZE, BUFFERS) of the query poll mode runs.
+async fn poll_query_cost(stack: &Stack) -> String {
+    let db = TestDb::new(stack).await;
+    let config = db.write_config("");
+    db.migrate(&config);
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, kind, payload, published_at, kafka_topic, kafka_partition, kafka_offset, attempts)
+             SELECT 'entity', 'e' || (g % 1000), 'Changed', 'state', jsonb_build_object('seq', g, 'pad', repeat('x', 250)), now(), 't', 0, g, 1
+             FROM generate_series(1, 1000000) g;
+             INSERT INTO outbox (aggregate_type, aggregate_id, event_type, kind, payload)
+             SELECT 'entity', 'e' || (g % 1000), 'Changed', 'state', jsonb_build_object('seq', g) FROM generate_series(1, 1000) g;
+             VACUUM ANALYZE outbox;",
+        )
+        .await
+        .expect("fill table");
+    let relay_config = relay::Config::from_toml_str(&db.config_toml("")).expect("config");
+    let columns: Vec<String> = [
+        "id", "event_id", "aggregate_type", "aggregate_id", "event_type", "kind", "entity_version", "payload", "headers", "occurred_at",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let sql = relay::source::poll::poll_sql(&relay_config.outbox_table_sql(), &relay_config.outbox.columns, &columns)
+        .replace("$1", "1000");
+    let plan: Vec<String> = client
+        .query(&format!("EXPLAIN (ANALYZE, BUFFERS) {sql}"), &[])
+        .await
+        .expect("explain")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    db.cleanup().await;
+    plan.join("\n")
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let stack = Stack::from_env();
+    let db = TestDb::new(&stack).await;
+
+    // Baseline: Kafka's own producer tool, same record size and guarantees.
+    let baseline_topic = format!("{}.baseline", db.topic_prefix);
+    let libs = std::env::var("RELAY_KAFKA_LIBS").expect("RELAY_KAFKA_LIBS");
+    let created = Command::new("java")
+        .args(["-cp", &format!("{libs}/*"), "org.apache.kafka.tools.TopicCommand", "--bootstrap-server", &stack.bootstrap])
+        .args(["--create", "--topic", &baseline_topic, "--partitions", "6", "--replication-factor", "1"])
+        .output()
+        .expect("create baseline topic");
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let baseline = baseline_records_per_sec(&stack.bootstrap, &baseline_topic);
+    db.cleanup().await;
+
+    let schemas = stack.repo.join("benches/schemas");
+    let scenarios = [
+        Scenario { name: "logical, JSON", extra_toml: String::new(), avro: false },
+        Scenario { name: "poll, JSON", extra_toml: "source.mode = \"poll\"".into(), avro: false },
+        Scenario {
+            name: "logical, Avro",
+            extra_toml: format!(
+                "codec.format = \"avro\"\ncodec.schemas_dir = \"{}\"\ncodec.schemas.entity = \"EntityChanged.avsc\"",
+                schemas.display()
+            ),
+            avro: true,
+        },
+    ];
+    let only = std::env::var("BENCH_SCENARIOS").ok();
+    let mut rows = String::new();
+    for scenario in &scenarios {
+        if only.as_deref().is_some_and(|o| !o.split(',').any(|n| scenario.name.starts_with(n.trim()))) {
+            continue;
+        }
+        eprintln!("bench: {}", scenario.name);
+        let f = run_scenario(&stack, scenario).await;
+        rows.push_str(&format!(
+            "| {} | {:.0} msg/s ({:.2} x baseline) | {:.1} ms / {:.1} ms ({} samples) | {:.0} MiB / {:.0} MiB | {:.0} rows/s |\n",
+            scenario.name,
+            f.drain_rate,
+            f.drain_rate / baseline,
+            percentile(&f.live, 0.50) * 1000.0,
+            percentile(&f.live, 0.99) * 1000.0,
+            f.live.len(),
+            f.drain_rss,
+            f.live_rss,
+            f.write_rate,
+        ));
+    }
+    let plan = if only.is_none() { poll_query_cost(&stack).await } else { String::from("(skipped)") };
     let report = format!(
-        "| measure | value |\n|---|---|\n\
-         | baseline: Kafka ProducerPerformance, 300 B records, acks=all, idempotent, lz4 | {baseline:.0} records/s |\n\
-         | relay drain of a 100k-row backlog | {drain_rate:.0} messages/s ({:.2} x baseline) |\n\
-         | writers alone (8 connections, 1k entities, entity lock + outbox insert) | {:.0} rows/s |\n\
-         | live commit -> consumer latency at {LIVE_RATE} rows/s, p50 / p99 ({} samples) | {:.1} ms / {:.1} ms |\n\
-         | relay peak RSS (drain / after live) | {drain_rss:.0} MiB / {live_rss:.0} MiB |\n",
-        drain_rate / baseline,
-        ROWS as f64 / write_secs,
-        live.len(),
-        percentile(&live, 0.50) * 1000.0,
-        percentile(&live, 0.99) * 1000.0,
+        "Baseline (Kafka ProducerPerformance, {ROWS} records of 300 B, acks=all, idempotent, lz4, linger 5 ms): **{baseline:.0} records/s**\n\n\
+         | relay | drain of a {ROWS}-row backlog | commit -> consumer latency at {LIVE_RATE} rows/s, p50 / p99 | peak RSS (drain / after live) | writers alone |\n\
+         |---|---|---|---|---|\n{rows}\n\
+         Poll query on 1,000,000 published + 1,000 pending rows (`EXPLAIN (ANALYZE, BUFFERS)`):\n\n```\n{plan}\n```\n"
     );
     println!("{report}");
-    let _ = std::fs::write(db.stack.repo.join("target/bench-throughput.md"), &report);
-    db.cleanup().await;
+    let _ = std::fs::write(stack.repo.join("target/bench-throughput.md"), &report);
 }
 
 /// Joins a fresh group at the end of `topic`, signals `ready` once
