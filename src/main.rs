@@ -71,6 +71,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
+        Command::Held { action } => {
+            print!("{}", relay::cli::held::run(&config, action).await?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Status { json, max_lag_seconds } => {
             let client = relay::database::connect(&config.postgres).await?;
             let status = relay::telemetry::lag::status(&client, &config).await?;

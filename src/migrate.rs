@@ -9,6 +9,8 @@ use crate::source::logical;
 const MIGRATIONS: &[(&str, &str)] = &[
     ("0001_outbox", include_str!("../migrations/0001_outbox.sql")),
     ("0002_notify", include_str!("../migrations/0002_notify.sql")),
+    ("0003_held", include_str!("../migrations/0003_held.sql")),
+    ("0004_catchup", include_str!("../migrations/0004_catchup.sql")),
 ];
 
 /// Why migrating failed.

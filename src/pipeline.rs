@@ -11,8 +11,10 @@ use crate::codec::{Codec, SchemaError};
 use crate::config::{Config, SourceMode};
 use crate::database::{self, DatabaseError};
 use crate::sink::{HeldEntities, KafkaSink, SinkError};
+use crate::source::catchup::{self, SlotError};
 use crate::source::logical::{self, LogicalError, LogicalSource};
 use crate::source::poll::{PollError, PollSource};
+use crate::source::Position;
 use crate::telemetry::{metrics, Health};
 
 /// Why one run of the pipeline ended. Every variant is retried with backoff;
@@ -33,12 +35,14 @@ pub enum PipelineError {
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
     Poll(#[from] PollError),
+    #[error(transparent)]
+    Slot(#[from] SlotError),
 }
 
 impl PipelineError {
     fn component(&self) -> &'static str {
         match self {
-            Self::Database(_) | Self::Postgres(_) | Self::Source(_) | Self::Poll(_) => "postgres",
+            Self::Database(_) | Self::Postgres(_) | Self::Source(_) | Self::Poll(_) | Self::Slot(_) => "postgres",
             Self::Sink(_) => "kafka",
             Self::Schema(_) => "registry",
             Self::Checkpoint(CheckpointError::Delivery(_)) => "kafka",
@@ -127,7 +131,14 @@ pub async fn run(config: Config, mut stop: watch::Receiver<bool>, health: Health
                 },
             };
             match result {
-                Ok(()) => return Ok(()),
+                Ok(RunEnd::Stopped) => return Ok(()),
+                // Not a failure: the run ended to recover the slot or to
+                // publish released held rows; the next one starts at once.
+                Ok(RunEnd::Restart) => {
+                    if *stop.borrow() {
+                        return Ok(());
+                    }
+                }
                 Err(err) => {
                     // A run that went well for a while starts the backoff afresh.
                     if started.elapsed() > Duration::from_secs(60) {
@@ -156,7 +167,7 @@ async fn load_held(client: &tokio_postgres::Client, config: &Config) -> Result<H
     let c = &config.outbox.columns;
     let sql = format!(
         "SELECT \"{t}\", \"{a}\", min(\"{id}\") FROM {table} \
-         WHERE published_at IS NULL AND last_error IS NOT NULL GROUP BY 1, 2",
+         WHERE published_at IS NULL AND last_error IS NOT NULL AND skipped_at IS NULL GROUP BY 1, 2",
         t = c.aggregate_type,
         a = c.aggregate_id,
         id = c.id,
@@ -169,14 +180,85 @@ async fn load_held(client: &tokio_postgres::Client, config: &Config) -> Result<H
     Ok(held)
 }
 
+/// How a run that did not fail ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunEnd {
+    /// `stop` turned true.
+    Stopped,
+    /// Start the next run at once (slot dropped over its WAL budget or
+    /// invalidated; held rows released by an operator).
+    Restart,
+}
+
+/// Why the run's watch ended the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WatchEnd {
+    Released,
+    WalBudget,
+}
+
+/// How often an active run checks for released held rows and the slot's WAL.
+const WATCH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Checks, every [`WATCH_INTERVAL`] once the catch-up phase is over, whether
+/// a row that holds an entity in this run was released by an operator, and
+/// (logical mode, with a budget) whether the slot retains too much WAL.
+/// Returns only when the run must end for one of those.
+async fn watch_run(config: &Config, client: &tokio_postgres::Client, held: &HeldEntities, mut caught_up: watch::Receiver<bool>) -> WatchEnd {
+    let _ = caught_up.wait_for(|done| *done).await;
+    let budget = config.source.max_slot_wal_bytes;
+    let logical_mode = config.source.mode == SourceMode::Logical;
+    loop {
+        tokio::time::sleep(WATCH_INTERVAL).await;
+        match catchup::blocker_released(client, config, &held.blockers()).await {
+            Ok(true) => {
+                tracing::info!("held rows were released by an operator: restarting the pipeline run to publish them");
+                return WatchEnd::Released;
+            }
+            Ok(false) => {}
+            Err(err) => tracing::debug!(error = %err, "released-rows check failed"),
+        }
+        if logical_mode && budget > 0 {
+            match catchup::retained_wal(client, &config.source.slot_name).await {
+                Ok(Some(retained)) if retained > 0 && retained as u64 > budget => {
+                    tracing::error!(slot = %config.source.slot_name, retained, budget, "replication slot retains more WAL than source.max_slot_wal_bytes: stopping the stream and dropping the slot to protect the database; the next run catches up through the poll path");
+                    return WatchEnd::WalBudget;
+                }
+                Ok(_) => {}
+                Err(err) => tracing::debug!(error = %err, "slot WAL check failed"),
+            }
+        }
+    }
+}
+
+/// Whether the replication stream failed because Postgres invalidated the
+/// slot (WAL removed): then no retry can succeed, and the slot is dropped so
+/// the next run recreates it and catches up.
+fn slot_invalidated(err: &PipelineError) -> bool {
+    matches!(err, PipelineError::Source(LogicalError::Replication(e)) if {
+        let text = e.to_string();
+        text.contains("invalidated") || text.contains("can no longer get changes")
+    })
+}
+
 /// One run of the pipeline, from the last confirmed position until `stop`
-/// or the first failure of any stage.
-async fn run_once(config: &Config, codec: &Codec, stop: watch::Receiver<bool>, health: &Health) -> Result<(), PipelineError> {
+/// or the first failure of any stage. Logical mode first recovers a lost
+/// slot and runs the catch-up phase (see [`catchup`]).
+async fn run_once(config: &Config, codec: &Codec, mut stop: watch::Receiver<bool>, health: &Health) -> Result<RunEnd, PipelineError> {
     let logical_mode = config.source.mode == SourceMode::Logical;
     let client = database::connect(&config.postgres).await?;
-    if logical_mode && config.source.create_slot && logical::ensure_publication_and_slot(&client, config).await? {
-        tracing::warn!("the replication slot was created now: rows committed before this moment are not streamed");
-    }
+    let plan = if logical_mode {
+        // Recovers a missing, invalidated or over-budget slot first, so a
+        // slot is never created without its catch-up marker.
+        let plan = catchup::prepare(&client, config).await?;
+        if config.source.create_slot {
+            logical::ensure_publication_and_slot(&client, config).await?;
+        }
+        Some(plan)
+    } else {
+        None
+    };
+    catchup::release_orphaned_waiters(&client, config).await?;
     let held = load_held(&client, config).await?;
     let sink = KafkaSink::new(config, held.clone(), codec.clone())?;
     let control = database::connect(&config.postgres).await?;
@@ -191,29 +273,73 @@ async fn run_once(config: &Config, codec: &Codec, stop: watch::Receiver<bool>, h
         &config.outbox.columns.id,
         config.checkpoint.batch_rows,
         Duration::from_millis(config.checkpoint.flush_interval_ms),
-        held,
+        held.clone(),
         confirmed_tx,
     );
-    // Everything after the source is one code path for both modes.
+    let (run_stop_tx, run_stop) = watch::channel(false);
+    let (caught_up_tx, caught_up) = watch::channel(plan.is_none());
+    // Everything after the source is one code path for both modes. Returns
+    // the catch-up's last batch number: no WAL position is below it.
     let source = async {
-        match config.source.mode {
-            SourceMode::Logical => LogicalSource::new(config.clone()).run(source_tx, confirmed_rx, stop).await.map_err(PipelineError::from),
-            SourceMode::Poll => PollSource::new(config.clone()).run(source_tx, confirmed_rx, stop).await.map_err(PipelineError::from),
+        let (mut confirmed_rx, mut source_stop) = (confirmed_rx, run_stop.clone());
+        let mut floor = 0;
+        if let Some(plan) = plan {
+            let outcome = catchup::catch_up(config, &control, plan, &source_tx, &mut confirmed_rx, &mut source_stop).await?;
+            floor = outcome.batches;
+            if !outcome.finished {
+                return Ok(floor);
+            }
+            let _ = caught_up_tx.send(true);
         }
+        match config.source.mode {
+            SourceMode::Logical => LogicalSource::new(config.clone()).run(source_tx, confirmed_rx, source_stop).await?,
+            SourceMode::Poll => PollSource::new(config.clone()).run(source_tx, confirmed_rx, source_stop).await?,
+        }
+        Ok::<Position, PipelineError>(floor)
     };
     health.set_ready(true);
-    let (source_result, sink_result, checkpoint_result) = tokio::join!(
-        source,
-        sink.run(source_rx, flight_tx),
-        checkpoint.run(flight_rx),
-    );
+    let stages = async { tokio::join!(source, sink.run(source_rx, flight_tx), checkpoint.run(flight_rx)) };
+    tokio::pin!(stages);
+    let mut ended_by = None;
+    let (source_result, sink_result, checkpoint_result) = tokio::select! {
+        results = &mut stages => results,
+        _ = stop.wait_for(|s| *s) => {
+            let _ = run_stop_tx.send(true);
+            (&mut stages).await
+        }
+        end = watch_run(config, &control, &held, caught_up) => {
+            ended_by = Some(end);
+            let _ = run_stop_tx.send(true);
+            (&mut stages).await
+        }
+    };
     checkpoint_result?;
-    source_result?;
+    let floor = match source_result {
+        Ok(floor) => floor,
+        Err(err) if logical_mode && config.source.create_slot && slot_invalidated(&err) => {
+            tracing::error!(error = %err, "the replication slot was invalidated: dropping it; the next run recreates it and catches up");
+            catchup::abandon_slot(&control, config, catchup::Reason::Invalidated).await?;
+            return Ok(RunEnd::Restart);
+        }
+        Err(err) => return Err(err),
+    };
     sink_result?;
     let position = *final_position.borrow();
-    if logical_mode {
+    if logical_mode && position > floor {
         logical::persist_confirmed(&control, &config.source.slot_name, position).await;
     }
-    tracing::info!(position, "stopped; publish state recorded and position confirmed");
-    Ok(())
+    match ended_by {
+        Some(WatchEnd::WalBudget) => {
+            catchup::abandon_slot(&control, config, catchup::Reason::WalBudget).await?;
+            tracing::warn!(slot = %config.source.slot_name, "replication slot dropped over its WAL budget; recovering");
+            Ok(RunEnd::Restart)
+        }
+        Some(WatchEnd::Released) => Ok(RunEnd::Restart),
+        None if *stop.borrow() => {
+            tracing::info!(position, "stopped; publish state recorded and position confirmed");
+            Ok(RunEnd::Stopped)
+        }
+        // The source ended by itself (catch-up interrupted without a stop).
+        None => Ok(RunEnd::Restart),
+    }
 }

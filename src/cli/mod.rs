@@ -2,6 +2,7 @@
 //! one-off operations against the same configuration.
 
 pub mod check;
+pub mod held;
 pub mod schemas;
 
 
@@ -43,6 +44,11 @@ pub enum Command {
         /// Exit with status 2 when the oldest pending row is older than this.
         #[arg(long, value_name = "SECONDS")]
         max_lag_seconds: Option<f64>,
+    },
+    /// Held rows: list them, retry one after fixing its cause, or skip it.
+    Held {
+        #[command(subcommand)]
+        action: held::HeldAction,
     },
     /// Register the Avro schemas of codec.schemas, or check them against the
     /// registry's compatibility rules.

@@ -52,6 +52,7 @@ impl Default for SourceConfig {
             poll_interval_ms: poll_interval_ms(),
             batch_rows: source_batch_rows(),
             batch_max_bytes: source_batch_max_bytes(),
+            max_slot_wal_bytes: 0,
         }
     }
 }

@@ -158,6 +158,12 @@ pub struct SourceConfig {
     /// larger row still goes, alone).
     #[serde(default = "defaults::source_batch_max_bytes")]
     pub batch_max_bytes: usize,
+    /// Logical mode: WAL the slot may retain, in bytes, before the relay
+    /// drops it to protect the database's disk and recovers through the
+    /// catch-up phase (no loss, some duplicates). 0 = no budget (default):
+    /// Postgres' own `max_slot_wal_keep_size` still applies.
+    #[serde(default)]
+    pub max_slot_wal_bytes: u64,
 }
 
 /// The outbox table and, for teams with an existing outbox, its column names.

@@ -103,6 +103,10 @@ pub fn producer_config(config: &KafkaConfig) -> ClientConfig {
     client
 }
 
+/// How `last_error` of a row that waits behind a held row starts; the relay
+/// releases such rows by itself once nothing earlier of their entity is held.
+pub const WAITING_BEHIND: &str = "waiting behind held row ";
+
 /// Entities whose earlier row is held: their later rows wait behind it.
 /// Shared by the sink (errors at produce time) and the checkpoint stage
 /// (errors in delivery reports).
@@ -116,6 +120,26 @@ impl HeldEntities {
             map.entry((aggregate_type.to_string(), aggregate_id.to_string())).or_insert(id);
             metrics::held_entities(map.len());
         }
+    }
+
+    /// Forgets the entity's hold if row `id` is what blocks it: that row is
+    /// being retried (released by an operator, or resent after a restart),
+    /// so the rows behind it may follow it in order. If it fails again, it
+    /// holds the entity again.
+    pub fn release(&self, aggregate_type: &str, aggregate_id: &str, id: i64) {
+        if let Ok(mut map) = self.0.lock() {
+            let key = (aggregate_type.to_string(), aggregate_id.to_string());
+            if map.get(&key) == Some(&id) {
+                map.remove(&key);
+                metrics::held_entities(map.len());
+            }
+        }
+    }
+
+    /// The held rows that block entities now, for the pipeline's check
+    /// whether an operator released one of them.
+    pub fn blockers(&self) -> Vec<i64> {
+        self.0.lock().map(|map| map.values().copied().collect()).unwrap_or_default()
     }
 
     /// The held row blocking this entity, if any.
@@ -208,9 +232,14 @@ impl KafkaSink {
     async fn publish(&mut self, row: OutboxRow) -> InFlight {
         let topic = self.router.topic_for(&row.aggregate_type);
         let meta = RowMeta::new(&row, &topic);
-        // A held row that comes again (resent after a restart) is retried itself.
-        if let Some(blocker) = self.held.blocker(&row.aggregate_type, &row.aggregate_id).filter(|b| *b != row.id) {
-            return InFlight::Held { meta, error: format!("waiting behind held row {blocker} of the same entity"), attempted: false };
+        // A held row that comes again (resent after a restart, or released
+        // by an operator) is retried itself, and the rows behind it follow.
+        match self.held.blocker(&row.aggregate_type, &row.aggregate_id) {
+            Some(blocker) if blocker == row.id => self.held.release(&row.aggregate_type, &row.aggregate_id, row.id),
+            Some(blocker) => {
+                return InFlight::Held { meta, error: format!("{WAITING_BEHIND}{blocker} of the same entity"), attempted: false };
+            }
+            None => {}
         }
         let hold = |this: &Self, meta: RowMeta, error: String| {
             this.held.hold(&meta.aggregate_type, &meta.aggregate_id, meta.id);

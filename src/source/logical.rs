@@ -68,9 +68,9 @@ pub async fn ensure_publication_and_slot(client: &Client, config: &Config) -> Re
         .await?
         .is_some();
     if !exists {
-        client
-            .query_one("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[slot])
-            .await?;
+        // With a catch-up marker: rows committed before the slot are
+        // published through the poll path at the relay's next start.
+        super::catchup::create_slot(client, config).await?;
         tracing::info!(slot = %slot, "created replication slot");
     }
     Ok(!exists)
@@ -167,16 +167,26 @@ impl LogicalSource {
         mut confirmed: watch::Receiver<Position>,
         mut stop: watch::Receiver<bool>,
     ) -> Result<(), LogicalError> {
+        // A catch-up phase before the stream used `confirmed` for its batch
+        // numbers: those are not WAL positions and are never forwarded
+        // (Postgres 15 moves confirmed_flush_lsn backwards if told so).
+        let floor = *confirmed.borrow_and_update();
         let mut client = ReplicationClient::connect(self.replication_config()?).await?;
         tracing::info!(slot = %self.config.source.slot_name, "replication stream started");
-        let result = self.stream(&mut client, &out, &mut confirmed, &mut stop).await;
+        let result = self.stream(&mut client, &out, &mut confirmed, &mut stop, floor).await;
         drop(out);
         if result.is_ok() {
             // Graceful: forward confirmations until the checkpoint stage is done.
             while confirmed.changed().await.is_ok() {
-                client.update_applied_lsn(Lsn::from_u64(*confirmed.borrow()));
+                let position = *confirmed.borrow();
+                if position > floor {
+                    client.update_applied_lsn(Lsn::from_u64(position));
+                }
             }
-            client.update_applied_lsn(Lsn::from_u64(*confirmed.borrow()));
+            let position = *confirmed.borrow();
+            if position > floor {
+                client.update_applied_lsn(Lsn::from_u64(position));
+            }
             if let Err(err) = client.shutdown().await {
                 tracing::debug!(error = %err, "replication stream shutdown");
             }
@@ -192,6 +202,7 @@ impl LogicalSource {
         out: &mpsc::Sender<SourceEvent>,
         confirmed: &mut watch::Receiver<Position>,
         stop: &mut watch::Receiver<bool>,
+        floor: Position,
     ) -> Result<(), LogicalError> {
         let outbox = &self.config.outbox;
         let mut layout: Option<(u32, RowLayout)> = None;
@@ -211,8 +222,10 @@ impl LogicalSource {
                         return Ok(());
                     }
                     let position = *confirmed.borrow_and_update();
-                    client.update_applied_lsn(Lsn::from_u64(position));
-                    metrics::confirmed_position(position);
+                    if position > floor {
+                        client.update_applied_lsn(Lsn::from_u64(position));
+                        metrics::confirmed_position(position);
+                    }
                 }
                 event = client.recv() => {
                     let event = event?.ok_or(LogicalError::StreamEnded)?;

@@ -5,6 +5,7 @@
 //! [`SourceEvent`]s into a bounded channel; when the channel is full it stops
 //! reading, which is how Kafka backpressure reaches Postgres.
 
+pub mod catchup;
 pub mod logical;
 pub mod pgoutput;
 pub mod poll;

@@ -17,8 +17,11 @@ pub struct Status {
     pub pending: i64,
     /// Age of the oldest pending row, seconds.
     pub oldest_pending_age_seconds: Option<f64>,
-    /// Rows held with an error (`last_error` set, not published).
+    /// Rows held with an error (`last_error` set, not published), except
+    /// those an operator skipped.
     pub failed: i64,
+    /// Held rows an operator skipped (`relay held skip`): settled, never published.
+    pub skipped: i64,
     /// When the last row was published (RFC 3339).
     pub last_published_at: Option<String>,
     /// Logical mode: WAL the slot retains, bytes.
@@ -36,7 +39,8 @@ pub async fn status(client: &Client, config: &Config) -> Result<Status, tokio_po
             &format!(
                 "SELECT count(*) FILTER (WHERE last_error IS NULL), \
                  extract(epoch FROM now() - min(\"{occurred}\") FILTER (WHERE last_error IS NULL))::float8, \
-                 count(*) FILTER (WHERE last_error IS NOT NULL) \
+                 count(*) FILTER (WHERE last_error IS NOT NULL AND skipped_at IS NULL), \
+                 count(*) FILTER (WHERE skipped_at IS NOT NULL) \
                  FROM {table} WHERE published_at IS NULL"
             ),
             &[],
@@ -64,6 +68,7 @@ pub async fn status(client: &Client, config: &Config) -> Result<Status, tokio_po
         pending: row.get(0),
         oldest_pending_age_seconds: row.get(1),
         failed: row.get(2),
+        skipped: row.get(3),
         last_published_at: last.map(|t| t.to_rfc3339()),
         slot_retained_wal_bytes: retained,
         slot_active: active,
@@ -78,6 +83,9 @@ impl std::fmt::Display for Status {
             None => writeln!(f, "oldest pending row age:  -")?,
         }
         writeln!(f, "failed (held) rows:      {}", self.failed)?;
+        if self.skipped > 0 {
+            writeln!(f, "skipped held rows:       {}", self.skipped)?;
+        }
         writeln!(f, "last published at:       {}", self.last_published_at.as_deref().unwrap_or("never"))?;
         if let Some(bytes) = self.slot_retained_wal_bytes {
             writeln!(f, "slot retained WAL:       {bytes} bytes")?;

@@ -26,6 +26,7 @@ pub const HELD_ROWS: &str = "outbox_relay_held_rows";
 pub const SLOT_RETAINED_WAL_BYTES: &str = "outbox_relay_slot_retained_wal_bytes";
 pub const REGISTRY_ERRORS_TOTAL: &str = "outbox_relay_registry_errors_total";
 pub const RETENTION_DELETED_ROWS_TOTAL: &str = "outbox_relay_retention_deleted_rows_total";
+pub const SLOT_RECOVERIES_TOTAL: &str = "outbox_relay_slot_recoveries_total";
 
 /// Registers descriptions and units with the installed recorder.
 pub fn describe() {
@@ -50,6 +51,7 @@ pub fn describe() {
     describe_gauge!(SLOT_RETAINED_WAL_BYTES, Unit::Bytes, "WAL the replication slot retains (logical mode).");
     describe_counter!(REGISTRY_ERRORS_TOTAL, "Failed schema registry requests.");
     describe_counter!(RETENTION_DELETED_ROWS_TOTAL, "Published rows deleted by retention.");
+    describe_counter!(SLOT_RECOVERIES_TOTAL, "Replication slots recreated and caught up through the poll path, by reason (missing, invalidated, wal_budget).");
 }
 
 pub fn published(topic: &str, since: chrono::DateTime<chrono::Utc>) {
@@ -129,4 +131,10 @@ pub fn registry_error() {
 
 pub fn retention_deleted(rows: u64) {
     counter!(RETENTION_DELETED_ROWS_TOTAL).increment(rows);
+}
+
+/// A slot was recreated (`reason` = missing | invalidated | wal_budget); the
+/// catch-up phase follows.
+pub fn slot_recovery(reason: &str) {
+    counter!(SLOT_RECOVERIES_TOTAL, "reason" => reason.to_string()).increment(1);
 }
