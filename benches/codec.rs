@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use apache_avro::schema::ResolvedSchema;
 use apache_avro::Schema;
-use relay::codec::avro::{confluent_frame, encode_payload, Envelope};
+use apache_avro::writer::datum::GenericDatumWriter;
+use relay::codec::avro::{confluent_frame, encode_payload, encode_payload_with, Envelope};
 
 const ITERATIONS: usize = 100_000;
 
@@ -48,10 +49,12 @@ fn main() {
         let value: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
         std::hint::black_box(value);
     });
+    // As the relay does it: schema resolved and writer built once.
+    let resolved = ResolvedSchema::new(&schema).expect("resolved");
+    let writer = GenericDatumWriter::builder(&schema).resolved_schemata(resolved.clone()).build().expect("writer");
     let avro = time_per_op(|| {
         let value: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
-        let resolved = ResolvedSchema::new(&schema).expect("resolved");
-        let datum = encode_payload(&value, &envelope, &schema, &resolved).expect("encode");
+        let datum = encode_payload_with(&writer, &value, &envelope, &schema, &resolved).expect("encode");
         std::hint::black_box(confluent_frame(7, &datum));
     });
     let datum = encode_payload(&payload, &envelope, &schema, &ResolvedSchema::new(&schema).expect("resolved")).expect("encode");

@@ -118,13 +118,25 @@ pub fn encode_payload(
     schema: &Schema,
     resolved: &ResolvedSchema<'_>,
 ) -> Result<Vec<u8>, AvroError> {
-    let names = resolved.get_names();
-    let filled = fill_envelope(payload, envelope, schema, names);
-    let value = json_to_avro(filled.as_ref().unwrap_or(payload), schema, names)?;
     let writer = GenericDatumWriter::builder(schema)
         .resolved_schemata(resolved.clone())
         .build()
         .map_err(|e| AvroError::Encode(e.to_string()))?;
+    encode_payload_with(&writer, payload, envelope, schema, resolved)
+}
+
+/// [`encode_payload`] with a writer built once per schema: the hot path,
+/// which must not resolve the schema again for every message.
+pub fn encode_payload_with(
+    writer: &GenericDatumWriter<'_>,
+    payload: &JsonValue,
+    envelope: &Envelope<'_>,
+    schema: &Schema,
+    resolved: &ResolvedSchema<'_>,
+) -> Result<Vec<u8>, AvroError> {
+    let names = resolved.get_names();
+    let filled = fill_envelope(payload, envelope, schema, names);
+    let value = json_to_avro(filled.as_ref().unwrap_or(payload), schema, names)?;
     writer
         .write_value_to_vec(value)
         .map_err(|e| AvroError::Encode(e.to_string()))

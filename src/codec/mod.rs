@@ -58,7 +58,6 @@ impl SchemaError {
 }
 
 /// One schema file, parsed, with its registry id per topic.
-#[derive(Debug)]
 pub struct LoadedSchema {
     /// File name as configured (relative to `codec.schemas_dir`).
     pub file: String,
@@ -67,7 +66,23 @@ pub struct LoadedSchema {
     /// The record's full name (for record-name subject strategies).
     pub full_name: String,
     pub schema: Schema,
+}
+
+/// A schema ready for the hot path: resolved and with its datum writer
+/// built once. The schema is leaked to `'static` because the writer borrows
+/// it; schemas are loaded once per process, so this is bounded.
+struct Encoder {
+    file: String,
+    schema: &'static Schema,
+    resolved: ResolvedSchema<'static>,
+    writer: apache_avro::writer::datum::GenericDatumWriter<'static>,
     ids: HashMap<String, u32>,
+}
+
+impl std::fmt::Debug for Encoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Encoder").field("file", &self.file).field("ids", &self.ids).finish()
+    }
 }
 
 /// The schemas of `codec.schemas`, keyed by `"<aggregate_type>"` or
@@ -113,15 +128,15 @@ fn load_schema(dir: &Path, file: &str) -> Result<LoadedSchema, SchemaError> {
     let text = std::fs::read_to_string(&path).map_err(|e| SchemaError::Read { path: shown.clone(), reason: e.to_string() })?;
     let schema = Schema::parse_str(&text).map_err(|e| SchemaError::Parse { path: shown.clone(), reason: e.to_string() })?;
     let full_name = schema.name().map(|n| n.fullname(None)).ok_or(SchemaError::Unnamed { path: shown })?;
-    Ok(LoadedSchema { file: file.to_string(), text, full_name, schema, ids: HashMap::new() })
+    Ok(LoadedSchema { file: file.to_string(), text, full_name, schema })
 }
 
 /// Encodes payloads in the configured format.
 #[derive(Debug, Clone)]
 pub struct Codec {
     format: PayloadFormat,
-    /// Avro only: schema per mapping key.
-    schemas: Arc<HashMap<String, Arc<LoadedSchema>>>,
+    /// Avro only: encoder per mapping key.
+    schemas: Arc<HashMap<String, Arc<Encoder>>>,
 }
 
 impl Codec {
@@ -150,21 +165,30 @@ impl Codec {
             tracing::info!(subject = %subject, id, file = %schema.file, "schema resolved");
             ids.insert((schema.file.clone(), topic.to_string()), id);
         }
+        let mut encoders: HashMap<String, Arc<Encoder>> = HashMap::new();
         let mut schemas = HashMap::new();
         for (key, _topic, schema) in &set.entries {
-            let mut loaded = LoadedSchema {
-                file: schema.file.clone(),
-                text: schema.text.clone(),
-                full_name: schema.full_name.clone(),
-                schema: schema.schema.clone(),
-                ids: HashMap::new(),
-            };
-            for ((file, topic), id) in &ids {
-                if *file == schema.file {
-                    loaded.ids.insert(topic.clone(), *id);
+            let encoder = match encoders.get(&schema.file) {
+                Some(encoder) => encoder.clone(),
+                None => {
+                    let leaked: &'static Schema = Box::leak(Box::new(schema.schema.clone()));
+                    let invalid = |e: apache_avro::Error| SchemaError::Parse { path: schema.file.clone(), reason: e.to_string() };
+                    let resolved = ResolvedSchema::new(leaked).map_err(invalid)?;
+                    let writer = apache_avro::writer::datum::GenericDatumWriter::builder(leaked)
+                        .resolved_schemata(resolved.clone())
+                        .build()
+                        .map_err(invalid)?;
+                    let ids = ids
+                        .iter()
+                        .filter(|((file, _), _)| *file == schema.file)
+                        .map(|((_, topic), id)| (topic.clone(), *id))
+                        .collect();
+                    let encoder = Arc::new(Encoder { file: schema.file.clone(), schema: leaked, resolved, writer, ids });
+                    encoders.insert(schema.file.clone(), encoder.clone());
+                    encoder
                 }
-            }
-            schemas.insert(key.clone(), Arc::new(loaded));
+            };
+            schemas.insert(key.clone(), encoder);
         }
         Ok(Self { format: PayloadFormat::Avro, schemas: Arc::new(schemas) })
     }
@@ -197,10 +221,8 @@ impl Codec {
                     entity_version: row.entity_version,
                     occurred_at: row.occurred_at,
                 };
-                let mismatch = |source| CodecError::Mismatch { file: schema.file.clone(), source };
-                let resolved = ResolvedSchema::new(&schema.schema)
-                    .map_err(|e| mismatch(avro::AvroError::Encode(e.to_string())))?;
-                let datum = avro::encode_payload(&payload, &envelope, &schema.schema, &resolved).map_err(mismatch)?;
+                let datum = avro::encode_payload_with(&schema.writer, &payload, &envelope, schema.schema, &schema.resolved)
+                    .map_err(|source| CodecError::Mismatch { file: schema.file.clone(), source })?;
                 Ok(Bytes::from(avro::confluent_frame(id, &datum)))
             }
         }
