@@ -71,6 +71,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
+        Command::Replay { since, from_id, to_id, aggregate_type } => {
+            let filter = relay::cli::replay::ReplayFilter { since, from_id, to_id, aggregate_type };
+            let summary = relay::cli::replay::replay(&config, &filter).await?;
+            println!("{summary}");
+            Ok(if summary.failed > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+        }
         Command::Held { action } => {
             print!("{}", relay::cli::held::run(&config, action).await?);
             Ok(ExitCode::SUCCESS)

@@ -3,6 +3,7 @@
 
 pub mod check;
 pub mod held;
+pub mod replay;
 pub mod schemas;
 
 
@@ -45,6 +46,24 @@ pub enum Command {
         #[arg(long, value_name = "SECONDS")]
         max_lag_seconds: Option<f64>,
     },
+    /// Re-publish already published rows (for a consumer that lost data), in
+    /// id order, with headers `replayed: true` and `replayed_at`. Publish
+    /// state is left as it is: a replay is not a publication.
+    #[command(group(clap::ArgGroup::new("start").required(true).args(["since", "from_id"])))]
+    Replay {
+        /// Rows whose occurred_at is at or after this RFC 3339 time.
+        #[arg(long, value_name = "TIME", value_parser = parse_rfc3339)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        /// Rows with id >= N.
+        #[arg(long, value_name = "N")]
+        from_id: Option<i64>,
+        /// Rows with id <= N (default: the highest published id at start).
+        #[arg(long, value_name = "N")]
+        to_id: Option<i64>,
+        /// Only rows of this aggregate type.
+        #[arg(long, value_name = "T")]
+        aggregate_type: Option<String>,
+    },
     /// Held rows: list them, retry one after fixing its cause, or skip it.
     Held {
         #[command(subcommand)]
@@ -66,4 +85,10 @@ pub enum SchemasAction {
     /// Check every schema against its subject's compatibility rule; exit 1
     /// naming each subject that fails, and why.
     Check,
+}
+
+fn parse_rfc3339(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| format!("{e}; expected RFC 3339, e.g. 2026-11-23T16:40:00Z"))
 }

@@ -154,7 +154,7 @@ pub fn channel_name(config: &Config) -> String {
 }
 
 /// The configured read-side columns, in [`ColumnNames`] order, that the table has.
-fn selected_columns(names: &ColumnNames, existing: &[String]) -> Vec<String> {
+pub fn selected_columns(names: &ColumnNames, existing: &[String]) -> Vec<String> {
     [
         &names.id,
         &names.event_id,
@@ -178,6 +178,19 @@ fn selected_columns(names: &ColumnNames, existing: &[String]) -> Vec<String> {
 /// `occurred_at` is printed in UTC whatever the session's TimeZone, in the ISO
 /// format Postgres uses (`2026-11-23 16:40:00.123456+00`).
 pub fn poll_sql(table_sql: &str, names: &ColumnNames, columns: &[String]) -> String {
+    format!(
+        "SELECT {} FROM {table_sql} AS o \
+         WHERE o.published_at IS NULL AND o.last_error IS NULL \
+         ORDER BY o.\"{id}\" LIMIT $1",
+        select_list(names, columns),
+        id = names.id,
+    )
+}
+
+/// The select list of `columns` of the table aliased `o`, each as text
+/// (`occurred_at` in UTC ISO format), for [`RowLayout::row`]. Shared with
+/// `relay replay`, so replayed rows are built exactly as polled ones.
+pub fn select_list(names: &ColumnNames, columns: &[String]) -> String {
     let list: Vec<String> = columns
         .iter()
         .map(|c| {
@@ -188,13 +201,43 @@ pub fn poll_sql(table_sql: &str, names: &ColumnNames, columns: &[String]) -> Str
             }
         })
         .collect();
-    format!(
-        "SELECT {} FROM {table_sql} AS o \
-         WHERE o.published_at IS NULL AND o.last_error IS NULL \
-         ORDER BY o.\"{id}\" LIMIT $1",
-        list.join(", "),
-        id = names.id,
-    )
+    list.join(", ")
+}
+
+/// A result row of a [`select_list`] query as text values (`None` is NULL),
+/// with their total size in bytes.
+pub fn text_values(row: &tokio_postgres::Row) -> Result<(Vec<Option<Bytes>>, usize), tokio_postgres::Error> {
+    let mut columns = Vec::with_capacity(row.len());
+    let mut size = 0;
+    for i in 0..row.len() {
+        let value: Option<&str> = row.try_get(i)?;
+        size += value.map_or(0, str::len);
+        columns.push(value.map(|v| Bytes::copy_from_slice(v.as_bytes())));
+    }
+    Ok((columns, size))
+}
+
+/// The configured columns the outbox table has, in [`ColumnNames`] order,
+/// and the layout that builds rows from them.
+pub async fn table_layout(client: &Client, config: &Config) -> Result<(Vec<String>, RowLayout), PollError> {
+    let table = config.outbox_table_sql();
+    let exists: Option<String> = client.query_one("SELECT to_regclass($1)::text", &[&table]).await?.get(0);
+    if exists.is_none() {
+        return Err(PollError::NoTable(table));
+    }
+    let existing: Vec<String> = client
+        .query(
+            "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped",
+            &[&table],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let names = &config.outbox.columns;
+    let columns = selected_columns(names, &existing);
+    let layout = RowLayout::new(&columns, names)?;
+    Ok((columns, layout))
 }
 
 /// How many of the leading rows (sizes in bytes) fit in `max_bytes`: at
@@ -247,13 +290,7 @@ impl PollSource {
             let mut values = Vec::with_capacity(rows.len());
             let mut sizes = Vec::with_capacity(rows.len());
             for row in &rows {
-                let mut columns = Vec::with_capacity(row.len());
-                let mut size = 0;
-                for i in 0..row.len() {
-                    let value: Option<&str> = row.try_get(i)?;
-                    size += value.map_or(0, str::len);
-                    columns.push(value.map(|v| Bytes::copy_from_slice(v.as_bytes())));
-                }
+                let (columns, size) = text_values(row)?;
                 values.push(columns);
                 sizes.push(size);
             }
@@ -303,24 +340,8 @@ impl PollSource {
 
     /// Reads the table's columns and prepares the poll query.
     async fn prepare(&self, client: &Client) -> Result<(tokio_postgres::Statement, RowLayout), PollError> {
-        let table = self.config.outbox_table_sql();
-        let exists: Option<String> = client.query_one("SELECT to_regclass($1)::text", &[&table]).await?.get(0);
-        if exists.is_none() {
-            return Err(PollError::NoTable(table));
-        }
-        let existing: Vec<String> = client
-            .query(
-                "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped",
-                &[&table],
-            )
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        let names = &self.config.outbox.columns;
-        let columns = selected_columns(names, &existing);
-        let layout = RowLayout::new(&columns, names)?;
-        let sql = poll_sql(&table, names, &columns);
+        let (columns, layout) = table_layout(client, &self.config).await?;
+        let sql = poll_sql(&self.config.outbox_table_sql(), &self.config.outbox.columns, &columns);
         tracing::debug!(sql = %sql, "poll query");
         Ok((client.prepare(&sql).await?, layout))
     }

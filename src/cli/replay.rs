@@ -1,0 +1,313 @@
+//! `relay replay`: re-publishes rows that were already published, for a
+//! consumer that lost data.
+//!
+//! Rows are selected by `published_at IS NOT NULL` plus a filter (`--since`
+//! on `occurred_at`, or `--from-id`; optionally `--aggregate-type` and
+//! `--to-id`), in id order, in batches of `source.batch_rows` by keyset
+//! pagination on id, so memory stays bounded whatever the table's size.
+//! Without `--to-id`, the range ends at the highest published id when the
+//! replay starts, so rows published meanwhile by a running relay are not
+//! chased.
+//!
+//! Each row is built and published exactly as the relay does it (same
+//! columns read as text into [`OutboxRow`], same producer settings, key,
+//! topic routing, payload encoding and headers), plus two headers:
+//! `replayed` = `true` and `replayed_at` (RFC 3339, the start of this
+//! replay, the same for every record of one run). Rows are sent in id order
+//! by the idempotent producer, so per key they arrive in id order.
+//!
+//! **Replays are not publications.** The rows' publish state
+//! (`published_at`, `kafka_topic`, `kafka_partition`, `kafka_offset`,
+//! `attempts`, `last_error`) is never touched: it keeps pointing at the
+//! original publication. The session is read-only to make sure of that.
+//! Replay does not create topics (the rows were published, so their topics
+//! exist) and does not take the relay's leader lock: it can run while the
+//! relay runs.
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressState, ProgressStyle};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Header;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+
+use crate::codec::{Codec, SchemaError};
+use crate::config::Config;
+use crate::database::{self, DatabaseError};
+use crate::sink::{self, TopicRouter};
+use crate::source::poll::{self, PollError};
+use crate::source::{OutboxRow, RowError};
+
+/// Which published rows to replay.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplayFilter {
+    /// Rows whose `occurred_at` is at or after this time.
+    pub since: Option<DateTime<Utc>>,
+    /// Rows with `id >= from_id`.
+    pub from_id: Option<i64>,
+    /// Rows with `id <= to_id`; by default the highest published id at start.
+    pub to_id: Option<i64>,
+    /// Only rows of this aggregate type.
+    pub aggregate_type: Option<String>,
+}
+
+/// What a replay did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplaySummary {
+    /// Rows sent (delivered or failed).
+    pub rows: u64,
+    /// Rows whose delivery (or encoding) failed.
+    pub failed: u64,
+    /// First and last replayed row id, if any row matched.
+    pub first_id: Option<i64>,
+    pub last_id: Option<i64>,
+    pub elapsed: Duration,
+}
+
+impl std::fmt::Display for ReplaySummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secs = self.elapsed.as_secs_f64();
+        match (self.first_id, self.last_id) {
+            (Some(first), Some(last)) => write!(
+                f,
+                "replayed {} rows from id {first} to {last} in {secs:.1} s, {} failed",
+                self.rows, self.failed
+            ),
+            _ => write!(f, "replayed 0 rows (none matched) in {secs:.1} s, 0 failed"),
+        }
+    }
+}
+
+/// Why a replay could not run (individual delivery failures are counted in
+/// [`ReplaySummary::failed`] instead).
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("give --since or --from-id: replaying the whole outbox must be asked for explicitly (--from-id 1)")]
+    NoFilter,
+    #[error("--from-id {from} is above --to-id {to}")]
+    EmptyRange { from: i64, to: i64 },
+    #[error(transparent)]
+    Database(#[from] DatabaseError),
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Table(#[from] PollError),
+    #[error("outbox row cannot be read: {0}")]
+    Row(#[from] RowError),
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    #[error("cannot create the Kafka producer: {0}")]
+    Producer(#[source] KafkaError),
+}
+
+/// The keyset query: published rows after `$1` up to `$2`, filtered by
+/// `$3` (since, or NULL) and `$4` (aggregate type, or NULL), in id order,
+/// `$5` at a time. Columns come as text through [`poll::select_list`].
+pub fn replay_sql(config: &Config, columns: &[String]) -> String {
+    format!(
+        "SELECT {list} {from_where} ORDER BY o.\"{id}\" LIMIT $5",
+        list = poll::select_list(&config.outbox.columns, columns),
+        from_where = from_where(config),
+        id = config.outbox.columns.id,
+    )
+}
+
+/// `FROM ... WHERE ...` of the replayed rows, parameters `$1` to `$4`.
+fn from_where(config: &Config) -> String {
+    let names = &config.outbox.columns;
+    format!(
+        "FROM {table} AS o \
+         WHERE o.published_at IS NOT NULL AND o.\"{id}\" > $1 AND o.\"{id}\" <= $2 \
+         AND ($3::timestamptz IS NULL OR o.\"{occurred}\"::timestamptz >= $3) \
+         AND ($4::text IS NULL OR o.\"{aggregate_type}\" = $4)",
+        table = config.outbox_table_sql(),
+        id = names.id,
+        occurred = names.occurred_at,
+        aggregate_type = names.aggregate_type,
+    )
+}
+
+/// Re-publishes the published rows that `filter` selects, waits for every
+/// delivery and returns the counts. A progress bar is drawn on stderr when
+/// it is a terminal.
+pub async fn replay(config: &Config, filter: &ReplayFilter) -> Result<ReplaySummary, ReplayError> {
+    if filter.since.is_none() && filter.from_id.is_none() {
+        return Err(ReplayError::NoFilter);
+    }
+    if let (Some(from), Some(to)) = (filter.from_id, filter.to_id) {
+        if from > to {
+            return Err(ReplayError::EmptyRange { from, to });
+        }
+    }
+    let started = Instant::now();
+    let replayed_at = Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true);
+    let client = database::connect(&config.postgres).await?;
+    // Replays are not publications: nothing here may write publish state.
+    client.batch_execute("SET default_transaction_read_only = on").await?;
+    let (columns, layout) = poll::table_layout(&client, config).await?;
+    let names = &config.outbox.columns;
+    let table = config.outbox_table_sql();
+
+    let after = filter.from_id.map_or(0, |id| id.saturating_sub(1));
+    let upto = match filter.to_id {
+        Some(to) => to,
+        None => client
+            .query_one(&format!("SELECT max(o.\"{}\")::bigint FROM {table} AS o WHERE o.published_at IS NOT NULL", names.id), &[])
+            .await?
+            .get::<_, Option<i64>>(0)
+            .unwrap_or(0),
+    };
+
+    let progress = if std::io::stderr().is_terminal() {
+        let total: i64 = client
+            .query_one(
+                &format!("SELECT count(*) {}", from_where(config)),
+                &[&after, &upto, &filter.since, &filter.aggregate_type],
+            )
+            .await?
+            .get(0);
+        let bar = ProgressBar::new(u64::try_from(total).unwrap_or(0));
+        if let Ok(style) = ProgressStyle::with_template("{spinner} replay [{bar:40}] {pos}/{len} rows, {rate} rows/s, eta {eta}") {
+            let rate = |state: &ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:.0}", state.per_sec());
+            };
+            bar.set_style(style.progress_chars("=> ").with_key("rate", rate));
+        }
+        bar.enable_steady_tick(Duration::from_millis(200));
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+
+    let codec = Codec::prepare(config).await?;
+    let router = TopicRouter::new(&config.routing);
+    let producer: FutureProducer = sink::producer_config(&config.kafka).create().map_err(ReplayError::Producer)?;
+    let statement = client.prepare(&replay_sql(config, &columns)).await?;
+    let limit = i64::try_from(config.source.batch_rows).unwrap_or(i64::MAX);
+    let max_in_flight = config.checkpoint.max_in_flight.max(1);
+
+    let mut summary = ReplaySummary { rows: 0, failed: 0, first_id: None, last_id: None, elapsed: Duration::ZERO };
+    let mut in_flight: FuturesUnordered<Delivery> = FuturesUnordered::new();
+    let mut cursor = after;
+    loop {
+        let rows = client.query(&statement, &[&cursor, &upto, &filter.since, &filter.aggregate_type, &limit]).await?;
+        let full = rows.len() as i64 >= limit;
+        for pg_row in &rows {
+            let (values, _) = poll::text_values(pg_row)?;
+            let row = layout.row(&values, None)?;
+            cursor = row.id;
+            summary.first_id.get_or_insert(row.id);
+            summary.last_id = Some(row.id);
+            summary.rows += 1;
+            while in_flight.len() >= max_in_flight {
+                settle(in_flight.next().await, &mut summary, &progress);
+            }
+            match send(&producer, &router, &codec, &row, &replayed_at, &mut in_flight, &mut summary, &progress).await {
+                Ok(delivery) => in_flight.push(delivery),
+                Err(error) => fail(row.id, &error, &mut summary, &progress),
+            }
+        }
+        if !full {
+            break;
+        }
+    }
+    while let Some(outcome) = in_flight.next().await {
+        settle(Some(outcome), &mut summary, &progress);
+    }
+    // Everything is acknowledged; flush only returns queued-but-unsent leftovers (none).
+    let _ = producer.flush(Duration::from_secs(10));
+    progress.finish_and_clear();
+    summary.elapsed = started.elapsed();
+    Ok(summary)
+}
+
+type Delivery = std::pin::Pin<Box<dyn std::future::Future<Output = (i64, Result<(), String>)> + Send>>;
+
+/// Enqueues one row; waits for deliveries while librdkafka's queue is full.
+#[allow(clippy::too_many_arguments)]
+async fn send(
+    producer: &FutureProducer,
+    router: &TopicRouter,
+    codec: &Codec,
+    row: &OutboxRow,
+    replayed_at: &str,
+    in_flight: &mut FuturesUnordered<Delivery>,
+    summary: &mut ReplaySummary,
+    progress: &ProgressBar,
+) -> Result<Delivery, String> {
+    let topic = router.topic_for(&row.aggregate_type);
+    let payload = codec.encode(row, &topic).map_err(|e| e.to_string())?;
+    let headers = sink::record_headers(row)
+        .insert(Header { key: "replayed", value: Some("true".as_bytes()) })
+        .insert(Header { key: "replayed_at", value: Some(replayed_at.as_bytes()) });
+    let mut record = FutureRecord::to(&topic).key(row.aggregate_id.as_bytes()).payload(payload.as_ref()).headers(headers);
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => return Ok(Box::pin(outcome(row.id, delivery))),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                record = returned;
+                // Backpressure: let a delivery complete before trying again.
+                match in_flight.next().await {
+                    Some(done) => settle(Some(done), summary, progress),
+                    None => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+            }
+            Err((err, _)) => return Err(sink::classify(&err).to_string()),
+        }
+    }
+}
+
+async fn outcome(id: i64, delivery: DeliveryFuture) -> (i64, Result<(), String>) {
+    let result = match delivery.await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((err, _))) => Err(sink::classify(&err).to_string()),
+        Err(_canceled) => Err("producer closed before delivery".to_string()),
+    };
+    (id, result)
+}
+
+fn settle(done: Option<(i64, Result<(), String>)>, summary: &mut ReplaySummary, progress: &ProgressBar) {
+    match done {
+        Some((_, Ok(()))) => progress.inc(1),
+        Some((id, Err(error))) => fail(id, &error, summary, progress),
+        None => {}
+    }
+}
+
+fn fail(id: i64, error: &str, summary: &mut ReplaySummary, progress: &ProgressBar) {
+    summary.failed += 1;
+    progress.inc(1);
+    progress.suspend(|| tracing::warn!(row_id = id, error = %error, "replay of row failed"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_selects_published_rows_by_keyset() {
+        let config = Config::from_toml_str("postgres.url = \"postgres://relay@localhost/outbox\"\nkafka.bootstrap_servers = \"127.0.0.1:9092\"").expect("config");
+        let columns: Vec<String> = ["id", "event_id", "aggregate_type", "aggregate_id", "event_type", "kind", "payload", "occurred_at"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let sql = replay_sql(&config, &columns);
+        assert!(sql.contains("WHERE o.published_at IS NOT NULL AND o.\"id\" > $1 AND o.\"id\" <= $2"), "{sql}");
+        assert!(sql.contains("ORDER BY o.\"id\" LIMIT $5"), "{sql}");
+        assert!(sql.contains("o.\"aggregate_type\" = $4"), "{sql}");
+        assert!(sql.contains("AT TIME ZONE 'UTC'"), "same select list as poll mode: {sql}");
+        assert!(!sql.contains("last_error"), "{sql}");
+    }
+
+    #[test]
+    fn summary_line() {
+        let summary = ReplaySummary { rows: 3, failed: 1, first_id: Some(4), last_id: Some(9), elapsed: Duration::from_millis(1500) };
+        assert_eq!(summary.to_string(), "replayed 3 rows from id 4 to 9 in 1.5 s, 1 failed");
+        let none = ReplaySummary { rows: 0, failed: 0, first_id: None, last_id: None, elapsed: Duration::ZERO };
+        assert_eq!(none.to_string(), "replayed 0 rows (none matched) in 0.0 s, 0 failed");
+    }
+}
