@@ -208,3 +208,34 @@ async fn schema_evolution_compatible_passes_incompatible_is_refused() {
     assert!(line.contains(&format!("{}-dev.outboxrelay.example.OrderPaid", db.topic("order"))), "{line}");
     db.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn avro_keys_decode_with_the_registry_and_keep_one_partition_per_entity() {
+    let stack = Stack::from_env();
+    let db = TestDb::new(&stack).await;
+    let config = avro_config(&db, &stack.repo.join("schemas"));
+    let text = std::fs::read_to_string(&config).expect("config") + "codec.key_format = \"avro\"\n";
+    std::fs::write(&config, text).expect("config");
+    db.migrate(&config);
+    let registered = relay_ok(&config, &["schemas", "register"]);
+    assert!(registered.contains(&format!("{}-key", db.topic("order"))), "{registered}");
+    let client = db.client().await;
+    let mut relay = RelayProcess::start(&config);
+    for (i, order) in ["ord-a", "ord-b", "ord-a", "ord-c", "ord-a"].iter().enumerate() {
+        let paid = json!({"data": {"amount": format!("{i}.00"), "paid_at": "2026-11-23T16:41:02Z"}});
+        insert(&client, "order", order, "OrderPaid", "event", i as i64, &paid).await;
+    }
+    wait_all_published(&client, Duration::from_secs(60)).await;
+    let records = python_consume(&stack, &[db.topic("order")], 5);
+    let mut partitions: HashMap<String, std::collections::HashSet<i64>> = HashMap::new();
+    for record in &records {
+        assert_eq!(record["key_magic"], json!(0), "key in the Confluent wire format");
+        let key = record["key"].as_str().expect("decoded key").to_string();
+        assert_eq!(Some(key.as_str()), record["value"]["aggregate_id"].as_str());
+        partitions.entry(key).or_default().insert(record["partition"].as_i64().expect("partition"));
+    }
+    assert_eq!(partitions.len(), 3);
+    assert!(partitions.values().all(|p| p.len() == 1), "one partition per entity");
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0), "{}", relay.log_text());
+    db.cleanup().await;
+}

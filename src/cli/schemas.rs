@@ -28,6 +28,19 @@ pub async fn register(config: &Config) -> Result<Report, SchemaError> {
         .await;
         report.push((subject, outcome.map_err(|e| e.to_string())));
     }
+    if config.codec.key_format == crate::config::KeyFormat::Avro {
+        let topics: std::collections::BTreeSet<&str> = set.entries.iter().map(|(_, topic, _)| topic.as_str()).collect();
+        for topic in topics {
+            let subject = format!("{topic}-key");
+            let outcome = async {
+                registry.set_compatibility(&subject, &config.codec.compatibility).await?;
+                let id = registry.register(&subject, crate::codec::KEY_SCHEMA, "string").await?;
+                Ok::<_, RegistryError>(format!("id {id}, key schema \"string\""))
+            }
+            .await;
+            report.push((subject, outcome.map_err(|e| e.to_string())));
+        }
+    }
     Ok(report)
 }
 

@@ -1,6 +1,6 @@
 //! Every default of the configuration, written once.
 
-use super::{ColumnNames, CheckpointConfig, CodecConfig, LogFormat, OutboxConfig, PayloadFormat, Readiness,
+use super::{KeyFormat, ColumnNames, CheckpointConfig, CodecConfig, LogFormat, OutboxConfig, PayloadFormat, Readiness,
     RetentionConfig, RoutingConfig, SubjectStrategy, SourceConfig, SourceMode, TelemetryConfig};
 
 pub fn shutdown_timeout_ms() -> u64 { 10_000 }
@@ -28,6 +28,7 @@ pub fn payload_format() -> PayloadFormat { PayloadFormat::Json }
 pub fn schemas_dir() -> std::path::PathBuf { "schemas".into() }
 pub fn subject_strategy() -> SubjectStrategy { SubjectStrategy::TopicRecord }
 pub fn compatibility() -> String { "BACKWARD".into() }
+pub fn key_format() -> KeyFormat { KeyFormat::String }
 pub fn checkpoint_batch_rows() -> usize { 1_000 }
 pub fn checkpoint_flush_interval_ms() -> u64 { 50 }
 pub fn max_in_flight() -> usize { 50_000 }
@@ -101,6 +102,7 @@ impl Default for CodecConfig {
             subject_strategy: subject_strategy(),
             compatibility: compatibility(),
             auto_register: false,
+            key_format: key_format(),
         }
     }
 }

@@ -267,6 +267,19 @@ pub struct CodecConfig {
     /// `relay schemas register` (off: schemas are governed, not improvised).
     #[serde(default)]
     pub auto_register: bool,
+    /// The record key: `string` (the entity id as UTF-8, default) or `avro`
+    /// (an Avro string in the Confluent wire format, subject `<topic>-key`),
+    /// for consumers that use a registry-aware key deserializer.
+    #[serde(default = "defaults::key_format")]
+    pub key_format: KeyFormat,
+}
+
+/// How the entity id is written as the record key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyFormat {
+    String,
+    Avro,
 }
 
 /// Publish-state recording and position confirmation.

@@ -255,8 +255,12 @@ impl KafkaSink {
             Ok(payload) => payload,
             Err(err) => return hold(self, meta, err.to_string()),
         };
+        let key = match self.codec.encode_key(&row, &topic) {
+            Ok(key) => key,
+            Err(err) => return hold(self, meta, err.to_string()),
+        };
         let headers = record_headers(&row);
-        let mut record = FutureRecord::to(&topic).key(row.aggregate_id.as_bytes()).payload(payload.as_ref()).headers(headers);
+        let mut record = FutureRecord::to(&topic).key(key.as_ref()).payload(payload.as_ref()).headers(headers);
         loop {
             match self.producer.send_result(record) {
                 Ok(delivery) => {

@@ -48,9 +48,16 @@ def main():
         raw = msg.value()
         value = deserializer(raw, SerializationContext(msg.topic(), MessageField.VALUE))
         headers = {k: (v.decode() if v is not None else None) for k, v in (msg.headers() or [])}
+        raw_key = msg.key()
+        # A key in the Confluent wire format starts with the magic byte 0.
+        if raw_key[:1] == b"\x00":
+            key = deserializer(raw_key, SerializationContext(msg.topic(), MessageField.KEY))
+        else:
+            key = raw_key.decode()
         print(json.dumps({
             "topic": msg.topic(),
-            "key": msg.key().decode(),
+            "key": key,
+            "key_magic": raw_key[0],
             "partition": msg.partition(),
             "offset": msg.offset(),
             "magic": raw[0],
