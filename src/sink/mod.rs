@@ -265,6 +265,7 @@ impl KafkaSink {
             match self.producer.send_result(record) {
                 Ok(delivery) => {
                     metrics::bytes_produced(payload.len());
+                    metrics::producer_queue(self.producer.in_flight_count());
                     let pending: PendingDelivery = Box::pin(delivery.map(|outcome| match outcome {
                         Ok(Ok(delivery)) => Ok(Ack { partition: delivery.partition, offset: delivery.offset }),
                         Ok(Err((err, _))) => Err(classify(&err)),

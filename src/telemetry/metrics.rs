@@ -13,6 +13,7 @@ pub const HELD_ROWS_TOTAL: &str = "outbox_relay_held_rows_total";
 pub const HELD_ENTITIES: &str = "outbox_relay_held_entities";
 pub const IN_FLIGHT: &str = "outbox_relay_in_flight";
 pub const PRODUCER_QUEUE_FULL_TOTAL: &str = "outbox_relay_producer_queue_full_total";
+pub const PRODUCER_QUEUE_MESSAGES: &str = "outbox_relay_producer_queue_messages";
 pub const CHECKPOINT_BATCH_ROWS: &str = "outbox_relay_checkpoint_batch_rows";
 pub const CHECKPOINT_BATCH_SECONDS: &str = "outbox_relay_checkpoint_batch_seconds";
 pub const SOURCE_POSITION: &str = "outbox_relay_source_position_bytes";
@@ -38,6 +39,7 @@ pub fn describe() {
     describe_gauge!(HELD_ENTITIES, "Entities whose rows wait behind a held row.");
     describe_gauge!(IN_FLIGHT, "Items between the source and their recorded publish state.");
     describe_counter!(PRODUCER_QUEUE_FULL_TOTAL, "Times the producer queue was full and reading paused.");
+    describe_gauge!(PRODUCER_QUEUE_MESSAGES, "Messages in the producer's queue, not yet acknowledged (fill level against kafka.queue_max_messages).");
     describe_histogram!(CHECKPOINT_BATCH_ROWS, "Rows recorded per publish-state batch.");
     describe_histogram!(CHECKPOINT_BATCH_SECONDS, Unit::Seconds, "Time to record one publish-state batch.");
     describe_gauge!(SOURCE_POSITION, Unit::Bytes, "Last WAL position read from the slot (logical mode).");
@@ -89,6 +91,10 @@ pub fn in_flight_dec() {
 
 pub fn in_flight_reset() {
     gauge!(IN_FLIGHT).set(0.0);
+}
+
+pub fn producer_queue(messages: i32) {
+    gauge!(PRODUCER_QUEUE_MESSAGES).set(f64::from(messages));
 }
 
 pub fn queue_full() {
