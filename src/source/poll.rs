@@ -25,9 +25,9 @@
 //! poll after its commit finds it, because it is still unpublished.
 //! `published_at` is set only by the checkpoint stage, and only after Kafka
 //! acknowledged the row. No other state can hide an unpublished row except
-//! `last_error` (a held row, exactly as in logical mode: to retry it, an
-//! operator clears `last_error` on it and on the rows waiting behind it, then
-//! restarts the relay, which loads held entities at start).
+//! `last_error` (a held row, exactly as in logical mode: an operator
+//! releases it with `relay held retry ID` or `relay held skip ID`, and the
+//! active relay picks the released rows up within seconds).
 //!
 //! Latency: a statement-level `AFTER INSERT` trigger (function from
 //! migration `0002_notify`, trigger created by [`set_notify_trigger`] in
