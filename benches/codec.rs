@@ -6,8 +6,8 @@
 use std::time::Instant;
 
 use apache_avro::schema::ResolvedSchema;
-use apache_avro::Schema;
 use apache_avro::writer::datum::GenericDatumWriter;
+use apache_avro::Schema;
 use relay::codec::avro::{confluent_frame, encode_payload, encode_payload_with, Envelope};
 
 const ITERATIONS: usize = 100_000;
@@ -57,9 +57,14 @@ fn main() {
         let datum = encode_payload_with(&writer, &value, &envelope, &schema, &resolved).expect("encode");
         std::hint::black_box(confluent_frame(7, &datum));
     });
-    let datum = encode_payload(&payload, &envelope, &schema, &ResolvedSchema::new(&schema).expect("resolved")).expect("encode");
+    let datum =
+        encode_payload(&payload, &envelope, &schema, &ResolvedSchema::new(&schema).expect("resolved")).expect("encode");
     println!("| measure | per message |\n|---|---|");
     println!("| baseline: parse the {} B JSON payload | {parse:.2} µs |", bytes.len());
     println!("| JSON mode (payload passed through) | 0 µs (no work) |");
-    println!("| Avro mode: parse + convert + encode + frame ({} B out) | {avro:.2} µs ({:.1} x baseline) |", datum.len() + 5, avro / parse);
+    println!(
+        "| Avro mode: parse + convert + encode + frame ({} B out) | {avro:.2} µs ({:.1} x baseline) |",
+        datum.len() + 5,
+        avro / parse
+    );
 }

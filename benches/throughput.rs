@@ -22,7 +22,9 @@ const LIVE_RATE: f64 = 2_000.0;
 fn peak_rss_mib(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmHWM:")).map(|v| v.trim().trim_end_matches("kB").trim().to_string()))
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("VmHWM:")).map(|v| v.trim().trim_end_matches("kB").trim().to_string())
+        })
         .and_then(|v| v.parse::<f64>().ok())
         .map(|kib| kib / 1024.0)
         .unwrap_or(f64::NAN)
@@ -42,7 +44,14 @@ fn baseline_records_per_sec(bootstrap: &str, topic: &str) -> f64 {
     let output = Command::new("java")
         .args(["-Xmx512m", "-cp", &format!("{libs}/*"), "org.apache.kafka.tools.ProducerPerformance"])
         .args(["--topic", topic, "--num-records", &ROWS.to_string(), "--record-size", "300", "--throughput", "-1"])
-        .args(["--producer-props", &format!("bootstrap.servers={bootstrap}"), "acks=all", "enable.idempotence=true", "linger.ms=5", "compression.type=lz4"])
+        .args([
+            "--producer-props",
+            &format!("bootstrap.servers={bootstrap}"),
+            "acks=all",
+            "enable.idempotence=true",
+            "linger.ms=5",
+            "compression.type=lz4",
+        ])
         .output()
         .expect("run ProducerPerformance");
     let text = String::from_utf8_lossy(&output.stdout);
@@ -52,7 +61,9 @@ fn baseline_records_per_sec(bootstrap: &str, topic: &str) -> f64 {
         .find_map(|l| l.split(" records sent, ").nth(1))
         .and_then(|rest| rest.split(' ').next())
         .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("cannot read ProducerPerformance output:\n{text}\n{}", String::from_utf8_lossy(&output.stderr)))
+        .unwrap_or_else(|| {
+            panic!("cannot read ProducerPerformance output:\n{text}\n{}", String::from_utf8_lossy(&output.stderr))
+        })
 }
 
 /// One way of running the relay, measured on the same workload.
@@ -134,7 +145,16 @@ async fn poll_query_cost(stack: &Stack) -> String {
         .expect("fill table");
     let relay_config = relay::Config::from_toml_str(&db.config_toml("")).expect("config");
     let columns: Vec<String> = [
-        "id", "event_id", "aggregate_type", "aggregate_id", "event_type", "kind", "entity_version", "payload", "headers", "occurred_at",
+        "id",
+        "event_id",
+        "aggregate_type",
+        "aggregate_id",
+        "event_type",
+        "kind",
+        "entity_version",
+        "payload",
+        "headers",
+        "occurred_at",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -161,7 +181,13 @@ async fn main() {
     let baseline_topic = format!("{}.baseline", db.topic_prefix);
     let libs = std::env::var("RELAY_KAFKA_LIBS").expect("RELAY_KAFKA_LIBS");
     let created = Command::new("java")
-        .args(["-cp", &format!("{libs}/*"), "org.apache.kafka.tools.TopicCommand", "--bootstrap-server", &stack.bootstrap])
+        .args([
+            "-cp",
+            &format!("{libs}/*"),
+            "org.apache.kafka.tools.TopicCommand",
+            "--bootstrap-server",
+            &stack.bootstrap,
+        ])
         .args(["--create", "--topic", &baseline_topic, "--partitions", "6", "--replication-factor", "1"])
         .output()
         .expect("create baseline topic");

@@ -21,11 +21,8 @@ pub enum DatabaseError {
 
 /// Opens a regular (non-replication) connection and drives it in a task.
 pub async fn connect(config: &PostgresConfig) -> Result<Client, DatabaseError> {
-    let mut pg: tokio_postgres::Config = config
-        .url
-        .expose_secret()
-        .parse()
-        .map_err(|e: tokio_postgres::Error| DatabaseError::Url(e.to_string()))?;
+    let mut pg: tokio_postgres::Config =
+        config.url.expose_secret().parse().map_err(|e: tokio_postgres::Error| DatabaseError::Url(e.to_string()))?;
     pg.connect_timeout(Duration::from_millis(config.connect_timeout_ms));
     if pg.get_application_name().is_none() {
         pg.application_name("outbox-relay");

@@ -42,8 +42,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let health = telemetry::Health::new(config.telemetry.readiness);
     let (stop_tx, stop_rx) = watch::channel(false);
     let addr = config.telemetry.http_listen.clone();
-    let socket: std::net::SocketAddr =
-        addr.parse().map_err(|_| RelayError::Http { addr: addr.clone(), source: std::io::ErrorKind::InvalidInput.into() })?;
+    let socket: std::net::SocketAddr = addr
+        .parse()
+        .map_err(|_| RelayError::Http { addr: addr.clone(), source: std::io::ErrorKind::InvalidInput.into() })?;
     let listener = tokio::net::TcpListener::bind(socket)
         .await
         .map_err(|source| RelayError::Http { addr: addr.clone(), source })?;

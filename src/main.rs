@@ -89,7 +89,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 print!("{status}");
             }
-            let lagging = matches!((max_lag_seconds, status.oldest_pending_age_seconds), (Some(max), Some(age)) if age > max);
+            let lagging =
+                matches!((max_lag_seconds, status.oldest_pending_age_seconds), (Some(max), Some(age)) if age > max);
             Ok(if lagging { ExitCode::from(2) } else { ExitCode::SUCCESS })
         }
     }

@@ -40,10 +40,8 @@ pub async fn migrate(client: &mut Client, config: &Config) -> Result<Vec<String>
     for (version, sql) in MIGRATIONS {
         let tx = client.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock(7263521)", &[]).await?;
-        let done = tx
-            .query_opt(&format!("SELECT 1 FROM {version_table} WHERE version = $1"), &[version])
-            .await?
-            .is_some();
+        let done =
+            tx.query_opt(&format!("SELECT 1 FROM {version_table} WHERE version = $1"), &[version]).await?.is_some();
         if !done {
             let sql = sql.replace("{{schema}}", schema).replace("{{table}}", table);
             tx.batch_execute(&sql)

@@ -204,7 +204,12 @@ const WATCH_INTERVAL: Duration = Duration::from_secs(2);
 /// a row that holds an entity in this run was released by an operator, and
 /// (logical mode, with a budget) whether the slot retains too much WAL.
 /// Returns only when the run must end for one of those.
-async fn watch_run(config: &Config, client: &tokio_postgres::Client, held: &HeldEntities, mut caught_up: watch::Receiver<bool>) -> WatchEnd {
+async fn watch_run(
+    config: &Config,
+    client: &tokio_postgres::Client,
+    held: &HeldEntities,
+    mut caught_up: watch::Receiver<bool>,
+) -> WatchEnd {
     let _ = caught_up.wait_for(|done| *done).await;
     let budget = config.source.max_slot_wal_bytes;
     let logical_mode = config.source.mode == SourceMode::Logical;
@@ -244,7 +249,12 @@ fn slot_invalidated(err: &PipelineError) -> bool {
 /// One run of the pipeline, from the last confirmed position until `stop`
 /// or the first failure of any stage. Logical mode first recovers a lost
 /// slot and runs the catch-up phase (see [`catchup`]).
-async fn run_once(config: &Config, codec: &Codec, mut stop: watch::Receiver<bool>, health: &Health) -> Result<RunEnd, PipelineError> {
+async fn run_once(
+    config: &Config,
+    codec: &Codec,
+    mut stop: watch::Receiver<bool>,
+    health: &Health,
+) -> Result<RunEnd, PipelineError> {
     let logical_mode = config.source.mode == SourceMode::Logical;
     let client = database::connect(&config.postgres).await?;
     let plan = if logical_mode {
@@ -284,7 +294,8 @@ async fn run_once(config: &Config, codec: &Codec, mut stop: watch::Receiver<bool
         let (mut confirmed_rx, mut source_stop) = (confirmed_rx, run_stop.clone());
         let mut floor = 0;
         if let Some(plan) = plan {
-            let outcome = catchup::catch_up(config, &control, plan, &source_tx, &mut confirmed_rx, &mut source_stop).await?;
+            let outcome =
+                catchup::catch_up(config, &control, plan, &source_tx, &mut confirmed_rx, &mut source_stop).await?;
             floor = outcome.batches;
             if !outcome.finished {
                 return Ok(floor);

@@ -50,7 +50,15 @@ fn python_consume(stack: &Stack, topics: &[String], count: usize) -> Vec<Value> 
     String::from_utf8_lossy(&output.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect()
 }
 
-async fn insert(client: &tokio_postgres::Client, aggregate_type: &str, id: &str, event_type: &str, kind: &str, version: i64, payload: &Value) -> i64 {
+async fn insert(
+    client: &tokio_postgres::Client,
+    aggregate_type: &str,
+    id: &str,
+    event_type: &str,
+    kind: &str,
+    version: i64,
+    payload: &Value,
+) -> i64 {
     client
         .query_one(
             "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, kind, entity_version, payload)
@@ -149,7 +157,10 @@ async fn payload_not_matching_its_schema_is_held_with_the_field_path() {
         }
     };
     let reason = wait_for("the bad row to be held", Duration::from_secs(30), || error(held)).await;
-    assert!(reason.contains("$.data.amount") && reason.contains("decimal(12,2)") && reason.contains("12.345"), "{reason}");
+    assert!(
+        reason.contains("$.data.amount") && reason.contains("decimal(12,2)") && reason.contains("12.345"),
+        "{reason}"
+    );
     let waiting = wait_for("the later row to wait", Duration::from_secs(30), || error(behind)).await;
     assert!(waiting.contains(&format!("held row {held}")), "{waiting}");
     // The held rows do not pin the slot: once recorded, it moves past them.
@@ -176,7 +187,9 @@ async fn schema_evolution_compatible_passes_incompatible_is_refused() {
     let dir = db.dir.path().join("schemas");
     std::fs::create_dir_all(dir.join("order")).expect("dir");
     std::fs::create_dir_all(dir.join("profile")).expect("dir");
-    for file in ["order/OrderPlaced.avsc", "order/OrderPaid.avsc", "order/OrderShipped.avsc", "profile/CustomerProfile.avsc"] {
+    for file in
+        ["order/OrderPlaced.avsc", "order/OrderPaid.avsc", "order/OrderShipped.avsc", "profile/CustomerProfile.avsc"]
+    {
         std::fs::copy(stack.repo.join("schemas").join(file), dir.join(file)).expect("copy schema");
     }
     let config = avro_config(&db, &dir);
@@ -199,7 +212,16 @@ async fn schema_evolution_compatible_passes_incompatible_is_refused() {
     assert!(checked.contains("OrderPaid") && !checked.contains("FAIL"), "{checked}");
     relay_ok(&config, &["schemas", "register"]);
     let mut relay = RelayProcess::start(&config);
-    insert(&client, "order", "ord-e", "OrderPaid", "event", 2, &json!({"data": {"amount": "6.00", "paid_at": "2026-11-23T16:42:00Z"}, "channel": "web"})).await;
+    insert(
+        &client,
+        "order",
+        "ord-e",
+        "OrderPaid",
+        "event",
+        2,
+        &json!({"data": {"amount": "6.00", "paid_at": "2026-11-23T16:42:00Z"}, "channel": "web"}),
+    )
+    .await;
     insert(&client, "order", "ord-e", "OrderPaid", "event", 3, &old).await;
     wait_all_published(&client, Duration::from_secs(60)).await;
     let records = python_consume(&stack, &[db.topic("order")], 3);

@@ -44,11 +44,8 @@ async fn kill_dash_nine_repeatedly_loses_nothing_and_keeps_per_key_order() {
             .expect("count")
             .get(0);
         wait_for("the relay to publish more rows", Duration::from_secs(60), || async {
-            let now: i64 = client
-                .query_one("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL", &[])
-                .await
-                .ok()?
-                .get(0);
+            let now: i64 =
+                client.query_one("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL", &[]).await.ok()?.get(0);
             (now >= before + 500 || now == TOTAL as i64).then_some(())
         })
         .await;

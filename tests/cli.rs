@@ -48,13 +48,8 @@ fn misspelled_key_is_named() {
 fn misspelled_environment_override_is_named() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = write(&dir, VALID);
-    let output = relay()
-        .env("RELAY__KAFKA__LINGER", "5")
-        .arg("--config")
-        .arg(&path)
-        .arg("check")
-        .output()
-        .expect("run");
+    let output =
+        relay().env("RELAY__KAFKA__LINGER", "5").arg("--config").arg(&path).arg("check").output().expect("run");
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("kafka.linger"), "{stderr}");
@@ -84,7 +79,10 @@ fn check_reports_every_unreachable_component() {
     assert!(!output.status.success());
     let stdout = String::from_utf8_lossy(&output.stdout);
     for component in ["postgres", "kafka", "registry"] {
-        let line = stdout.lines().find(|l| l.starts_with(component)).unwrap_or_else(|| panic!("no {component} line: {stdout}"));
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(component))
+            .unwrap_or_else(|| panic!("no {component} line: {stdout}"));
         assert!(line.contains("FAIL"), "{line}");
     }
 }

@@ -49,8 +49,8 @@ fn yaml_docs(path: &Path) -> Vec<Yaml> {
     let text = read(path);
     let mut docs = Vec::new();
     for (i, de) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-        let doc = Yaml::deserialize(de)
-            .unwrap_or_else(|e| panic!("{} document {i}: invalid YAML: {e}", path.display()));
+        let doc =
+            Yaml::deserialize(de).unwrap_or_else(|e| panic!("{} document {i}: invalid YAML: {e}", path.display()));
         if !doc.is_null() {
             docs.push(doc);
         }
@@ -215,7 +215,8 @@ fn rules_file_has_the_documented_alerts() {
     }
 
     // The specific thresholds of the issue.
-    let expr_of = |name: &str| s(alerts.iter().find(|r| s(r, "alert") == Some(name)).unwrap(), "expr").unwrap().to_string();
+    let expr_of =
+        |name: &str| s(alerts.iter().find(|r| s(r, "alert") == Some(name)).unwrap(), "expr").unwrap().to_string();
     assert!(expr_of("OutboxRelayLagHigh").contains("> 60"));
     assert!(expr_of("OutboxRelayDown").contains("absent(up{job=\"outbox-relay\"})"));
     assert!(expr_of("OutboxRelayDown").contains("== 0"));
@@ -252,8 +253,7 @@ fn metric_names_in(text: &str) -> BTreeSet<String> {
     let mut from = 0;
     while let Some(at) = text[from..].find(PREFIX) {
         let start = from + at;
-        let preceded_by_ident =
-            start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        let preceded_by_ident = start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
         let mut end = start + PREFIX.len();
         while end < bytes.len() && (bytes[end].is_ascii_lowercase() || bytes[end] == b'_') {
             end += 1;
@@ -293,11 +293,7 @@ fn every_metric_in_the_dashboard_and_rules_is_documented() {
         let used = metric_names_in(&read(&path));
         assert!(!used.is_empty(), "{}: no outbox_relay_ metric used", path.display());
         let unknown: Vec<&String> = used.difference(&documented).collect();
-        assert!(
-            unknown.is_empty(),
-            "{} uses metrics not listed in METRICS.md: {unknown:?}",
-            path.display()
-        );
+        assert!(unknown.is_empty(), "{} uses metrics not listed in METRICS.md: {unknown:?}", path.display());
         checked += used.len();
     }
     // Anything else under deploy/ (README, scrape config) may name metrics too.
@@ -391,10 +387,7 @@ fn resolve_port(container: &Yaml, port: &Yaml) -> u64 {
 }
 
 fn env_value<'a>(container: &'a Yaml, name: &str) -> Option<&'a Yaml> {
-    container
-        .get("env")
-        .and_then(Yaml::as_sequence)
-        .and_then(|env| env.iter().find(|e| s(e, "name") == Some(name)))
+    container.get("env").and_then(Yaml::as_sequence).and_then(|env| env.iter().find(|e| s(e, "name") == Some(name)))
 }
 
 #[test]
@@ -409,10 +402,8 @@ fn pod_wires_probes_and_a_config_the_relay_accepts() {
     let containers = pod["containers"].as_sequence().expect("containers");
     assert!(containers.len() >= 2, "the service plus the relay sidecar");
 
-    let relay = containers
-        .iter()
-        .find(|c| s(c, "name") == Some("outbox-relay"))
-        .expect("a container named outbox-relay");
+    let relay =
+        containers.iter().find(|c| s(c, "name") == Some("outbox-relay")).expect("a container named outbox-relay");
     assert_eq!(s(relay, "image"), Some("outbox-relay:0.1.0"));
     let args: Vec<&str> = relay["args"].as_sequence().unwrap().iter().filter_map(Yaml::as_str).collect();
     assert_eq!(args, ["--config", "/etc/relay/relay.toml"]);

@@ -59,7 +59,10 @@ async fn hold_an_entity(db: &TestDb, client: &tokio_postgres::Client, waiting: i
     let last = *waiting_ids.last().unwrap_or(&held_id);
     wait_for("the held and waiting rows to be recorded", Duration::from_secs(30), || async {
         let row = client
-            .query_one("SELECT count(*) FROM outbox WHERE id BETWEEN $1 AND $2 AND last_error IS NOT NULL", &[&held_id, &last])
+            .query_one(
+                "SELECT count(*) FROM outbox WHERE id BETWEEN $1 AND $2 AND last_error IS NOT NULL",
+                &[&held_id, &last],
+            )
             .await
             .ok()?;
         (row.get::<_, i64>(0) == 1 + waiting).then_some(())

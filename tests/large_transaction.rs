@@ -34,7 +34,8 @@ async fn hundred_thousand_rows_in_one_transaction_with_bounded_memory() {
     let stack = Stack::from_env();
     let db = TestDb::new(&stack).await;
     // Small bounds make the bound visible at this size.
-    let config = db.write_config("checkpoint.max_in_flight = 2000\nkafka.queue_max_messages = 2000\nsource.batch_rows = 500");
+    let config =
+        db.write_config("checkpoint.max_in_flight = 2000\nkafka.queue_max_messages = 2000\nsource.batch_rows = 500");
     db.migrate(&config);
     let client = db.client().await;
     let mut relay = RelayProcess::start(&config);

@@ -141,7 +141,8 @@ async fn logical_and_poll_modes_publish_the_same_messages_in_the_same_per_key_or
     let mut logical_relay = RelayProcess::start(&logical_config);
     let mut poll_relay = RelayProcess::start(&poll_config);
 
-    let (a, b) = tokio::join!(spawn_workload(&logical_db.url, 1_500, 12, 6), spawn_workload(&poll_db.url, 1_500, 12, 6));
+    let (a, b) =
+        tokio::join!(spawn_workload(&logical_db.url, 1_500, 12, 6), spawn_workload(&poll_db.url, 1_500, 12, 6));
     a.expect("logical workload");
     b.expect("poll workload");
     let logical_client = logical_db.client().await;
@@ -161,7 +162,9 @@ async fn logical_and_poll_modes_publish_the_same_messages_in_the_same_per_key_or
     assert_eq!(logical_order, poll_order, "the same per-key order");
     assert_per_key_order(&poll_records);
     // Each key in the same partition in both modes (same key, same partitioner).
-    let partitions = |records: &[Record]| -> BTreeSet<(String, i32)> { records.iter().map(|r| (r.key.clone(), r.partition)).collect() };
+    let partitions = |records: &[Record]| -> BTreeSet<(String, i32)> {
+        records.iter().map(|r| (r.key.clone(), r.partition)).collect()
+    };
     assert_eq!(partitions(&logical_records), partitions(&poll_records));
 
     assert_eq!(logical_relay.terminate(Duration::from_secs(15)), Some(0), "{}", logical_relay.log_text());
@@ -224,7 +227,9 @@ async fn held_rows_hold_their_entity_in_poll_mode_too() {
         insert_row(&client, "order", "good", seq).await;
     }
     let records = consume(&stack.bootstrap, &[&db.topic("order")], 4, Duration::from_secs(60));
-    let seqs = |key: &str| -> Vec<i64> { records.iter().filter(|r| r.key == key).map(|r| r.json()["seq"].as_i64().expect("seq")).collect() };
+    let seqs = |key: &str| -> Vec<i64> {
+        records.iter().filter(|r| r.key == key).map(|r| r.json()["seq"].as_i64().expect("seq")).collect()
+    };
     assert_eq!(seqs("good"), vec![1, 2, 3]);
     assert_eq!(seqs("bad"), vec![1], "nothing of the entity after the held row");
     let error_of = |id: i64| {
@@ -275,10 +280,21 @@ async fn poll_query_uses_the_partial_index_whatever_the_history() {
         .await
         .expect("history");
     let config = relay::Config::load(&config_path).expect("config");
-    let columns: Vec<String> = ["id", "event_id", "aggregate_type", "aggregate_id", "event_type", "kind", "entity_version", "payload", "headers", "occurred_at"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let columns: Vec<String> = [
+        "id",
+        "event_id",
+        "aggregate_type",
+        "aggregate_id",
+        "event_type",
+        "kind",
+        "entity_version",
+        "payload",
+        "headers",
+        "occurred_at",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let sql = relay::source::poll::poll_sql(&config.outbox_table_sql(), &config.outbox.columns, &columns);
     let explain = format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {}", sql.replace("$1", "1000"));
     let started = Instant::now();

@@ -73,7 +73,10 @@ async fn rows_arrive_with_key_topic_headers_payload_and_publish_state() {
             assert_eq!(record.headers.get("kind").map(String::as_str), Some("event"));
             assert_eq!(record.headers.get("event_type").map(String::as_str), Some("Changed"));
         } else {
-            assert_eq!(record.headers.get("traceparent").map(String::as_str), Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+            assert_eq!(
+                record.headers.get("traceparent").map(String::as_str),
+                Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+            );
             assert_eq!(record.headers.get("kind").map(String::as_str), Some("command"));
             assert!(!record.headers.contains_key("entity_version"));
         }
@@ -221,9 +224,11 @@ async fn permanent_error_holds_the_row_and_its_entity_but_not_others() {
     }
 
     let records = consume(&stack.bootstrap, &[&db.topic("order")], 4, Duration::from_secs(60));
-    let good: Vec<i64> = records.iter().filter(|r| r.key == "good").map(|r| r.json()["seq"].as_i64().expect("seq")).collect();
+    let good: Vec<i64> =
+        records.iter().filter(|r| r.key == "good").map(|r| r.json()["seq"].as_i64().expect("seq")).collect();
     assert_eq!(good, vec![1, 2, 3], "other entities keep flowing");
-    let bad: Vec<i64> = records.iter().filter(|r| r.key == "bad").map(|r| r.json()["seq"].as_i64().expect("seq")).collect();
+    let bad: Vec<i64> =
+        records.iter().filter(|r| r.key == "bad").map(|r| r.json()["seq"].as_i64().expect("seq")).collect();
     assert_eq!(bad, vec![1], "nothing of the entity after the held row");
 
     let state = |id: i64| {
@@ -264,7 +269,10 @@ async fn permanent_error_holds_the_row_and_its_entity_but_not_others() {
     let later = insert_row(&client, "order", "bad", 4).await;
     insert_row(&client, "order", "good", 4).await;
     consume(&stack.bootstrap, &[&db.topic("order")], 5, Duration::from_secs(60));
-    wait_for("the later row to be held behind", Duration::from_secs(30), || async { state(later).await.2.is_some().then_some(()) }).await;
+    wait_for("the later row to be held behind", Duration::from_secs(30), || async {
+        state(later).await.2.is_some().then_some(())
+    })
+    .await;
     let status = wait_for("relay status to show nothing pending", Duration::from_secs(30), || async {
         let output = relay_command(&config).args(["status", "--json"]).output().expect("relay status");
         let status: serde_json::Value = serde_json::from_slice(&output.stdout).expect("status JSON");

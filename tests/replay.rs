@@ -130,7 +130,8 @@ async fn replays_published_rows_from_an_id_in_order_without_touching_publish_sta
     assert_eq!(before.len(), 24);
     let from_id = before[10].0;
     let to_id = before.last().expect("rows").0;
-    let output = relay_command(&config).args(["replay", "--from-id", &from_id.to_string()]).output().expect("run relay replay");
+    let output =
+        relay_command(&config).args(["replay", "--from-id", &from_id.to_string()]).output().expect("run relay replay");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "relay replay failed: {stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     assert!(stdout.contains(&format!("replayed 14 rows from id {from_id} to {to_id} in ")), "{stdout}");
@@ -235,7 +236,8 @@ async fn since_and_aggregate_type_select_what_is_replayed() {
     assert!(String::from_utf8_lossy(&output.stdout).contains("replayed 0 rows"));
 
     // Neither --since nor --from-id: refused by the argument parser.
-    let output = relay_command(&config).args(["replay", "--aggregate-type", "customer"]).output().expect("run relay replay");
+    let output =
+        relay_command(&config).args(["replay", "--aggregate-type", "customer"]).output().expect("run relay replay");
     assert!(!output.status.success());
     assert_eq!(publish_state(&client).await, before, "publish state unchanged");
     db.cleanup().await;

@@ -10,7 +10,8 @@ use common::*;
 async fn old_published_rows_are_deleted_and_held_rows_kept() {
     let stack = Stack::from_env();
     let db = TestDb::new(&stack).await;
-    let config = db.write_config("retention.max_age_secs = 3600\nretention.batch_rows = 7\nretention.interval_secs = 1");
+    let config =
+        db.write_config("retention.max_age_secs = 3600\nretention.batch_rows = 7\nretention.interval_secs = 1");
     db.migrate(&config);
     let client = db.client().await;
     for seq in 0..40 {

@@ -26,7 +26,10 @@ struct KeepSizeGuard {
 impl KeepSizeGuard {
     async fn set(url: &str, value: &str) -> Self {
         let admin = connect(url).await;
-        admin.execute(&format!("ALTER SYSTEM SET max_slot_wal_keep_size = '{value}'"), &[]).await.expect("alter system");
+        admin
+            .execute(&format!("ALTER SYSTEM SET max_slot_wal_keep_size = '{value}'"), &[])
+            .await
+            .expect("alter system");
         admin.execute("SELECT pg_reload_conf()", &[]).await.expect("reload");
         wait_for("the setting to apply", Duration::from_secs(10), || async {
             let now: String = connect(url).await.query_one("SHOW max_slot_wal_keep_size", &[]).await.ok()?.get(0);

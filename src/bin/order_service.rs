@@ -30,12 +30,8 @@ struct Args {
     orders: u32,
 }
 
-const STATUSES: [(&str, &str); 4] = [
-    ("placed", "OrderPlaced"),
-    ("paid", "OrderPaid"),
-    ("shipped", "OrderShipped"),
-    ("delivered", "OrderDelivered"),
-];
+const STATUSES: [(&str, &str); 4] =
+    [("placed", "OrderPlaced"), ("paid", "OrderPaid"), ("shipped", "OrderShipped"), ("delivered", "OrderDelivered")];
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

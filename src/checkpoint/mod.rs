@@ -23,8 +23,8 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tracing::Instrument;
 use tokio_postgres::Client;
+use tracing::Instrument;
 
 use crate::sink::{HeldEntities, PendingDelivery, PublishError};
 use crate::source::{OutboxRow, Position};
@@ -278,7 +278,10 @@ impl Checkpoint {
     async fn wait_for_visibility(&self, attempt: u32, missing: usize) -> bool {
         const MAX_ATTEMPTS: u32 = 12;
         if attempt >= MAX_ATTEMPTS {
-            tracing::warn!(missing, "rows were published but not found when recording their state (deleted after insert?)");
+            tracing::warn!(
+                missing,
+                "rows were published but not found when recording their state (deleted after insert?)"
+            );
             return false;
         }
         tokio::time::sleep(Duration::from_millis(2u64 << attempt.min(11)).min(Duration::from_secs(1))).await;

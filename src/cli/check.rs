@@ -113,12 +113,17 @@ async fn check_registry(config: &Config) -> Verdict {
         }
         Ok(response) => Verdict {
             component: "registry",
-            problem: Some(format!("{url}/subjects answered {}; check registry.url (the Confluent-compatible API base)", response.status())),
+            problem: Some(format!(
+                "{url}/subjects answered {}; check registry.url (the Confluent-compatible API base)",
+                response.status()
+            )),
             detail: String::new(),
         },
         Err(err) => Verdict {
             component: "registry",
-            problem: Some(format!("schema registry at {url} is unreachable ({err}); check registry.url and that it is running")),
+            problem: Some(format!(
+                "schema registry at {url} is unreachable ({err}); check registry.url and that it is running"
+            )),
             detail: String::new(),
         },
     }

@@ -114,7 +114,10 @@ pub fn render(rows: &[HeldRow]) -> String {
     if rows.is_empty() {
         return "no held rows\n".to_string();
     }
-    let mut out = format!("{:>10}  {:<16} {:<24} {:<20} {:>8}  {:<25}  {}\n", "id", "aggregate_type", "aggregate_id", "event_type", "attempts", "occurred_at", "last_error");
+    let mut out = format!(
+        "{:>10}  {:<16} {:<24} {:<20} {:>8}  {:<25}  {}\n",
+        "id", "aggregate_type", "aggregate_id", "event_type", "attempts", "occurred_at", "last_error"
+    );
     for r in rows {
         out.push_str(&format!(
             "{:>10}  {:<16} {:<24} {:<20} {:>8}  {:<25}  {}\n",
@@ -125,7 +128,11 @@ pub fn render(rows: &[HeldRow]) -> String {
 }
 
 /// Checks that `id` is the first held row of its entity; returns the entity.
-async fn first_held(tx: &tokio_postgres::Transaction<'_>, config: &Config, id: i64) -> Result<(String, String), HeldError> {
+async fn first_held(
+    tx: &tokio_postgres::Transaction<'_>,
+    config: &Config,
+    id: i64,
+) -> Result<(String, String), HeldError> {
     let c = &config.outbox.columns;
     let table = config.outbox_table_sql();
     let row = tx
@@ -172,7 +179,12 @@ async fn first_held(tx: &tokio_postgres::Transaction<'_>, config: &Config, id: i
 }
 
 /// Releases the held rows of the entity from `from_id` on; returns their ids.
-async fn release_from(tx: &tokio_postgres::Transaction<'_>, config: &Config, entity: &(String, String), from_id: i64) -> Result<Vec<i64>, HeldError> {
+async fn release_from(
+    tx: &tokio_postgres::Transaction<'_>,
+    config: &Config,
+    entity: &(String, String),
+    from_id: i64,
+) -> Result<Vec<i64>, HeldError> {
     let c = &config.outbox.columns;
     let rows = tx
         .query(

@@ -6,7 +6,6 @@ pub mod held;
 pub mod replay;
 pub mod schemas;
 
-
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};

@@ -156,7 +156,10 @@ pub async fn replay(config: &Config, filter: &ReplayFilter) -> Result<ReplaySumm
     let upto = match filter.to_id {
         Some(to) => to,
         None => client
-            .query_one(&format!("SELECT max(o.\"{}\")::bigint FROM {table} AS o WHERE o.published_at IS NOT NULL", names.id), &[])
+            .query_one(
+                &format!("SELECT max(o.\"{}\")::bigint FROM {table} AS o WHERE o.published_at IS NOT NULL", names.id),
+                &[],
+            )
             .await?
             .get::<_, Option<i64>>(0)
             .unwrap_or(0),
@@ -171,7 +174,9 @@ pub async fn replay(config: &Config, filter: &ReplayFilter) -> Result<ReplaySumm
             .await?
             .get(0);
         let bar = ProgressBar::new(u64::try_from(total).unwrap_or(0));
-        if let Ok(style) = ProgressStyle::with_template("{spinner} replay [{bar:40}] {pos}/{len} rows, {rate} rows/s, eta {eta}") {
+        if let Ok(style) =
+            ProgressStyle::with_template("{spinner} replay [{bar:40}] {pos}/{len} rows, {rate} rows/s, eta {eta}")
+        {
             let rate = |state: &ProgressState, w: &mut dyn std::fmt::Write| {
                 let _ = write!(w, "{:.0}", state.per_sec());
             };
@@ -244,7 +249,8 @@ async fn send(
     let headers = sink::record_headers(row)
         .insert(Header { key: "replayed", value: Some("true".as_bytes()) })
         .insert(Header { key: "replayed_at", value: Some(replayed_at.as_bytes()) });
-    let mut record = FutureRecord::to(&topic).key(row.aggregate_id.as_bytes()).payload(payload.as_ref()).headers(headers);
+    let mut record =
+        FutureRecord::to(&topic).key(row.aggregate_id.as_bytes()).payload(payload.as_ref()).headers(headers);
     loop {
         match producer.send_result(record) {
             Ok(delivery) => return Ok(Box::pin(outcome(row.id, delivery))),
@@ -290,11 +296,15 @@ mod tests {
 
     #[test]
     fn query_selects_published_rows_by_keyset() {
-        let config = Config::from_toml_str("postgres.url = \"postgres://relay@localhost/outbox\"\nkafka.bootstrap_servers = \"127.0.0.1:9092\"").expect("config");
-        let columns: Vec<String> = ["id", "event_id", "aggregate_type", "aggregate_id", "event_type", "kind", "payload", "occurred_at"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let config = Config::from_toml_str(
+            "postgres.url = \"postgres://relay@localhost/outbox\"\nkafka.bootstrap_servers = \"127.0.0.1:9092\"",
+        )
+        .expect("config");
+        let columns: Vec<String> =
+            ["id", "event_id", "aggregate_type", "aggregate_id", "event_type", "kind", "payload", "occurred_at"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
         let sql = replay_sql(&config, &columns);
         assert!(sql.contains("WHERE o.published_at IS NOT NULL AND o.\"id\" > $1 AND o.\"id\" <= $2"), "{sql}");
         assert!(sql.contains("ORDER BY o.\"id\" LIMIT $5"), "{sql}");
@@ -305,7 +315,13 @@ mod tests {
 
     #[test]
     fn summary_line() {
-        let summary = ReplaySummary { rows: 3, failed: 1, first_id: Some(4), last_id: Some(9), elapsed: Duration::from_millis(1500) };
+        let summary = ReplaySummary {
+            rows: 3,
+            failed: 1,
+            first_id: Some(4),
+            last_id: Some(9),
+            elapsed: Duration::from_millis(1500),
+        };
         assert_eq!(summary.to_string(), "replayed 3 rows from id 4 to 9 in 1.5 s, 1 failed");
         let none = ReplaySummary { rows: 0, failed: 0, first_id: None, last_id: None, elapsed: Duration::ZERO };
         assert_eq!(none.to_string(), "replayed 0 rows (none matched) in 0.0 s, 0 failed");

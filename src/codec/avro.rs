@@ -14,8 +14,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use apache_avro::schema::{
-    DecimalSchema, EnumSchema, FixedSchema, InnerDecimalSchema, Name, RecordSchema, ResolvedSchema,
-    UnionSchema,
+    DecimalSchema, EnumSchema, FixedSchema, InnerDecimalSchema, Name, RecordSchema, ResolvedSchema, UnionSchema,
 };
 use apache_avro::types::Value as AvroValue;
 use apache_avro::writer::datum::GenericDatumWriter;
@@ -67,14 +66,8 @@ pub struct Envelope<'a> {
 
 /// The names of the top-level record fields that [`encode_payload`] fills
 /// from the [`Envelope`] when the payload leaves them out.
-pub const ENVELOPE_FIELDS: [&str; 6] = [
-    "event_id",
-    "event_type",
-    "aggregate_type",
-    "aggregate_id",
-    "entity_version",
-    "occurred_at",
-];
+pub const ENVELOPE_FIELDS: [&str; 6] =
+    ["event_id", "event_type", "aggregate_type", "aggregate_id", "entity_version", "occurred_at"];
 
 /// Converts `value` into an Avro value that fits `schema`.
 ///
@@ -137,9 +130,7 @@ pub fn encode_payload_with(
     let names = resolved.get_names();
     let filled = fill_envelope(payload, envelope, schema, names);
     let value = json_to_avro(filled.as_ref().unwrap_or(payload), schema, names)?;
-    writer
-        .write_value_to_vec(value)
-        .map_err(|e| AvroError::Encode(e.to_string()))
+    writer.write_value_to_vec(value).map_err(|e| AvroError::Encode(e.to_string()))
 }
 
 /// Frames an Avro datum in the Confluent wire format: magic byte 0, the
@@ -176,11 +167,8 @@ fn fill_envelope<S: Borrow<Schema>>(
         let candidates = envelope_candidates(name, envelope);
         // The field's schema decides the form (uuid or string, micros or
         // millis or text...), so take the first rendering it accepts.
-        let fitting = candidates.iter().find(|c| {
-            converter
-                .convert(c, &field.schema, &Path::Root, Mode::Payload)
-                .is_ok()
-        });
+        let fitting =
+            candidates.iter().find(|c| converter.convert(c, &field.schema, &Path::Root, Mode::Payload).is_ok());
         let chosen = match fitting {
             Some(c) => c.clone(),
             // Nothing fits: a default still applies, otherwise insert the
@@ -191,9 +179,7 @@ fn fill_envelope<S: Borrow<Schema>>(
                 None => continue,
             },
         };
-        filled
-            .get_or_insert_with(|| object.clone())
-            .insert(name.to_owned(), chosen);
+        filled.get_or_insert_with(|| object.clone()).insert(name.to_owned(), chosen);
     }
     filled.map(JsonValue::Object)
 }
@@ -212,11 +198,7 @@ fn envelope_candidates(name: &str, envelope: &Envelope<'_>) -> Vec<JsonValue> {
         "occurred_at" => vec![
             // Text first: it converts exactly into every timestamp logical
             // type and is what a string field wants.
-            JsonValue::from(
-                envelope
-                    .occurred_at
-                    .to_rfc3339_opts(SecondsFormat::AutoSi, true),
-            ),
+            JsonValue::from(envelope.occurred_at.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
             // A plain long gets microseconds: Postgres' own precision, so
             // nothing is lost.
             JsonValue::from(envelope.occurred_at.timestamp_micros()),
@@ -238,8 +220,7 @@ impl fmt::Display for Path<'_> {
         match self {
             Path::Root => f.write_str("$"),
             Path::Key(parent, key) => {
-                let plain =
-                    !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                let plain = !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
                 if plain {
                     write!(f, "{parent}.{key}")
                 } else {
@@ -289,11 +270,8 @@ impl<'n, S: Borrow<Schema>> Converter<'n, S> {
         path: &Path<'_>,
         mode: Mode,
     ) -> Result<AvroValue, AvroMismatch> {
-        let mismatch = || AvroMismatch {
-            path: path.to_string(),
-            expected: self.expected(schema),
-            found: describe(value),
-        };
+        let mismatch =
+            || AvroMismatch { path: path.to_string(), expected: self.expected(schema), found: describe(value) };
         let Some(schema) = self.resolve(schema) else {
             return Err(mismatch());
         };
@@ -302,17 +280,15 @@ impl<'n, S: Borrow<Schema>> Converter<'n, S> {
             (Schema::Boolean, JsonValue::Bool(b)) => Some(AvroValue::Boolean(*b)),
             (Schema::Int, JsonValue::Number(n)) => int(n).map(AvroValue::Int),
             (Schema::Long, JsonValue::Number(n)) => n.as_i64().map(AvroValue::Long),
-            (Schema::Float, JsonValue::Number(n)) => n
-                .as_f64()
-                .map(|f| f as f32)
-                .filter(|f| f.is_finite())
-                .map(AvroValue::Float),
+            (Schema::Float, JsonValue::Number(n)) => {
+                n.as_f64().map(|f| f as f32).filter(|f| f.is_finite()).map(AvroValue::Float)
+            }
             (Schema::Double, JsonValue::Number(n)) => n.as_f64().map(AvroValue::Double),
             (Schema::String, JsonValue::String(s)) => Some(AvroValue::String(s.clone())),
             (Schema::Bytes, JsonValue::String(s)) => bytes(s, mode).map(AvroValue::Bytes),
-            (Schema::Fixed(FixedSchema { size, .. }), JsonValue::String(s)) => bytes(s, mode)
-                .filter(|b| b.len() == *size)
-                .map(|b| AvroValue::Fixed(*size, b)),
+            (Schema::Fixed(FixedSchema { size, .. }), JsonValue::String(s)) => {
+                bytes(s, mode).filter(|b| b.len() == *size).map(|b| AvroValue::Fixed(*size, b))
+            }
             (Schema::Enum(EnumSchema { symbols, .. }), JsonValue::String(s)) => symbols
                 .iter()
                 .position(|sym| sym == s)
@@ -338,51 +314,41 @@ impl<'n, S: Borrow<Schema>> Converter<'n, S> {
             }
             (Schema::Union(union), _) => return self.union(union, value, schema, path, mode),
             (Schema::Decimal(decimal), _) => self.decimal(decimal, value, mode),
-            (Schema::BigDecimal, JsonValue::String(s)) => apache_avro::BigDecimal::from_str(s)
-                .ok()
-                .map(AvroValue::BigDecimal),
+            (Schema::BigDecimal, JsonValue::String(s)) => {
+                apache_avro::BigDecimal::from_str(s).ok().map(AvroValue::BigDecimal)
+            }
             (Schema::BigDecimal, JsonValue::Number(n)) => {
-                apache_avro::BigDecimal::from_str(&n.to_string())
-                    .ok()
-                    .map(AvroValue::BigDecimal)
+                apache_avro::BigDecimal::from_str(&n.to_string()).ok().map(AvroValue::BigDecimal)
             }
-            (Schema::Uuid(_), JsonValue::String(s)) => {
-                uuid::Uuid::parse_str(s).ok().map(AvroValue::Uuid)
-            }
+            (Schema::Uuid(_), JsonValue::String(s)) => uuid::Uuid::parse_str(s).ok().map(AvroValue::Uuid),
             (Schema::Date, JsonValue::String(s)) => date(s).map(AvroValue::Date),
             (Schema::Date, JsonValue::Number(n)) => int(n).map(AvroValue::Date),
-            (Schema::TimeMillis, JsonValue::String(s)) => time_of_day(s, 1_000)
-                .and_then(|t| i32::try_from(t).ok())
-                .map(AvroValue::TimeMillis),
-            (Schema::TimeMillis, JsonValue::Number(n)) => int(n)
-                .filter(|t| (0..86_400_000).contains(t))
-                .map(AvroValue::TimeMillis),
-            (Schema::TimeMicros, JsonValue::String(s)) => {
-                time_of_day(s, 1_000_000).map(AvroValue::TimeMicros)
+            (Schema::TimeMillis, JsonValue::String(s)) => {
+                time_of_day(s, 1_000).and_then(|t| i32::try_from(t).ok()).map(AvroValue::TimeMillis)
             }
-            (Schema::TimeMicros, JsonValue::Number(n)) => n
-                .as_i64()
-                .filter(|t| (0..86_400_000_000).contains(t))
-                .map(AvroValue::TimeMicros),
+            (Schema::TimeMillis, JsonValue::Number(n)) => {
+                int(n).filter(|t| (0..86_400_000).contains(t)).map(AvroValue::TimeMillis)
+            }
+            (Schema::TimeMicros, JsonValue::String(s)) => time_of_day(s, 1_000_000).map(AvroValue::TimeMicros),
+            (Schema::TimeMicros, JsonValue::Number(n)) => {
+                n.as_i64().filter(|t| (0..86_400_000_000).contains(t)).map(AvroValue::TimeMicros)
+            }
             (Schema::TimestampMillis, _) => {
                 timestamp(value, |t| Some(t.timestamp_millis())).map(AvroValue::TimestampMillis)
             }
             (Schema::TimestampMicros, _) => {
                 timestamp(value, |t| Some(t.timestamp_micros())).map(AvroValue::TimestampMicros)
             }
-            (Schema::TimestampNanos, _) => {
-                timestamp(value, |t| t.timestamp_nanos_opt()).map(AvroValue::TimestampNanos)
-            }
+            (Schema::TimestampNanos, _) => timestamp(value, |t| t.timestamp_nanos_opt()).map(AvroValue::TimestampNanos),
             (Schema::LocalTimestampMillis, _) => {
-                local_timestamp(value, |t| Some(t.timestamp_millis()))
-                    .map(AvroValue::LocalTimestampMillis)
+                local_timestamp(value, |t| Some(t.timestamp_millis())).map(AvroValue::LocalTimestampMillis)
             }
             (Schema::LocalTimestampMicros, _) => {
-                local_timestamp(value, |t| Some(t.timestamp_micros()))
-                    .map(AvroValue::LocalTimestampMicros)
+                local_timestamp(value, |t| Some(t.timestamp_micros())).map(AvroValue::LocalTimestampMicros)
             }
-            (Schema::LocalTimestampNanos, _) => local_timestamp(value, |t| t.timestamp_nanos_opt())
-                .map(AvroValue::LocalTimestampNanos),
+            (Schema::LocalTimestampNanos, _) => {
+                local_timestamp(value, |t| t.timestamp_nanos_opt()).map(AvroValue::LocalTimestampNanos)
+            }
             (Schema::Duration(_), JsonValue::Object(object)) => duration(object),
             _ => None,
         };
@@ -402,11 +368,7 @@ impl<'n, S: Borrow<Schema>> Converter<'n, S> {
             let fields: Vec<&str> = record.fields.iter().map(|f| f.name.as_str()).collect();
             return Err(AvroMismatch {
                 path: Path::Key(path, key).to_string(),
-                expected: format!(
-                    "a field of record {} ({})",
-                    record.name.name(),
-                    fields.join(", ")
-                ),
+                expected: format!("a field of record {} ({})", record.name.name(), fields.join(", ")),
                 found: format!("unknown key with {}", describe(value)),
             });
         }
@@ -415,16 +377,13 @@ impl<'n, S: Borrow<Schema>> Converter<'n, S> {
             let field_path = Path::Key(path, &field.name);
             let value = match (object.get(&field.name), &field.default) {
                 (Some(value), _) => self.convert(value, &field.schema, &field_path, mode)?,
-                (None, Some(default)) => self
-                    .convert(default, &field.schema, &field_path, Mode::Default)
-                    .map_err(|_| AvroMismatch {
+                (None, Some(default)) => {
+                    self.convert(default, &field.schema, &field_path, Mode::Default).map_err(|_| AvroMismatch {
                         path: field_path.to_string(),
                         expected: self.expected(&field.schema),
-                        found: format!(
-                            "missing, and the schema default {} does not fit",
-                            describe(default)
-                        ),
-                    })?,
+                        found: format!("missing, and the schema default {} does not fit", describe(default)),
+                    })?
+                }
                 (None, None) => {
                     return Err(AvroMismatch {
                         path: field_path.to_string(),
@@ -470,11 +429,8 @@ impl<'n, S: Borrow<Schema>> Converter<'n, S> {
                 return wrap(i, AvroValue::Null);
             }
         }
-        let candidates: Vec<(usize, &Schema)> = variants
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| !matches!(v, Schema::Null))
-            .collect();
+        let candidates: Vec<(usize, &Schema)> =
+            variants.iter().enumerate().filter(|(_, v)| !matches!(v, Schema::Null)).collect();
         // The common ["null", X] shape: X's own error says more than a
         // generic "one of" would.
         if let [(i, only)] = candidates.as_slice() {
@@ -486,25 +442,17 @@ impl<'n, S: Borrow<Schema>> Converter<'n, S> {
                 return wrap(i, converted);
             }
         }
-        Err(AvroMismatch {
-            path: path.to_string(),
-            expected: self.expected(schema),
-            found: describe(value),
-        })
+        Err(AvroMismatch { path: path.to_string(), expected: self.expected(schema), found: describe(value) })
     }
 
     fn decimal(&self, decimal: &DecimalSchema, value: &JsonValue, mode: Mode) -> Option<AvroValue> {
         let bytes = match (mode, value) {
             // Schema defaults of a decimal are its raw two's-complement bytes.
             (Mode::Default, JsonValue::String(s)) => bytes(s, Mode::Default)?,
-            (Mode::Payload, JsonValue::String(s)) => {
-                decimal_bytes(s, decimal.precision, decimal.scale)?
-            }
+            (Mode::Payload, JsonValue::String(s)) => decimal_bytes(s, decimal.precision, decimal.scale)?,
             // serde_json prints a parsed number back in its shortest exact
             // form, so "12.34" stays 12.34 here.
-            (_, JsonValue::Number(n)) => {
-                decimal_bytes(&n.to_string(), decimal.precision, decimal.scale)?
-            }
+            (_, JsonValue::Number(n)) => decimal_bytes(&n.to_string(), decimal.precision, decimal.scale)?,
             _ => return None,
         };
         if let InnerDecimalSchema::Fixed(FixedSchema { size, .. }) = &decimal.inner {
@@ -624,19 +572,10 @@ fn decimal_bytes(text: &str, precision: usize, scale: usize) -> Option<Vec<u8>> 
         Some(_) => return None,
         None => (mantissa, ""),
     };
-    if int_part.is_empty()
-        || !int_part
-            .bytes()
-            .chain(frac_part.bytes())
-            .all(|b| b.is_ascii_digit())
-    {
+    if int_part.is_empty() || !int_part.bytes().chain(frac_part.bytes()).all(|b| b.is_ascii_digit()) {
         return None;
     }
-    let mut digits: Vec<u8> = int_part
-        .bytes()
-        .chain(frac_part.bytes())
-        .map(|b| b - b'0')
-        .collect();
+    let mut digits: Vec<u8> = int_part.bytes().chain(frac_part.bytes()).map(|b| b - b'0').collect();
     let frac_digits = i64::try_from(frac_part.len()).ok()? - exponent;
     let scale = i64::try_from(scale).ok()?;
     if frac_digits > scale {
@@ -694,8 +633,7 @@ fn twos_complement(digits: &[u8], negative: bool) -> Vec<u8> {
     }
     // Drop redundant sign-extension bytes.
     while magnitude.len() > 1
-        && ((magnitude[0] == 0 && magnitude[1] & 0x80 == 0)
-            || (magnitude[0] == 0xff && magnitude[1] & 0x80 != 0))
+        && ((magnitude[0] == 0 && magnitude[1] & 0x80 == 0) || (magnitude[0] == 0xff && magnitude[1] & 0x80 != 0))
     {
         magnitude.remove(0);
     }
@@ -717,10 +655,7 @@ fn time_of_day(s: &str, per_second: i64) -> Option<i64> {
     if nanos >= 1_000_000_000 {
         return None;
     }
-    Some(
-        i64::from(time.num_seconds_from_midnight()) * per_second
-            + nanos * per_second / 1_000_000_000,
-    )
+    Some(i64::from(time.num_seconds_from_midnight()) * per_second + nanos * per_second / 1_000_000_000)
 }
 
 fn timestamp(value: &JsonValue, unit: impl Fn(DateTime<Utc>) -> Option<i64>) -> Option<i64> {
@@ -746,10 +681,7 @@ fn local_timestamp(value: &JsonValue, unit: impl Fn(DateTime<Utc>) -> Option<i64
 }
 
 fn duration(object: &JsonMap<String, JsonValue>) -> Option<AvroValue> {
-    if object
-        .keys()
-        .any(|k| !matches!(k.as_str(), "months" | "days" | "millis"))
-    {
+    if object.keys().any(|k| !matches!(k.as_str(), "months" | "days" | "millis")) {
         return None;
     }
     let part = |key: &str| -> Option<u32> {

@@ -48,10 +48,7 @@ fn envelope() -> Envelope<'static> {
         aggregate_type: "order",
         aggregate_id: "ord-1001",
         entity_version: Some(3),
-        occurred_at: Utc
-            .with_ymd_and_hms(2026, 11, 23, 16, 40, 0)
-            .single()
-            .expect("valid time")
+        occurred_at: Utc.with_ymd_and_hms(2026, 11, 23, 16, 40, 0).single().expect("valid time")
             + chrono::Duration::microseconds(123_456),
     }
 }
@@ -72,35 +69,14 @@ fn decimal_value(unscaled: i64) -> AvroValue {
 #[test]
 fn primitives() {
     assert_eq!(convert_str(r#""null""#, json!(null)), Ok(AvroValue::Null));
-    assert_eq!(
-        convert_str(r#""boolean""#, json!(true)),
-        Ok(AvroValue::Boolean(true))
-    );
+    assert_eq!(convert_str(r#""boolean""#, json!(true)), Ok(AvroValue::Boolean(true)));
     assert_eq!(convert_str(r#""int""#, json!(-7)), Ok(AvroValue::Int(-7)));
-    assert_eq!(
-        convert_str(r#""long""#, json!(1_i64 << 40)),
-        Ok(AvroValue::Long(1 << 40))
-    );
-    assert_eq!(
-        convert_str(r#""float""#, json!(1.5)),
-        Ok(AvroValue::Float(1.5))
-    );
-    assert_eq!(
-        convert_str(r#""float""#, json!(2)),
-        Ok(AvroValue::Float(2.0))
-    );
-    assert_eq!(
-        convert_str(r#""double""#, json!(0.1)),
-        Ok(AvroValue::Double(0.1))
-    );
-    assert_eq!(
-        convert_str(r#""string""#, json!("hé")),
-        Ok(AvroValue::String("hé".into()))
-    );
-    assert_eq!(
-        convert_str(r#""bytes""#, json!("hé")),
-        Ok(AvroValue::Bytes("hé".as_bytes().to_vec()))
-    );
+    assert_eq!(convert_str(r#""long""#, json!(1_i64 << 40)), Ok(AvroValue::Long(1 << 40)));
+    assert_eq!(convert_str(r#""float""#, json!(1.5)), Ok(AvroValue::Float(1.5)));
+    assert_eq!(convert_str(r#""float""#, json!(2)), Ok(AvroValue::Float(2.0)));
+    assert_eq!(convert_str(r#""double""#, json!(0.1)), Ok(AvroValue::Double(0.1)));
+    assert_eq!(convert_str(r#""string""#, json!("hé")), Ok(AvroValue::String("hé".into())));
+    assert_eq!(convert_str(r#""bytes""#, json!("hé")), Ok(AvroValue::Bytes("hé".as_bytes().to_vec())));
     assert_eq!(
         convert_str(r#"{"type":"fixed","name":"F","size":3}"#, json!("abc")),
         Ok(AvroValue::Fixed(3, b"abc".to_vec()))
@@ -110,31 +86,19 @@ fn primitives() {
 #[test]
 fn primitive_mismatches() {
     let m = mismatch(r#""int""#, json!(1_i64 << 40));
-    assert_eq!(
-        (m.expected.as_str(), m.found.as_str()),
-        ("int", "number 1099511627776")
-    );
+    assert_eq!((m.expected.as_str(), m.found.as_str()), ("int", "number 1099511627776"));
     assert_eq!(mismatch(r#""int""#, json!(3.5)).found, "number 3.5");
     assert_eq!(mismatch(r#""long""#, json!("1")).found, r#"string "1""#);
     assert_eq!(mismatch(r#""long""#, json!(u64::MAX)).expected, "long");
     assert_eq!(mismatch(r#""float""#, json!(1e300)).expected, "float");
     assert_eq!(mismatch(r#""boolean""#, json!(null)).found, "null");
-    assert_eq!(
-        mismatch(r#""string""#, json!(["a"])).found,
-        "array of 1 items"
-    );
+    assert_eq!(mismatch(r#""string""#, json!(["a"])).found, "array of 1 items");
     assert_eq!(mismatch(r#""null""#, json!({})).found, "object with 0 keys");
     assert_eq!(mismatch(r#""bytes""#, json!(1)).expected, "bytes");
     let m = mismatch(r#"{"type":"fixed","name":"F","size":3}"#, json!("abcd"));
-    assert_eq!(
-        m.to_string(),
-        r#"at $: expected fixed F (3 bytes), found string "abcd""#
-    );
+    assert_eq!(m.to_string(), r#"at $: expected fixed F (3 bytes), found string "abcd""#);
     let long = "x".repeat(100);
-    assert_eq!(
-        mismatch(r#""int""#, json!(long)).found,
-        format!("string {:?}...", "x".repeat(40))
-    );
+    assert_eq!(mismatch(r#""int""#, json!(long)).found, format!("string {:?}...", "x".repeat(40)));
 }
 
 const ORDER: &str = r#"{
@@ -169,10 +133,7 @@ fn record_with_defaults_nested_records_arrays_maps_and_enums() {
     );
     let expected = AvroValue::Record(vec![
         ("id".into(), AvroValue::String("o1".into())),
-        (
-            "note".into(),
-            AvroValue::Union(0, Box::new(AvroValue::Null)),
-        ),
+        ("note".into(), AvroValue::Union(0, Box::new(AvroValue::Null))),
         ("count".into(), AvroValue::Int(1)),
         ("status".into(), AvroValue::Enum(1, "paid".into())),
         (
@@ -182,10 +143,7 @@ fn record_with_defaults_nested_records_arrays_maps_and_enums() {
                 ("price".into(), decimal_value(1234)),
             ])]),
         ),
-        (
-            "tags".into(),
-            AvroValue::Map(HashMap::from([("a".to_owned(), AvroValue::Long(1))])),
-        ),
+        ("tags".into(), AvroValue::Map(HashMap::from([("a".to_owned(), AvroValue::Long(1))]))),
     ]);
     assert_eq!(decoded, expected);
 }
@@ -198,59 +156,29 @@ fn record_mismatches_name_the_path() {
         {"sku": "c", "price": "abc"}
     ]);
     let m = convert_str(ORDER, order(items)).expect_err("bad price");
-    assert_eq!(
-        m.to_string(),
-        r#"at $.items[2].price: expected decimal(10,2), found string "abc""#
-    );
+    assert_eq!(m.to_string(), r#"at $.items[2].price: expected decimal(10,2), found string "abc""#);
 
     let m = mismatch(ORDER, json!({"status": "paid", "items": []}));
-    assert_eq!(
-        (m.path.as_str(), m.expected.as_str(), m.found.as_str()),
-        ("$.id", "string", "missing")
-    );
+    assert_eq!((m.path.as_str(), m.expected.as_str(), m.found.as_str()), ("$.id", "string", "missing"));
 
-    let m = mismatch(
-        ORDER,
-        json!({"id": "o1", "status": "paid", "items": [], "cuont": 2}),
-    );
+    let m = mismatch(ORDER, json!({"id": "o1", "status": "paid", "items": [], "cuont": 2}));
     assert_eq!(m.path, "$.cuont");
-    assert_eq!(
-        m.expected,
-        "a field of record Order (id, note, count, status, items, tags)"
-    );
+    assert_eq!(m.expected, "a field of record Order (id, note, count, status, items, tags)");
     assert_eq!(m.found, "unknown key with number 2");
 
     let m = mismatch(ORDER, json!({"id": "o1", "status": "shipped", "items": []}));
-    assert_eq!(
-        m.to_string(),
-        r#"at $.status: expected one of [placed, paid], found string "shipped""#
-    );
+    assert_eq!(m.to_string(), r#"at $.status: expected one of [placed, paid], found string "shipped""#);
 
     let m = mismatch(ORDER, json!({"id": "o1", "status": "paid", "items": {}}));
-    assert_eq!(
-        (m.path.as_str(), m.expected.as_str()),
-        ("$.items", "array of record Item")
-    );
+    assert_eq!((m.path.as_str(), m.expected.as_str()), ("$.items", "array of record Item"));
 
-    let m = mismatch(
-        ORDER,
-        json!({"id": "o1", "status": "paid", "items": [], "tags": {"a b": "x"}}),
-    );
-    assert_eq!(
-        (m.path.as_str(), m.expected.as_str()),
-        (r#"$.tags["a b"]"#, "long")
-    );
+    let m = mismatch(ORDER, json!({"id": "o1", "status": "paid", "items": [], "tags": {"a b": "x"}}));
+    assert_eq!((m.path.as_str(), m.expected.as_str()), (r#"$.tags["a b"]"#, "long"));
 
     let m = mismatch(ORDER, json!([1]));
-    assert_eq!(
-        (m.path.as_str(), m.expected.as_str(), m.found.as_str()),
-        ("$", "record Order", "array of 1 items")
-    );
+    assert_eq!((m.path.as_str(), m.expected.as_str(), m.found.as_str()), ("$", "record Order", "array of 1 items"));
 
-    let m = mismatch(
-        ORDER,
-        json!({"id": "o1", "status": "paid", "items": [], "note": 5}),
-    );
+    let m = mismatch(ORDER, json!({"id": "o1", "status": "paid", "items": [], "note": 5}));
     assert_eq!((m.path.as_str(), m.expected.as_str()), ("$.note", "string"));
 }
 
@@ -266,23 +194,14 @@ fn schema_defaults_follow_the_avro_spec() {
     let m = mismatch(schema, json!({}));
     assert_eq!(m.path, "$.bad");
     // U+0100 has no byte in the spec's encoding of bytes defaults.
-    assert_eq!(
-        m.found,
-        "missing, and the schema default string \"\u{100}\" does not fit"
-    );
+    assert_eq!(m.found, "missing, and the schema default string \"\u{100}\" does not fit");
     let value = convert_str(schema, json!({"bad": "z"})).expect("defaults fit");
     assert_eq!(
         value,
         AvroValue::Record(vec![
             ("b".into(), AvroValue::Bytes(vec![0xff, 0x01])),
-            (
-                "u".into(),
-                AvroValue::Union(0, Box::new(AvroValue::String("x".into())))
-            ),
-            (
-                "r".into(),
-                AvroValue::Record(vec![("n".into(), AvroValue::Int(5))])
-            ),
+            ("u".into(), AvroValue::Union(0, Box::new(AvroValue::String("x".into())))),
+            ("r".into(), AvroValue::Record(vec![("n".into(), AvroValue::Int(5))])),
             ("bad".into(), AvroValue::Bytes(b"z".to_vec())),
         ])
     );
@@ -291,32 +210,16 @@ fn schema_defaults_follow_the_avro_spec() {
 #[test]
 fn unions() {
     let nullable = r#"["null", "long"]"#;
-    assert_eq!(
-        convert_str(nullable, json!(null)),
-        Ok(AvroValue::Union(0, Box::new(AvroValue::Null)))
-    );
-    assert_eq!(
-        convert_str(nullable, json!(4)),
-        Ok(AvroValue::Union(1, Box::new(AvroValue::Long(4))))
-    );
+    assert_eq!(convert_str(nullable, json!(null)), Ok(AvroValue::Union(0, Box::new(AvroValue::Null))));
+    assert_eq!(convert_str(nullable, json!(4)), Ok(AvroValue::Union(1, Box::new(AvroValue::Long(4)))));
     // The single non-null branch reports its own expectation.
     assert_eq!(mismatch(nullable, json!("4")).expected, "long");
 
-    let general =
-        r#"["null", "int", "string", {"type": "enum", "name": "E", "symbols": ["A"]}]"#;
-    assert_eq!(
-        convert_str(general, json!(4)),
-        Ok(AvroValue::Union(1, Box::new(AvroValue::Int(4))))
-    );
-    assert_eq!(
-        convert_str(general, json!("A")),
-        Ok(AvroValue::Union(2, Box::new(AvroValue::String("A".into()))))
-    );
+    let general = r#"["null", "int", "string", {"type": "enum", "name": "E", "symbols": ["A"]}]"#;
+    assert_eq!(convert_str(general, json!(4)), Ok(AvroValue::Union(1, Box::new(AvroValue::Int(4)))));
+    assert_eq!(convert_str(general, json!("A")), Ok(AvroValue::Union(2, Box::new(AvroValue::String("A".into())))));
     let m = mismatch(general, json!(true));
-    assert_eq!(
-        m.to_string(),
-        "at $: expected one of [null, int, string, enum E], found boolean true"
-    );
+    assert_eq!(m.to_string(), "at $: expected one of [null, int, string, enum E], found boolean true");
 
     let no_null = r#"["int", "string"]"#;
     assert_eq!(mismatch(no_null, json!(null)).found, "null");
@@ -330,44 +233,21 @@ fn timestamps() {
     let nanos = r#"{"type": "long", "logicalType": "timestamp-nanos"}"#;
     let t = "2026-11-23T16:40:00.123456Z";
     let secs = 1_795_452_000_i64;
-    assert_eq!(
-        convert_str(millis, json!(t)),
-        Ok(AvroValue::TimestampMillis(secs * 1_000 + 123))
-    );
-    assert_eq!(
-        convert_str(micros, json!(t)),
-        Ok(AvroValue::TimestampMicros(secs * 1_000_000 + 123_456))
-    );
-    assert_eq!(
-        convert_str(nanos, json!(t)),
-        Ok(AvroValue::TimestampNanos(
-            secs * 1_000_000_000 + 123_456_000
-        ))
-    );
+    assert_eq!(convert_str(millis, json!(t)), Ok(AvroValue::TimestampMillis(secs * 1_000 + 123)));
+    assert_eq!(convert_str(micros, json!(t)), Ok(AvroValue::TimestampMicros(secs * 1_000_000 + 123_456)));
+    assert_eq!(convert_str(nanos, json!(t)), Ok(AvroValue::TimestampNanos(secs * 1_000_000_000 + 123_456_000)));
     // Offsets are honoured.
     assert_eq!(
         convert_str(millis, json!("2026-11-23T17:40:00.123+01:00")),
         Ok(AvroValue::TimestampMillis(secs * 1_000 + 123))
     );
-    assert_eq!(
-        convert_str(millis, json!(42)),
-        Ok(AvroValue::TimestampMillis(42))
-    );
-    assert_eq!(
-        convert_str(micros, json!(-42)),
-        Ok(AvroValue::TimestampMicros(-42))
-    );
+    assert_eq!(convert_str(millis, json!(42)), Ok(AvroValue::TimestampMillis(42)));
+    assert_eq!(convert_str(micros, json!(-42)), Ok(AvroValue::TimestampMicros(-42)));
     let m = mismatch(micros, json!("2026-11-23 16:40"));
-    assert_eq!(
-        m.to_string(),
-        r#"at $: expected timestamp-micros, found string "2026-11-23 16:40""#
-    );
+    assert_eq!(m.to_string(), r#"at $: expected timestamp-micros, found string "2026-11-23 16:40""#);
     assert_eq!(mismatch(millis, json!(1.5)).found, "number 1.5");
     // Too far out for nanoseconds in an i64.
-    assert_eq!(
-        mismatch(nanos, json!("2999-01-01T00:00:00Z")).expected,
-        "timestamp-nanos"
-    );
+    assert_eq!(mismatch(nanos, json!("2999-01-01T00:00:00Z")).expected, "timestamp-nanos");
 
     let local_millis = r#"{"type": "long", "logicalType": "local-timestamp-millis"}"#;
     let local_micros = r#"{"type": "long", "logicalType": "local-timestamp-micros"}"#;
@@ -379,53 +259,26 @@ fn timestamps() {
         convert_str(local_micros, json!("2026-11-23 16:40:00")),
         Ok(AvroValue::LocalTimestampMicros(secs * 1_000_000))
     );
-    assert_eq!(
-        convert_str(local_micros, json!(5)),
-        Ok(AvroValue::LocalTimestampMicros(5))
-    );
+    assert_eq!(convert_str(local_micros, json!(5)), Ok(AvroValue::LocalTimestampMicros(5)));
     // A zone makes it not a local timestamp.
-    assert_eq!(
-        mismatch(local_millis, json!(t)).expected,
-        "local-timestamp-millis"
-    );
+    assert_eq!(mismatch(local_millis, json!(t)).expected, "local-timestamp-millis");
     round_trip(&parse(micros), json!(t));
 }
 
 #[test]
 fn dates_and_times() {
     let date = r#"{"type": "int", "logicalType": "date"}"#;
-    assert_eq!(
-        convert_str(date, json!("1970-01-02")),
-        Ok(AvroValue::Date(1))
-    );
-    assert_eq!(
-        convert_str(date, json!("1969-12-31")),
-        Ok(AvroValue::Date(-1))
-    );
-    assert_eq!(
-        convert_str(date, json!(20_000)),
-        Ok(AvroValue::Date(20_000))
-    );
-    assert_eq!(
-        mismatch(date, json!("2026-02-30")).to_string(),
-        r#"at $: expected date, found string "2026-02-30""#
-    );
+    assert_eq!(convert_str(date, json!("1970-01-02")), Ok(AvroValue::Date(1)));
+    assert_eq!(convert_str(date, json!("1969-12-31")), Ok(AvroValue::Date(-1)));
+    assert_eq!(convert_str(date, json!(20_000)), Ok(AvroValue::Date(20_000)));
+    assert_eq!(mismatch(date, json!("2026-02-30")).to_string(), r#"at $: expected date, found string "2026-02-30""#);
     assert_eq!(mismatch(date, json!(1_i64 << 40)).expected, "date");
 
     let millis = r#"{"type": "int", "logicalType": "time-millis"}"#;
     let micros = r#"{"type": "long", "logicalType": "time-micros"}"#;
-    assert_eq!(
-        convert_str(millis, json!("01:02:03.456")),
-        Ok(AvroValue::TimeMillis(3_723_456))
-    );
-    assert_eq!(
-        convert_str(millis, json!("01:02:03")),
-        Ok(AvroValue::TimeMillis(3_723_000))
-    );
-    assert_eq!(
-        convert_str(micros, json!("01:02:03.456789")),
-        Ok(AvroValue::TimeMicros(3_723_456_789))
-    );
+    assert_eq!(convert_str(millis, json!("01:02:03.456")), Ok(AvroValue::TimeMillis(3_723_456)));
+    assert_eq!(convert_str(millis, json!("01:02:03")), Ok(AvroValue::TimeMillis(3_723_000)));
+    assert_eq!(convert_str(micros, json!("01:02:03.456789")), Ok(AvroValue::TimeMicros(3_723_456_789)));
     assert_eq!(convert_str(millis, json!(5)), Ok(AvroValue::TimeMillis(5)));
     assert_eq!(convert_str(micros, json!(5)), Ok(AvroValue::TimeMicros(5)));
     assert_eq!(mismatch(millis, json!("25:00:00")).expected, "time-millis");
@@ -443,10 +296,7 @@ fn uuids() {
     let fixed = r#"{"type": "fixed", "name": "U", "size": 16, "logicalType": "uuid"}"#;
     assert_eq!(convert_str(string, json!(id)), Ok(AvroValue::Uuid(parsed)));
     assert_eq!(convert_str(fixed, json!(id)), Ok(AvroValue::Uuid(parsed)));
-    assert_eq!(
-        mismatch(string, json!("not-a-uuid")).to_string(),
-        r#"at $: expected uuid, found string "not-a-uuid""#
-    );
+    assert_eq!(mismatch(string, json!("not-a-uuid")).to_string(), r#"at $: expected uuid, found string "not-a-uuid""#);
     round_trip(&parse(string), json!(id));
     round_trip(&parse(fixed), json!(id));
 }
@@ -474,16 +324,8 @@ fn decimals() {
         (json!("99999999.99"), 9_999_999_999),
         (json!("-99999999.99"), -9_999_999_999),
     ] {
-        assert_eq!(
-            convert_str(bytes, input.clone()),
-            Ok(decimal_value(unscaled)),
-            "{input}"
-        );
-        assert_eq!(
-            convert_str(fixed, input.clone()),
-            Ok(decimal_value(unscaled)),
-            "{input}"
-        );
+        assert_eq!(convert_str(bytes, input.clone()), Ok(decimal_value(unscaled)), "{input}");
+        assert_eq!(convert_str(fixed, input.clone()), Ok(decimal_value(unscaled)), "{input}");
     }
     for input in [
         json!("12.345"),
@@ -525,10 +367,7 @@ fn twos_complement_is_minimal() {
     assert_eq!(twos_complement(&digits("128"), true), vec![0x80]);
     assert_eq!(twos_complement(&digits("129"), true), vec![0xff, 0x7f]);
     assert_eq!(twos_complement(&digits("1"), true), vec![0xff]);
-    assert_eq!(
-        twos_complement(&digits("65536"), false),
-        vec![0x01, 0x00, 0x00]
-    );
+    assert_eq!(twos_complement(&digits("65536"), false), vec![0x01, 0x00, 0x00]);
     // More digits than an i128 holds.
     let wide = twos_complement(&digits(&"9".repeat(50)), false);
     assert_eq!(wide.len(), 21);
@@ -539,11 +378,7 @@ fn durations() {
     let schema = r#"{"type": "fixed", "name": "Dur", "size": 12, "logicalType": "duration"}"#;
     assert_eq!(
         convert_str(schema, json!({"months": 1, "days": 2, "millis": 3})),
-        Ok(AvroValue::Duration(Duration::new(
-            Months::new(1),
-            Days::new(2),
-            Millis::new(3)
-        )))
+        Ok(AvroValue::Duration(Duration::new(Months::new(1), Days::new(2), Millis::new(3))))
     );
     assert_eq!(mismatch(schema, json!({"weeks": 1})).expected, "duration");
     assert_eq!(mismatch(schema, json!({"days": -1})).expected, "duration");
@@ -560,15 +395,10 @@ fn named_references_resolve_through_names() {
             {"name": "refund", "type": ["null", "x.Money"], "default": null}]}"#,
     ])
     .expect("schemata parse");
-    let resolved =
-        ResolvedSchema::new_with_schemata(schemata.iter().collect()).expect("resolve");
+    let resolved = ResolvedSchema::new_with_schemata(schemata.iter().collect()).expect("resolve");
     let order = &schemata[2];
-    let value = json_to_avro(
-        &json!({"total": {"amount": 5, "currency": "USD"}}),
-        order,
-        resolved.get_names(),
-    )
-    .expect("fits");
+    let value =
+        json_to_avro(&json!({"total": {"amount": 5, "currency": "USD"}}), order, resolved.get_names()).expect("fits");
     assert_eq!(
         value,
         AvroValue::Record(vec![
@@ -579,24 +409,13 @@ fn named_references_resolve_through_names() {
                     ("currency".into(), AvroValue::Enum(1, "USD".into())),
                 ])
             ),
-            (
-                "refund".into(),
-                AvroValue::Union(0, Box::new(AvroValue::Null))
-            ),
+            ("refund".into(), AvroValue::Union(0, Box::new(AvroValue::Null))),
         ])
     );
-    let m = json_to_avro(
-        &json!({"total": {"amount": 5, "currency": "JPY"}}),
-        order,
-        resolved.get_names(),
-    )
-    .expect_err("JPY is not listed");
-    assert_eq!(
-        m.to_string(),
-        r#"at $.total.currency: expected one of [EUR, USD], found string "JPY""#
-    );
-    let m = json_to_avro(&json!({"total": 1}), order, resolved.get_names())
-        .expect_err("not a record");
+    let m = json_to_avro(&json!({"total": {"amount": 5, "currency": "JPY"}}), order, resolved.get_names())
+        .expect_err("JPY is not listed");
+    assert_eq!(m.to_string(), r#"at $.total.currency: expected one of [EUR, USD], found string "JPY""#);
+    let m = json_to_avro(&json!({"total": 1}), order, resolved.get_names()).expect_err("not a record");
     assert_eq!(m.expected, "record Money");
 
     // Without the names the reference cannot be followed: a mismatch, not a panic.
@@ -605,13 +424,8 @@ fn named_references_resolve_through_names() {
     assert_eq!(m.path, "$.currency");
     assert_eq!(m.expected, "x.Currency (unresolved schema reference)");
 
-    let bytes = encode_payload(
-        &json!({"total": {"amount": 5, "currency": "EUR"}}),
-        &envelope(),
-        order,
-        &resolved,
-    )
-    .expect("encodes");
+    let bytes = encode_payload(&json!({"total": {"amount": 5, "currency": "EUR"}}), &envelope(), order, &resolved)
+        .expect("encodes");
     let decoded = GenericDatumReader::builder(order)
         .writer_schemata(schemata.iter().collect())
         .expect("resolve")
@@ -623,11 +437,8 @@ fn named_references_resolve_through_names() {
 }
 
 fn decode(schema: &Schema, bytes: &[u8]) -> Vec<(String, AvroValue)> {
-    let decoded = GenericDatumReader::builder(schema)
-        .build()
-        .expect("reader")
-        .read_value(&mut &bytes[..])
-        .expect("decodes");
+    let decoded =
+        GenericDatumReader::builder(schema).build().expect("reader").read_value(&mut &bytes[..]).expect("decodes");
     match decoded {
         AvroValue::Record(fields) => fields,
         other => panic!("expected a record, got {other:?}"),
@@ -635,11 +446,7 @@ fn decode(schema: &Schema, bytes: &[u8]) -> Vec<(String, AvroValue)> {
 }
 
 fn field<'a>(fields: &'a [(String, AvroValue)], name: &str) -> &'a AvroValue {
-    &fields
-        .iter()
-        .find(|(n, _)| n == name)
-        .expect("field present")
-        .1
+    &fields.iter().find(|(n, _)| n == name).expect("field present").1
 }
 
 const ORDER_PLACED: &str = include_str!("../../schemas/order/OrderPlaced.avsc");
@@ -659,48 +466,21 @@ fn envelope_fields_are_filled_from_the_row() {
     let env = envelope();
     let bytes = encode_payload(&payload, &env, &schema, &resolved).expect("encodes");
     let fields = decode(&schema, &bytes);
-    assert_eq!(
-        field(&fields, "event_id"),
-        &AvroValue::Uuid(uuid::Uuid::parse_str(env.event_id).expect("uuid"))
-    );
-    assert_eq!(
-        field(&fields, "event_type"),
-        &AvroValue::String("OrderPlaced".into())
-    );
-    assert_eq!(
-        field(&fields, "aggregate_type"),
-        &AvroValue::String("order".into())
-    );
-    assert_eq!(
-        field(&fields, "aggregate_id"),
-        &AvroValue::String("ord-1001".into())
-    );
-    assert_eq!(
-        field(&fields, "entity_version"),
-        &AvroValue::Union(1, Box::new(AvroValue::Long(3)))
-    );
-    assert_eq!(
-        field(&fields, "occurred_at"),
-        &AvroValue::TimestampMicros(env.occurred_at.timestamp_micros())
-    );
+    assert_eq!(field(&fields, "event_id"), &AvroValue::Uuid(uuid::Uuid::parse_str(env.event_id).expect("uuid")));
+    assert_eq!(field(&fields, "event_type"), &AvroValue::String("OrderPlaced".into()));
+    assert_eq!(field(&fields, "aggregate_type"), &AvroValue::String("order".into()));
+    assert_eq!(field(&fields, "aggregate_id"), &AvroValue::String("ord-1001".into()));
+    assert_eq!(field(&fields, "entity_version"), &AvroValue::Union(1, Box::new(AvroValue::Long(3))));
+    assert_eq!(field(&fields, "occurred_at"), &AvroValue::TimestampMicros(env.occurred_at.timestamp_micros()));
 
     // Values in the payload win; no version gives null.
     let mut payload = payload;
     payload["event_type"] = json!("Custom");
-    let env = Envelope {
-        entity_version: None,
-        ..envelope()
-    };
+    let env = Envelope { entity_version: None, ..envelope() };
     let bytes = encode_payload(&payload, &env, &schema, &resolved).expect("encodes");
     let fields = decode(&schema, &bytes);
-    assert_eq!(
-        field(&fields, "event_type"),
-        &AvroValue::String("Custom".into())
-    );
-    assert_eq!(
-        field(&fields, "entity_version"),
-        &AvroValue::Union(0, Box::new(AvroValue::Null))
-    );
+    assert_eq!(field(&fields, "event_type"), &AvroValue::String("Custom".into()));
+    assert_eq!(field(&fields, "entity_version"), &AvroValue::Union(0, Box::new(AvroValue::Null)));
 }
 
 #[test]
@@ -717,18 +497,9 @@ fn envelope_fields_take_the_form_of_their_schema() {
     let env = envelope();
     let bytes = encode_payload(&json!({}), &env, &schema, &resolved).expect("encodes");
     let fields = decode(&schema, &bytes);
-    assert_eq!(
-        field(&fields, "event_id"),
-        &AvroValue::String(env.event_id.into())
-    );
-    assert_eq!(
-        field(&fields, "entity_version"),
-        &AvroValue::String("3".into())
-    );
-    assert_eq!(
-        field(&fields, "occurred_at"),
-        &AvroValue::TimestampMillis(env.occurred_at.timestamp_millis())
-    );
+    assert_eq!(field(&fields, "event_id"), &AvroValue::String(env.event_id.into()));
+    assert_eq!(field(&fields, "entity_version"), &AvroValue::String("3".into()));
+    assert_eq!(field(&fields, "occurred_at"), &AvroValue::TimestampMillis(env.occurred_at.timestamp_millis()));
     // "ord-1001" does not fit a long, so the default applies.
     assert_eq!(field(&fields, "aggregate_id"), &AvroValue::Long(0));
 
@@ -740,14 +511,9 @@ fn envelope_fields_take_the_form_of_their_schema() {
     let resolved = ResolvedSchema::new(&as_text).expect("resolve");
     let bytes = encode_payload(&json!({}), &env, &as_text, &resolved).expect("encodes");
     let fields = decode(&as_text, &bytes);
-    assert_eq!(
-        field(&fields, "occurred_at"),
-        &AvroValue::String("2026-11-23T16:40:00.123456Z".into())
-    );
+    assert_eq!(field(&fields, "occurred_at"), &AvroValue::String("2026-11-23T16:40:00.123456Z".into()));
 
-    let plain_long = parse(
-        r#"{"type": "record", "name": "L", "fields": [{"name": "occurred_at", "type": "long"}]}"#,
-    );
+    let plain_long = parse(r#"{"type": "record", "name": "L", "fields": [{"name": "occurred_at", "type": "long"}]}"#);
     let resolved = ResolvedSchema::new(&plain_long).expect("resolve");
     let bytes = encode_payload(&json!({}), &env, &plain_long, &resolved).expect("encodes");
     assert_eq!(
@@ -756,19 +522,11 @@ fn envelope_fields_take_the_form_of_their_schema() {
     );
 
     // No fitting form and no default: the error shows what the row had.
-    let strict = parse(
-        r#"{"type": "record", "name": "S", "fields": [{"name": "entity_version", "type": "long"}]}"#,
-    );
+    let strict = parse(r#"{"type": "record", "name": "S", "fields": [{"name": "entity_version", "type": "long"}]}"#);
     let resolved = ResolvedSchema::new(&strict).expect("resolve");
-    let env = Envelope {
-        entity_version: None,
-        ..envelope()
-    };
+    let env = Envelope { entity_version: None, ..envelope() };
     let err = encode_payload(&json!({}), &env, &strict, &resolved).expect_err("no version");
-    assert_eq!(
-        err.to_string(),
-        "at $.entity_version: expected long, found null"
-    );
+    assert_eq!(err.to_string(), "at $.entity_version: expected long, found null");
 }
 
 #[test]
@@ -780,20 +538,13 @@ fn non_record_schemas_and_payloads_are_left_alone() {
 
     let record = parse(ORDER_PAID);
     let resolved = ResolvedSchema::new(&record).expect("resolve");
-    let err =
-        encode_payload(&json!([]), &envelope(), &record, &resolved).expect_err("not an object");
-    assert!(
-        matches!(err, AvroError::Mismatch(ref m) if m.path == "$"),
-        "{err}"
-    );
+    let err = encode_payload(&json!([]), &envelope(), &record, &resolved).expect_err("not an object");
+    assert!(matches!(err, AvroError::Mismatch(ref m) if m.path == "$"), "{err}");
 }
 
 #[test]
 fn confluent_framing() {
-    assert_eq!(
-        confluent_frame(0x0102_0304, &[9, 8]),
-        vec![0, 1, 2, 3, 4, 9, 8]
-    );
+    assert_eq!(confluent_frame(0x0102_0304, &[9, 8]), vec![0, 1, 2, 3, 4, 9, 8]);
     assert_eq!(confluent_frame(7, &[]), vec![0, 0, 0, 0, 7]);
 }
 
@@ -815,24 +566,15 @@ fn readme_examples_encode() {
         let end = body.find("```").expect("closed code block");
         let (file, text) = schemas
             .iter()
-            .filter_map(|(file, text)| {
-                before
-                    .rfind(&format!("`{file}`"))
-                    .map(|at| (at, file, text))
-            })
+            .filter_map(|(file, text)| before.rfind(&format!("`{file}`")).map(|at| (at, file, text)))
             .max_by_key(|(at, _, _)| *at)
             .map(|(_, file, text)| (*file, *text))
             .expect("example names its schema");
         let schema = parse(text);
-        assert_eq!(
-            schema.namespace(),
-            Some("dev.outboxrelay.example"),
-            "{file}"
-        );
+        assert_eq!(schema.namespace(), Some("dev.outboxrelay.example"), "{file}");
         let resolved = ResolvedSchema::new(&schema).expect("resolve");
         let payload: JsonValue = serde_json::from_str(&body[..end]).expect("example is JSON");
-        let bytes = encode_payload(&payload, &envelope(), &schema, &resolved)
-            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        let bytes = encode_payload(&payload, &envelope(), &schema, &resolved).unwrap_or_else(|e| panic!("{file}: {e}"));
         decode(&schema, &bytes);
         seen.push(file);
         rest = &body[end..];
@@ -851,23 +593,13 @@ fn example_schemas_reject_typical_mistakes() {
         "order_id": "o", "customer_id": "c", "total": "1.00", "currency": "EUR",
         "items": [{"sku": "s", "quantity": 1, "unit_price": "0.999"}]
     }});
-    let err =
-        encode_payload(&payload, &envelope(), &schema, &resolved).expect_err("3 decimals");
-    assert_eq!(
-        err.to_string(),
-        r#"at $.data.items[0].unit_price: expected decimal(12,2), found string "0.999""#
-    );
-    let env = Envelope {
-        event_id: "nope",
-        ..envelope()
-    };
+    let err = encode_payload(&payload, &envelope(), &schema, &resolved).expect_err("3 decimals");
+    assert_eq!(err.to_string(), r#"at $.data.items[0].unit_price: expected decimal(12,2), found string "0.999""#);
+    let env = Envelope { event_id: "nope", ..envelope() };
     let mut ok = payload;
     ok["data"]["items"] = json!([]);
     let err = encode_payload(&ok, &env, &schema, &resolved).expect_err("bad uuid");
-    assert_eq!(
-        err.to_string(),
-        r#"at $.event_id: expected uuid, found string "nope""#
-    );
+    assert_eq!(err.to_string(), r#"at $.event_id: expected uuid, found string "nope""#);
 }
 
 fn arbitrary_json() -> impl Strategy<Value = JsonValue> {
@@ -876,18 +608,10 @@ fn arbitrary_json() -> impl Strategy<Value = JsonValue> {
         any::<bool>().prop_map(JsonValue::from),
         any::<i64>().prop_map(JsonValue::from),
         any::<u64>().prop_map(JsonValue::from),
-        any::<f64>()
-            .prop_filter("finite", |f| f.is_finite())
-            .prop_map(JsonValue::from),
+        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(JsonValue::from),
         "[-+0-9.eE]{0,12}".prop_map(JsonValue::from),
-        "[0-9]{4}-[0-9]{2}-[0-9]{2}(T[0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,9})?Z?)?"
-            .prop_map(JsonValue::from),
-        prop_oneof![
-            Just("EUR"),
-            Just("GOLD"),
-            Just("0b9f6c1e-3c3a-4f55-9d1e-2f9f0c6b7a10")
-        ]
-        .prop_map(JsonValue::from),
+        "[0-9]{4}-[0-9]{2}-[0-9]{2}(T[0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,9})?Z?)?".prop_map(JsonValue::from),
+        prop_oneof![Just("EUR"), Just("GOLD"), Just("0b9f6c1e-3c3a-4f55-9d1e-2f9f0c6b7a10")].prop_map(JsonValue::from),
         ".{0,20}".prop_map(JsonValue::from),
     ];
     let keys = prop_oneof![

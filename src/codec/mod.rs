@@ -115,7 +115,10 @@ impl SchemaSet {
     }
 
     /// The registry subject of each entry, by the configured strategy.
-    pub fn subjects<'a>(&'a self, config: &'a Config) -> impl Iterator<Item = (String, &'a str, &'a Arc<LoadedSchema>)> + 'a {
+    pub fn subjects<'a>(
+        &'a self,
+        config: &'a Config,
+    ) -> impl Iterator<Item = (String, &'a str, &'a Arc<LoadedSchema>)> + 'a {
         self.entries.iter().map(move |(_, topic, schema)| {
             (subject_name(config.codec.subject_strategy, topic, &schema.full_name), topic.as_str(), schema)
         })
@@ -125,8 +128,10 @@ impl SchemaSet {
 fn load_schema(dir: &Path, file: &str) -> Result<LoadedSchema, SchemaError> {
     let path = dir.join(file);
     let shown = path.display().to_string();
-    let text = std::fs::read_to_string(&path).map_err(|e| SchemaError::Read { path: shown.clone(), reason: e.to_string() })?;
-    let schema = Schema::parse_str(&text).map_err(|e| SchemaError::Parse { path: shown.clone(), reason: e.to_string() })?;
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| SchemaError::Read { path: shown.clone(), reason: e.to_string() })?;
+    let schema =
+        Schema::parse_str(&text).map_err(|e| SchemaError::Parse { path: shown.clone(), reason: e.to_string() })?;
     let full_name = schema.name().map(|n| n.fullname(None)).ok_or(SchemaError::Unnamed { path: shown })?;
     Ok(LoadedSchema { file: file.to_string(), text, full_name, schema })
 }
@@ -199,7 +204,8 @@ impl Codec {
                 Some(encoder) => encoder.clone(),
                 None => {
                     let leaked: &'static Schema = Box::leak(Box::new(schema.schema.clone()));
-                    let invalid = |e: apache_avro::Error| SchemaError::Parse { path: schema.file.clone(), reason: e.to_string() };
+                    let invalid =
+                        |e: apache_avro::Error| SchemaError::Parse { path: schema.file.clone(), reason: e.to_string() };
                     let resolved = ResolvedSchema::new(leaked).map_err(invalid)?;
                     let writer = apache_avro::writer::datum::GenericDatumWriter::builder(leaked)
                         .resolved_schemata(resolved.clone())
@@ -210,7 +216,8 @@ impl Codec {
                         .filter(|((file, _), _)| *file == schema.file)
                         .map(|((_, topic), id)| (topic.clone(), *id))
                         .collect();
-                    let encoder = Arc::new(Encoder { file: schema.file.clone(), schema: leaked, resolved, writer, ids });
+                    let encoder =
+                        Arc::new(Encoder { file: schema.file.clone(), schema: leaked, resolved, writer, ids });
                     encoders.insert(schema.file.clone(), encoder.clone());
                     encoder
                 }
@@ -263,8 +270,9 @@ impl Codec {
                     entity_version: row.entity_version,
                     occurred_at: row.occurred_at,
                 };
-                let datum = avro::encode_payload_with(&schema.writer, &payload, &envelope, schema.schema, &schema.resolved)
-                    .map_err(|source| CodecError::Mismatch { file: schema.file.clone(), source })?;
+                let datum =
+                    avro::encode_payload_with(&schema.writer, &payload, &envelope, schema.schema, &schema.resolved)
+                        .map_err(|source| CodecError::Mismatch { file: schema.file.clone(), source })?;
                 Ok(Bytes::from(avro::confluent_frame(id, &datum)))
             }
         }

@@ -94,15 +94,13 @@ impl Registry {
     /// The id of `schema` under `subject`, without registering it.
     pub async fn lookup(&self, subject: &str, schema: &str, file: &str) -> Result<u32, RegistryError> {
         let body = serde_json::json!({ "schema": schema, "schemaType": "AVRO" });
-        let response = self
-            .request(reqwest::Method::POST, &format!("/subjects/{subject}"))
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| {
-                metrics::registry_error();
-                RegistryError::Unreachable(e.to_string())
-            })?;
+        let response =
+            self.request(reqwest::Method::POST, &format!("/subjects/{subject}")).json(&body).send().await.map_err(
+                |e| {
+                    metrics::registry_error();
+                    RegistryError::Unreachable(e.to_string())
+                },
+            )?;
         let status = response.status();
         if status.as_u16() == 404 {
             return Err(RegistryError::NotRegistered { subject: subject.to_string(), file: file.to_string() });
@@ -131,7 +129,10 @@ impl Registry {
         } else {
             let status = response.status();
             let text = response.text().await.unwrap_or_default();
-            Err(RegistryError::Refused { what: format!("compatibility {level} for `{subject}`"), reason: format!("HTTP {status}: {text}") })
+            Err(RegistryError::Refused {
+                what: format!("compatibility {level} for `{subject}`"),
+                reason: format!("HTTP {status}: {text}"),
+            })
         }
     }
 
@@ -166,9 +167,11 @@ impl Registry {
             Ok(response) => {
                 let value: serde_json::Value = response.json().await.unwrap_or_default();
                 match value.get("messages").and_then(|m| m.as_array()) {
-                    Some(messages) if !messages.is_empty() => {
-                        messages.iter().map(|m| m.as_str().map(str::to_string).unwrap_or_else(|| m.to_string())).collect::<Vec<_>>().join("; ")
-                    }
+                    Some(messages) if !messages.is_empty() => messages
+                        .iter()
+                        .map(|m| m.as_str().map(str::to_string).unwrap_or_else(|| m.to_string()))
+                        .collect::<Vec<_>>()
+                        .join("; "),
                     _ => "incompatible with the latest registered version".to_string(),
                 }
             }

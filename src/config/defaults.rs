@@ -1,46 +1,124 @@
 //! Every default of the configuration, written once.
 
-use super::{KeyFormat, ColumnNames, CheckpointConfig, CodecConfig, LogFormat, OutboxConfig, PayloadFormat, Readiness,
-    RetentionConfig, RoutingConfig, SubjectStrategy, SourceConfig, SourceMode, TelemetryConfig};
+use super::{
+    CheckpointConfig, CodecConfig, ColumnNames, KeyFormat, LogFormat, OutboxConfig, PayloadFormat, Readiness,
+    RetentionConfig, RoutingConfig, SourceConfig, SourceMode, SubjectStrategy, TelemetryConfig,
+};
 
-pub fn shutdown_timeout_ms() -> u64 { 10_000 }
-pub fn connect_timeout_ms() -> u64 { 5_000 }
-pub fn compression() -> String { "lz4".into() }
-pub fn linger_ms() -> u64 { 5 }
-pub fn batch_size_bytes() -> u64 { 1_000_000 }
-pub fn message_timeout_ms() -> u64 { 0 }
-pub fn queue_max_messages() -> u64 { 100_000 }
-pub fn source_mode() -> SourceMode { SourceMode::Logical }
-pub fn slot_name() -> String { "outbox_relay".into() }
-pub fn publication_name() -> String { "outbox_relay_pub".into() }
-pub fn create_slot() -> bool { true }
-pub fn status_interval_ms() -> u64 { 1_000 }
-pub fn poll_interval_ms() -> u64 { 1_000 }
-pub fn source_batch_rows() -> usize { 1_000 }
-pub fn source_batch_max_bytes() -> usize { 1 << 20 }
-pub fn outbox_schema() -> String { "public".into() }
-pub fn outbox_table() -> String { "outbox".into() }
-pub fn topic_template() -> String { "outbox.{aggregate_type}".into() }
-pub fn create_topics() -> bool { true }
-pub fn topic_partitions() -> i32 { -1 }
-pub fn topic_replication_factor() -> i32 { -1 }
-pub fn payload_format() -> PayloadFormat { PayloadFormat::Json }
-pub fn schemas_dir() -> std::path::PathBuf { "schemas".into() }
-pub fn subject_strategy() -> SubjectStrategy { SubjectStrategy::TopicRecord }
-pub fn compatibility() -> String { "BACKWARD".into() }
-pub fn key_format() -> KeyFormat { KeyFormat::String }
-pub fn checkpoint_batch_rows() -> usize { 1_000 }
-pub fn checkpoint_flush_interval_ms() -> u64 { 50 }
-pub fn max_in_flight() -> usize { 50_000 }
-pub fn http_listen() -> String { "127.0.0.1:9187".into() }
-pub fn log_format() -> LogFormat { LogFormat::Text }
-pub fn readiness() -> Readiness { Readiness::Lenient }
-pub fn progress_timeout_secs() -> u64 { 300 }
-pub fn lag_sample_interval_ms() -> u64 { 5_000 }
-pub fn retention_enabled() -> bool { true }
-pub fn retention_max_age_secs() -> u64 { 5 * 24 * 3600 }
-pub fn retention_batch_rows() -> i64 { 1_000 }
-pub fn retention_interval_secs() -> u64 { 60 }
+pub fn shutdown_timeout_ms() -> u64 {
+    10_000
+}
+pub fn connect_timeout_ms() -> u64 {
+    5_000
+}
+pub fn compression() -> String {
+    "lz4".into()
+}
+pub fn linger_ms() -> u64 {
+    5
+}
+pub fn batch_size_bytes() -> u64 {
+    1_000_000
+}
+pub fn message_timeout_ms() -> u64 {
+    0
+}
+pub fn queue_max_messages() -> u64 {
+    100_000
+}
+pub fn source_mode() -> SourceMode {
+    SourceMode::Logical
+}
+pub fn slot_name() -> String {
+    "outbox_relay".into()
+}
+pub fn publication_name() -> String {
+    "outbox_relay_pub".into()
+}
+pub fn create_slot() -> bool {
+    true
+}
+pub fn status_interval_ms() -> u64 {
+    1_000
+}
+pub fn poll_interval_ms() -> u64 {
+    1_000
+}
+pub fn source_batch_rows() -> usize {
+    1_000
+}
+pub fn source_batch_max_bytes() -> usize {
+    1 << 20
+}
+pub fn outbox_schema() -> String {
+    "public".into()
+}
+pub fn outbox_table() -> String {
+    "outbox".into()
+}
+pub fn topic_template() -> String {
+    "outbox.{aggregate_type}".into()
+}
+pub fn create_topics() -> bool {
+    true
+}
+pub fn topic_partitions() -> i32 {
+    -1
+}
+pub fn topic_replication_factor() -> i32 {
+    -1
+}
+pub fn payload_format() -> PayloadFormat {
+    PayloadFormat::Json
+}
+pub fn schemas_dir() -> std::path::PathBuf {
+    "schemas".into()
+}
+pub fn subject_strategy() -> SubjectStrategy {
+    SubjectStrategy::TopicRecord
+}
+pub fn compatibility() -> String {
+    "BACKWARD".into()
+}
+pub fn key_format() -> KeyFormat {
+    KeyFormat::String
+}
+pub fn checkpoint_batch_rows() -> usize {
+    1_000
+}
+pub fn checkpoint_flush_interval_ms() -> u64 {
+    50
+}
+pub fn max_in_flight() -> usize {
+    50_000
+}
+pub fn http_listen() -> String {
+    "127.0.0.1:9187".into()
+}
+pub fn log_format() -> LogFormat {
+    LogFormat::Text
+}
+pub fn readiness() -> Readiness {
+    Readiness::Lenient
+}
+pub fn progress_timeout_secs() -> u64 {
+    300
+}
+pub fn lag_sample_interval_ms() -> u64 {
+    5_000
+}
+pub fn retention_enabled() -> bool {
+    true
+}
+pub fn retention_max_age_secs() -> u64 {
+    5 * 24 * 3600
+}
+pub fn retention_batch_rows() -> i64 {
+    1_000
+}
+pub fn retention_interval_secs() -> u64 {
+    60
+}
 
 impl Default for SourceConfig {
     fn default() -> Self {

@@ -362,14 +362,9 @@ impl Config {
     /// Reads `path`, applies `RELAY__*` environment overrides and validates.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         if let Err(err) = std::fs::metadata(path) {
-            return Err(ConfigError::Unreadable {
-                path: path.to_path_buf(),
-                reason: err.to_string(),
-            });
+            return Err(ConfigError::Unreadable { path: path.to_path_buf(), reason: err.to_string() });
         }
-        let figment = Figment::new()
-            .merge(Toml::file_exact(path))
-            .merge(Env::prefixed(ENV_PREFIX).split("__"));
+        let figment = Figment::new().merge(Toml::file_exact(path)).merge(Env::prefixed(ENV_PREFIX).split("__"));
         Self::from_figment(figment)
     }
 
@@ -389,15 +384,10 @@ impl Config {
 
     /// Checks every value and names the key that is wrong and what is allowed.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key: &str, message: String| {
-            Err(ConfigError::Invalid { key: key.to_string(), message })
-        };
+        let invalid = |key: &str, message: String| Err(ConfigError::Invalid { key: key.to_string(), message });
         let url = self.postgres.url.expose_secret();
         if url.parse::<tokio_postgres::Config>().is_err() {
-            return invalid(
-                "postgres.url",
-                "expected a URL such as postgres://user:password@127.0.0.1:5432/db".into(),
-            );
+            return invalid("postgres.url", "expected a URL such as postgres://user:password@127.0.0.1:5432/db".into());
         }
         if self.kafka.bootstrap_servers.trim().is_empty() {
             return invalid("kafka.bootstrap_servers", "must list at least one host:port".into());
@@ -433,22 +423,14 @@ impl Config {
                 );
             }
         }
-        if !self.routing.topic_template.contains("{aggregate_type}")
-            && self.routing.topic_template.contains('{')
-        {
-            return invalid(
-                "routing.topic_template",
-                "the only placeholder allowed is {aggregate_type}".into(),
-            );
+        if !self.routing.topic_template.contains("{aggregate_type}") && self.routing.topic_template.contains('{') {
+            return invalid("routing.topic_template", "the only placeholder allowed is {aggregate_type}".into());
         }
         if self.routing.topic_partitions == 0 || self.routing.topic_partitions < -1 {
             return invalid("routing.topic_partitions", "must be -1 (broker default) or at least 1".into());
         }
         if self.routing.topic_replication_factor == 0 || self.routing.topic_replication_factor < -1 {
-            return invalid(
-                "routing.topic_replication_factor",
-                "must be -1 (broker default) or at least 1".into(),
-            );
+            return invalid("routing.topic_replication_factor", "must be -1 (broker default) or at least 1".into());
         }
         const LEVELS: [&str; 7] =
             ["BACKWARD", "BACKWARD_TRANSITIVE", "FORWARD", "FORWARD_TRANSITIVE", "FULL", "FULL_TRANSITIVE", "NONE"];
@@ -518,11 +500,9 @@ fn describe_figment_error(err: figment::Error) -> String {
         }
     };
     match &err.kind {
-        Kind::UnknownField(field, expected) => format!(
-            "unknown key `{}`; allowed here: {}",
-            at(field),
-            expected.join(", ")
-        ),
+        Kind::UnknownField(field, expected) => {
+            format!("unknown key `{}`; allowed here: {}", at(field), expected.join(", "))
+        }
         Kind::MissingField(field) => format!("missing required key `{}`", at(field)),
         _ if !path.is_empty() => format!("key `{path}`: {}", err.kind),
         _ => err.kind.to_string(),
@@ -579,7 +559,8 @@ mod tests {
 
     #[test]
     fn avro_without_registry_is_refused() {
-        let toml = format!("{MINIMAL}\n[codec]\nformat = \"avro\"\n[codec.schemas]\norder = \"order/OrderPlaced.avsc\"");
+        let toml =
+            format!("{MINIMAL}\n[codec]\nformat = \"avro\"\n[codec.schemas]\norder = \"order/OrderPlaced.avsc\"");
         let err = Config::from_toml_str(&toml).expect_err("must fail").to_string();
         assert!(err.contains("registry.url"), "{err}");
         let toml = format!("{MINIMAL}\n[codec]\nformat = \"avro\"\n[registry]\nurl = \"http://127.0.0.1:1\"");

@@ -77,7 +77,10 @@ pub fn owned_librdkafka_key(key: &str) -> Option<&'static str> {
         "batch.size" => "kafka.batch_size_bytes",
         "message.timeout.ms" | "delivery.timeout.ms" => "kafka.message_timeout_ms",
         "queue.buffering.max.messages" => "kafka.queue_max_messages",
-        "enable.idempotence" | "acks" | "request.required.acks" | "max.in.flight"
+        "enable.idempotence"
+        | "acks"
+        | "request.required.acks"
+        | "max.in.flight"
         | "max.in.flight.requests.per.connection" => "the no-loss, in-order guarantee",
         "partitioner" => "per-key order compatible with the Java client",
         _ => return None,
@@ -214,7 +217,11 @@ impl KafkaSink {
 
     /// Forwards every source event, in order, to the checkpoint stage.
     /// Returns when the source is exhausted or the checkpoint stage is gone.
-    pub async fn run(mut self, mut input: mpsc::Receiver<SourceEvent>, output: mpsc::Sender<InFlight>) -> Result<(), SinkError> {
+    pub async fn run(
+        mut self,
+        mut input: mpsc::Receiver<SourceEvent>,
+        output: mpsc::Sender<InFlight>,
+    ) -> Result<(), SinkError> {
         while let Some(event) = input.recv().await {
             let item = match event {
                 SourceEvent::Checkpoint(position) => InFlight::Checkpoint(position),
@@ -237,7 +244,11 @@ impl KafkaSink {
         match self.held.blocker(&row.aggregate_type, &row.aggregate_id) {
             Some(blocker) if blocker == row.id => self.held.release(&row.aggregate_type, &row.aggregate_id, row.id),
             Some(blocker) => {
-                return InFlight::Held { meta, error: format!("{WAITING_BEHIND}{blocker} of the same entity"), attempted: false };
+                return InFlight::Held {
+                    meta,
+                    error: format!("{WAITING_BEHIND}{blocker} of the same entity"),
+                    attempted: false,
+                };
             }
             None => {}
         }
@@ -249,7 +260,9 @@ impl KafkaSink {
         match self.ensure_topic(&topic).await {
             Ok(()) => {}
             Err(PublishError::Permanent(error)) => return hold(self, meta, error),
-            Err(retriable) => return InFlight::Sent { meta, delivery: Box::pin(futures::future::ready(Err(retriable))) },
+            Err(retriable) => {
+                return InFlight::Sent { meta, delivery: Box::pin(futures::future::ready(Err(retriable))) }
+            }
         }
         let payload = match self.codec.encode(&row, &topic) {
             Ok(payload) => payload,
@@ -333,10 +346,9 @@ impl KafkaSink {
             let producer = self.producer.clone();
             let name = topic.to_string();
             let found = tokio::task::spawn_blocking(move || {
-                producer
-                    .client()
-                    .fetch_metadata(Some(&name), Duration::from_secs(10))
-                    .map(|md| md.topics().iter().any(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty()))
+                producer.client().fetch_metadata(Some(&name), Duration::from_secs(10)).map(|md| {
+                    md.topics().iter().any(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty())
+                })
             })
             .await
             .map_err(|e| PublishError::Retriable(e.to_string()))?

@@ -169,7 +169,9 @@ pub enum SlotHealth {
     /// Invalidated: it can never stream again.
     Lost,
     /// Usable; the WAL it retains, in bytes.
-    Present { retained: Option<i64> },
+    Present {
+        retained: Option<i64>,
+    },
 }
 
 pub async fn inspect_slot(client: &Client, slot: &str) -> Result<SlotHealth, tokio_postgres::Error> {
@@ -276,7 +278,13 @@ pub async fn prepare(client: &Client, config: &Config) -> Result<Plan, SlotError
     };
     if let Some(reason) = reason {
         if !config.source.create_slot {
-            let state = if reason == Reason::Invalidated { "invalidated" } else if reason == Reason::Missing { "missing" } else { "over its WAL budget" };
+            let state = if reason == Reason::Invalidated {
+                "invalidated"
+            } else if reason == Reason::Missing {
+                "missing"
+            } else {
+                "over its WAL budget"
+            };
             return Err(SlotError::NotAllowed { slot: slot.clone(), state });
         }
         recover_slot(client, config, reason).await?;
@@ -334,7 +342,11 @@ pub async fn release_orphaned_waiters(client: &Client, config: &Config) -> Resul
 /// Whether one of `blockers` (the rows that hold entities in this run) is
 /// no longer held: an operator retried or skipped it. The run must restart
 /// so the held entities are reloaded and the released rows published.
-pub async fn blocker_released(client: &Client, config: &Config, blockers: &[i64]) -> Result<bool, tokio_postgres::Error> {
+pub async fn blocker_released(
+    client: &Client,
+    config: &Config,
+    blockers: &[i64],
+) -> Result<bool, tokio_postgres::Error> {
     if blockers.is_empty() {
         return Ok(false);
     }

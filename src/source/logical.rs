@@ -49,10 +49,7 @@ pub enum LogicalError {
 /// Returns whether the slot was created now.
 pub async fn ensure_publication_and_slot(client: &Client, config: &Config) -> Result<bool, tokio_postgres::Error> {
     let publication = &config.source.publication_name;
-    let exists = client
-        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[publication])
-        .await?
-        .is_some();
+    let exists = client.query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[publication]).await?.is_some();
     if !exists {
         client
             .batch_execute(&format!(
@@ -63,10 +60,7 @@ pub async fn ensure_publication_and_slot(client: &Client, config: &Config) -> Re
         tracing::info!(publication = %publication, "created publication");
     }
     let slot = &config.source.slot_name;
-    let exists = client
-        .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &[slot])
-        .await?
-        .is_some();
+    let exists = client.query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &[slot]).await?.is_some();
     if !exists {
         // With a catch-up marker: rows committed before the slot are
         // published through the poll path at the relay's next start.

@@ -102,11 +102,7 @@ impl RowLayout {
     }
 
     /// Builds a row from text-format column values (`None` is NULL).
-    pub fn row(
-        &self,
-        values: &[Option<Bytes>],
-        committed_at: Option<DateTime<Utc>>,
-    ) -> Result<OutboxRow, RowError> {
+    pub fn row(&self, values: &[Option<Bytes>], committed_at: Option<DateTime<Utc>>) -> Result<OutboxRow, RowError> {
         let n = &self.names;
         let text = |idx: usize, column: &str| -> Result<Option<&str>, RowError> {
             match values.get(idx).and_then(|v| v.as_ref()) {
@@ -161,9 +157,7 @@ impl RowLayout {
 /// Parses Postgres' ISO text output of a `timestamptz`
 /// (`2026-11-23 16:40:00.123456+00`, `...+05:30`).
 pub fn parse_timestamptz(text: &str) -> Option<DateTime<Utc>> {
-    DateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f%#z")
-        .ok()
-        .map(|t| t.with_timezone(&Utc))
+    DateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f%#z").ok().map(|t| t.with_timezone(&Utc))
 }
 
 /// Converts pgoutput's timestamps (microseconds since 2000-01-01 UTC).
@@ -192,10 +186,21 @@ mod tests {
     }
 
     fn columns() -> Vec<String> {
-        ["id", "event_id", "aggregate_type", "aggregate_id", "event_type", "kind", "entity_version", "payload", "headers", "occurred_at"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
+        [
+            "id",
+            "event_id",
+            "aggregate_type",
+            "aggregate_id",
+            "event_type",
+            "kind",
+            "entity_version",
+            "payload",
+            "headers",
+            "occurred_at",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
     }
 
     #[test]
@@ -236,9 +241,6 @@ mod tests {
         cols[3] = "aggregateid".into();
         cols[4] = "type".into();
         assert!(RowLayout::new(&cols, &names).is_ok());
-        assert_eq!(
-            RowLayout::new(&columns(), &names),
-            Err(RowError::MissingColumn("aggregatetype".into()))
-        );
+        assert_eq!(RowLayout::new(&columns(), &names), Err(RowError::MissingColumn("aggregatetype".into())));
     }
 }

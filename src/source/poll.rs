@@ -122,7 +122,11 @@ pub enum PollError {
 /// Creates (poll mode) or drops (logical mode) the statement-level trigger
 /// that sends `NOTIFY <table>_relay` on insert. Only poll mode listens, and
 /// NOTIFY makes notifying transactions queue on one lock at commit.
-pub async fn set_notify_trigger(client: &tokio_postgres::Client, config: &Config, enabled: bool) -> Result<(), tokio_postgres::Error> {
+pub async fn set_notify_trigger(
+    client: &tokio_postgres::Client,
+    config: &Config,
+    enabled: bool,
+) -> Result<(), tokio_postgres::Error> {
     let table = &config.outbox.table;
     let schema = &config.outbox.schema;
     let drop = format!("DROP TRIGGER IF EXISTS \"{table}_relay_notify\" ON \"{schema}\".\"{table}\"");
@@ -403,15 +407,29 @@ mod tests {
     #[test]
     fn query_selects_by_publish_state_without_cursor_and_maps_columns() {
         let names = ColumnNames::default();
-        let existing: Vec<String> = ["id", "event_id", "aggregate_type", "aggregate_id", "event_type", "kind", "payload", "occurred_at", "published_at", "last_error"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let existing: Vec<String> = [
+            "id",
+            "event_id",
+            "aggregate_type",
+            "aggregate_id",
+            "event_type",
+            "kind",
+            "payload",
+            "occurred_at",
+            "published_at",
+            "last_error",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         let columns = selected_columns(&names, &existing);
         assert!(!columns.contains(&"entity_version".to_string()) && !columns.contains(&"headers".to_string()));
         assert!(RowLayout::new(&columns, &names).is_ok());
         let sql = poll_sql("\"public\".\"outbox\"", &names, &columns);
-        assert!(sql.contains("WHERE o.published_at IS NULL AND o.last_error IS NULL ORDER BY o.\"id\" LIMIT $1"), "{sql}");
+        assert!(
+            sql.contains("WHERE o.published_at IS NULL AND o.last_error IS NULL ORDER BY o.\"id\" LIMIT $1"),
+            "{sql}"
+        );
         assert!(!sql.contains('>'), "no cursor: {sql}");
         assert!(sql.contains("AT TIME ZONE 'UTC'"), "{sql}");
     }

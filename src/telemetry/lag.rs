@@ -113,11 +113,10 @@ pub async fn sample(config: Config, health: Health, mut stop: watch::Receiver<bo
             match status(c, &config).await {
                 Ok(s) => {
                     metrics::lag(&s);
-                    let since_publish = s
-                        .last_published_at
-                        .as_deref()
-                        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-                        .map(|t| (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_milliseconds() as f64 / 1000.0);
+                    let since_publish =
+                        s.last_published_at.as_deref().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()).map(
+                            |t| (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_milliseconds() as f64 / 1000.0,
+                        );
                     let stalled = s.oldest_pending_age_seconds.is_some_and(|age| age > timeout)
                         && since_publish.is_none_or(|since| since > timeout);
                     health.set_progressing(!stalled);

@@ -33,13 +33,20 @@ pub const SLOT_RECOVERIES_TOTAL: &str = "outbox_relay_slot_recoveries_total";
 pub fn describe() {
     describe_counter!(PUBLISHED_TOTAL, "Rows acknowledged by Kafka, by topic.");
     describe_counter!(PUBLISHED_BYTES_TOTAL, Unit::Bytes, "Record value bytes handed to the producer.");
-    describe_histogram!(PUBLISH_LATENCY_SECONDS, Unit::Seconds, "From the row's commit (or occurred_at) to Kafka's acknowledgement.");
+    describe_histogram!(
+        PUBLISH_LATENCY_SECONDS,
+        Unit::Seconds,
+        "From the row's commit (or occurred_at) to Kafka's acknowledgement."
+    );
     describe_counter!(PUBLISH_ERRORS_TOTAL, "Failed deliveries, by class (retriable, permanent).");
     describe_counter!(HELD_ROWS_TOTAL, "Rows held because they cannot be published (their own error).");
     describe_gauge!(HELD_ENTITIES, "Entities whose rows wait behind a held row.");
     describe_gauge!(IN_FLIGHT, "Items between the source and their recorded publish state.");
     describe_counter!(PRODUCER_QUEUE_FULL_TOTAL, "Times the producer queue was full and reading paused.");
-    describe_gauge!(PRODUCER_QUEUE_MESSAGES, "Messages in the producer's queue, not yet acknowledged (fill level against kafka.queue_max_messages).");
+    describe_gauge!(
+        PRODUCER_QUEUE_MESSAGES,
+        "Messages in the producer's queue, not yet acknowledged (fill level against kafka.queue_max_messages)."
+    );
     describe_histogram!(CHECKPOINT_BATCH_ROWS, "Rows recorded per publish-state batch.");
     describe_histogram!(CHECKPOINT_BATCH_SECONDS, Unit::Seconds, "Time to record one publish-state batch.");
     describe_gauge!(SOURCE_POSITION, Unit::Bytes, "Last WAL position read from the slot (logical mode).");
@@ -48,7 +55,11 @@ pub fn describe() {
     describe_counter!(RESTARTS_TOTAL, "Pipeline restarts after an error, by component.");
     describe_gauge!(ACTIVE, "1 when this instance is the active relay, 0 when standby.");
     describe_gauge!(UNPUBLISHED_ROWS, "Rows not yet published and not held (sampled from Postgres).");
-    describe_gauge!(OLDEST_UNPUBLISHED_AGE_SECONDS, Unit::Seconds, "Age of the oldest unpublished, not held row; 0 when none.");
+    describe_gauge!(
+        OLDEST_UNPUBLISHED_AGE_SECONDS,
+        Unit::Seconds,
+        "Age of the oldest unpublished, not held row; 0 when none."
+    );
     describe_gauge!(HELD_ROWS, "Rows held with an error (sampled from Postgres).");
     describe_gauge!(SLOT_RETAINED_WAL_BYTES, Unit::Bytes, "WAL the replication slot retains (logical mode).");
     describe_counter!(REGISTRY_ERRORS_TOTAL, "Failed schema registry requests.");

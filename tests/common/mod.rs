@@ -39,10 +39,7 @@ impl Stack {
 
     /// Runs `scripts/stack ARGS` (e.g. `stop kafka`) and asserts it worked.
     pub fn script(&self, args: &[&str]) {
-        let status = Command::new(self.repo.join("scripts/stack"))
-            .args(args)
-            .status()
-            .expect("run scripts/stack");
+        let status = Command::new(self.repo.join("scripts/stack")).args(args).status().expect("run scripts/stack");
         assert!(status.success(), "scripts/stack {args:?} failed");
     }
 }
@@ -133,7 +130,10 @@ telemetry.http_listen = "127.0.0.1:0"
     pub async fn cleanup(self) {
         let admin = connect(&self.stack.postgres_url).await;
         let _ = admin
-            .execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1", &[&self.slot])
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.slot],
+            )
             .await;
         let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).await;
     }
@@ -295,7 +295,9 @@ pub fn consume(bootstrap: &str, topics: &[&str], count: usize, deadline: Duratio
                         headers.insert(header.key.to_string(), value);
                     }
                 }
-                unique.insert(headers.get("event_id").cloned().unwrap_or_else(|| format!("{}-{}", msg.partition(), msg.offset())));
+                unique.insert(
+                    headers.get("event_id").cloned().unwrap_or_else(|| format!("{}-{}", msg.partition(), msg.offset())),
+                );
                 records.push(Record {
                     topic: msg.topic().to_string(),
                     key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default(),
@@ -442,6 +444,13 @@ pub async fn assert_all_present(client: &Client, records: &[Record]) {
     let ids: std::collections::HashSet<&str> =
         records.iter().filter_map(|r| r.headers.get("event_id").map(String::as_str)).collect();
     let rows = client.query("SELECT event_id::text FROM outbox", &[]).await.expect("read event ids");
-    let missing: Vec<String> = rows.iter().map(|r| r.get::<_, String>(0)).filter(|id| !ids.contains(id.as_str())).collect();
-    assert!(missing.is_empty(), "{} of {} messages never reached Kafka, e.g. {:?}", missing.len(), rows.len(), missing.first());
+    let missing: Vec<String> =
+        rows.iter().map(|r| r.get::<_, String>(0)).filter(|id| !ids.contains(id.as_str())).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} messages never reached Kafka, e.g. {:?}",
+        missing.len(),
+        rows.len(),
+        missing.first()
+    );
 }
