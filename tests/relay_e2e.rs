@@ -283,3 +283,39 @@ async fn permanent_error_holds_the_row_and_its_entity_but_not_others() {
     assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0), "{}", relay.log_text());
     db.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_relay_lets_the_slot_release_wal() {
+    let stack = Stack::from_env();
+    let db = TestDb::new(&stack).await;
+    let config = db.write_config("");
+    db.migrate(&config);
+    let client = db.client().await;
+    let mut relay = RelayProcess::start(&config);
+    insert_row(&client, "order", "o-1", 1).await;
+    wait_all_published(&client, Duration::from_secs(60)).await;
+
+    // Traffic on other tables only: nothing for the relay to publish, yet the
+    // slot's confirmed position must follow the WAL instead of pinning it.
+    client.batch_execute("CREATE TABLE other (id bigserial, note text)").await.expect("other table");
+    for _ in 0..20 {
+        client
+            .batch_execute("INSERT INTO other (note) SELECT repeat('x', 100) FROM generate_series(1, 100)")
+            .await
+            .expect("write");
+    }
+    let target: String = client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.expect("lsn").get(0);
+    wait_for("the idle slot to confirm past unrelated WAL", Duration::from_secs(90), || async {
+        let row = client
+            .query_one(
+                "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
+                &[&db.slot, &target],
+            )
+            .await
+            .ok()?;
+        row.get::<_, bool>(0).then_some(())
+    })
+    .await;
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0), "{}", relay.log_text());
+    db.cleanup().await;
+}
