@@ -138,11 +138,12 @@ async fn poll_query_cost(stack: &Stack) -> String {
              SELECT 'entity', 'e' || (g % 1000), 'Changed', 'state', jsonb_build_object('seq', g, 'pad', repeat('x', 250)), now(), 't', 0, g, 1
              FROM generate_series(1, 1000000) g;
              INSERT INTO outbox (aggregate_type, aggregate_id, event_type, kind, payload)
-             SELECT 'entity', 'e' || (g % 1000), 'Changed', 'state', jsonb_build_object('seq', g) FROM generate_series(1, 1000) g;
-             VACUUM ANALYZE outbox;",
+             SELECT 'entity', 'e' || (g % 1000), 'Changed', 'state', jsonb_build_object('seq', g) FROM generate_series(1, 1000) g;",
         )
         .await
         .expect("fill table");
+    // Not in the batch above: VACUUM cannot run inside a transaction block.
+    client.batch_execute("VACUUM ANALYZE outbox").await.expect("vacuum");
     let relay_config = relay::Config::from_toml_str(&db.config_toml("")).expect("config");
     let columns: Vec<String> = [
         "id",
@@ -216,7 +217,7 @@ async fn main() {
         }
         eprintln!("bench: {}", scenario.name);
         let f = run_scenario(&stack, scenario).await;
-        rows.push_str(&format!(
+        let row = format!(
             "| {} | {:.0} msg/s ({:.2} x baseline) | {:.1} ms / {:.1} ms ({} samples) | {:.0} MiB / {:.0} MiB | {:.0} rows/s |\n",
             scenario.name,
             f.drain_rate,
@@ -227,7 +228,9 @@ async fn main() {
             f.drain_rss,
             f.live_rss,
             f.write_rate,
-        ));
+        );
+        eprint!("{row}");
+        rows.push_str(&row);
     }
     let plan = if only.is_none() { poll_query_cost(&stack).await } else { String::from("(skipped)") };
     let report = format!(
