@@ -240,33 +240,43 @@ impl Checkpoint {
     async fn record(&self, batch: &Batch) -> Result<(), CheckpointError> {
         let started = std::time::Instant::now();
         if !batch.ids.is_empty() {
-            let mut pending: Vec<usize> = (0..batch.ids.len()).collect();
-            for attempt in 0.. {
+            self.until_visible(&batch.ids, async |pending: &[usize]| {
                 let ids: Vec<i64> = pending.iter().map(|&i| batch.ids[i]).collect();
                 let topics: Vec<&str> = pending.iter().map(|&i| batch.topics[i].as_str()).collect();
                 let partitions: Vec<i32> = pending.iter().map(|&i| batch.partitions[i]).collect();
                 let offsets: Vec<i64> = pending.iter().map(|&i| batch.offsets[i]).collect();
-                let rows = self.client.query(&self.publish_sql, &[&ids, &topics, &partitions, &offsets]).await?;
-                let matched: std::collections::HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
-                pending.retain(|&i| !matched.contains(&batch.ids[i]));
-                if pending.is_empty() || !self.wait_for_visibility(attempt, pending.len()).await {
-                    break;
-                }
-            }
+                self.client.query(&self.publish_sql, &[&ids, &topics, &partitions, &offsets]).await
+            })
+            .await?;
             metrics::checkpoint_batch(batch.ids.len(), started.elapsed());
         }
         if !batch.held_ids.is_empty() {
-            let mut pending: Vec<usize> = (0..batch.held_ids.len()).collect();
-            for attempt in 0.. {
+            self.until_visible(&batch.held_ids, async |pending: &[usize]| {
                 let ids: Vec<i64> = pending.iter().map(|&i| batch.held_ids[i]).collect();
                 let errors: Vec<&str> = pending.iter().map(|&i| batch.held_errors[i].as_str()).collect();
                 let attempts: Vec<i32> = pending.iter().map(|&i| batch.held_attempts[i]).collect();
-                let rows = self.client.query(&self.hold_sql, &[&ids, &errors, &attempts]).await?;
-                let matched: std::collections::HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
-                pending.retain(|&i| !matched.contains(&batch.held_ids[i]));
-                if pending.is_empty() || !self.wait_for_visibility(attempt, pending.len()).await {
-                    break;
-                }
+                self.client.query(&self.hold_sql, &[&ids, &errors, &attempts]).await
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Runs `update` (an UPDATE ... RETURNING id) for the rows at the
+    /// `pending` indices of `ids`, again for those it did not match, until
+    /// all are matched or [`Self::wait_for_visibility`] gives up.
+    async fn until_visible(
+        &self,
+        ids: &[i64],
+        mut update: impl AsyncFnMut(&[usize]) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>,
+    ) -> Result<(), CheckpointError> {
+        let mut pending: Vec<usize> = (0..ids.len()).collect();
+        for attempt in 0.. {
+            let rows = update(&pending).await?;
+            let matched: std::collections::HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
+            pending.retain(|&i| !matched.contains(&ids[i]));
+            if pending.is_empty() || !self.wait_for_visibility(attempt, pending.len()).await {
+                break;
             }
         }
         Ok(())
