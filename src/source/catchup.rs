@@ -51,7 +51,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_postgres::Client;
 
 use super::logical;
-use super::poll::{rows_within, select_list, table_layout, text_values, PollError};
+use super::poll::{select_list, table_layout, BatchRound, PollError, Round};
 use super::{Position, SourceEvent};
 use crate::config::Config;
 use crate::sink::WAITING_BEHIND;
@@ -409,46 +409,26 @@ impl CatchUp<'_> {
         let statement = client.prepare(&sql).await?;
         let limit = i64::try_from(config.source.batch_rows).unwrap_or(i64::MAX);
         let mut outcome = CatchUpOutcome { rows: 0, batches: 0, finished: false };
+        let round = BatchRound {
+            client,
+            statement: &statement,
+            limit,
+            max_bytes: config.source.batch_max_bytes,
+            layout: &layout,
+        };
         loop {
             if *stop.borrow() {
                 return Ok(outcome);
             }
-            let rows = client.query(&statement, &[&limit]).await?;
-            if rows.is_empty() {
-                outcome.finished = true;
-                return Ok(outcome);
-            }
-            let mut values = Vec::with_capacity(rows.len());
-            let mut sizes = Vec::with_capacity(rows.len());
-            for row in &rows {
-                let (columns, size) = text_values(row)?;
-                values.push(columns);
-                sizes.push(size);
-            }
-            let take = rows_within(&sizes, config.source.batch_max_bytes);
-            for columns in values.iter().take(take) {
-                let row = layout.row(columns, None)?;
-                tracing::trace!(row_id = row.id, "row caught up");
-                if out.send(SourceEvent::Row(row)).await.is_err() {
+            match round.send(outcome.batches + 1, out, confirmed, stop).await? {
+                Round::Empty => {
+                    outcome.finished = true;
                     return Ok(outcome);
                 }
-            }
-            outcome.rows += take as u64;
-            outcome.batches += 1;
-            let batch = outcome.batches;
-            tracing::debug!(batch, rows = take, "catch-up batch read");
-            if out.send(SourceEvent::Checkpoint(batch)).await.is_err() {
-                return Ok(outcome);
-            }
-            // As in poll mode: the next SELECT would see this batch again
-            // before its publish state is recorded.
-            tokio::select! {
-                biased;
-                _ = stop.wait_for(|s| *s) => return Ok(outcome),
-                recorded = confirmed.wait_for(|p| *p >= batch) => {
-                    if recorded.is_err() {
-                        return Ok(outcome);
-                    }
+                Round::Stopped => return Ok(outcome),
+                Round::Sent { rows, .. } => {
+                    outcome.batches += 1;
+                    outcome.rows += rows as u64;
                 }
             }
         }

@@ -257,6 +257,73 @@ pub fn rows_within(sizes: &[usize], max_bytes: usize) -> usize {
     sizes.len()
 }
 
+/// What one [`BatchRound`] did.
+pub enum Round {
+    /// The query found nothing.
+    Empty,
+    /// A batch of `rows` was emitted and recorded; `full` when more rows may
+    /// be waiting.
+    Sent { rows: usize, full: bool },
+    /// `stop` turned true, or the downstream stages are gone.
+    Stopped,
+}
+
+/// One round of the one-batch-in-flight loop that poll mode and the
+/// catch-up phase share: select the next unpublished rows (id order), cut
+/// them at `max_bytes`, emit them and the batch marker, then wait until the
+/// checkpoint stage has recorded the batch, so that the next SELECT cannot
+/// see these rows again.
+pub struct BatchRound<'a> {
+    pub client: &'a Client,
+    /// Selects unpublished rows in id order, `LIMIT $1`.
+    pub statement: &'a tokio_postgres::Statement,
+    pub limit: i64,
+    pub max_bytes: usize,
+    pub layout: &'a RowLayout,
+}
+
+impl BatchRound<'_> {
+    /// Emits batch number `batch`; see [`Round`].
+    pub async fn send(
+        &self,
+        batch: Position,
+        out: &mpsc::Sender<SourceEvent>,
+        confirmed: &mut watch::Receiver<Position>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Round, PollError> {
+        let rows = self.client.query(self.statement, &[&self.limit]).await?;
+        if rows.is_empty() {
+            return Ok(Round::Empty);
+        }
+        let mut values = Vec::with_capacity(rows.len());
+        let mut sizes = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let (columns, size) = text_values(row)?;
+            values.push(columns);
+            sizes.push(size);
+        }
+        let take = rows_within(&sizes, self.max_bytes);
+        let full = rows.len() as i64 >= self.limit || take < rows.len();
+        for columns in values.iter().take(take) {
+            let row = self.layout.row(columns, None)?;
+            tracing::trace!(row_id = row.id, "row read");
+            if out.send(SourceEvent::Row(row)).await.is_err() {
+                return Ok(Round::Stopped);
+            }
+        }
+        tracing::debug!(batch, rows = take, bytes = sizes.iter().take(take).sum::<usize>(), "batch read");
+        if out.send(SourceEvent::Checkpoint(batch)).await.is_err() {
+            return Ok(Round::Stopped);
+        }
+        tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => Ok(Round::Stopped),
+            // An error: the checkpoint stage is gone; the pipeline reports why.
+            recorded = confirmed.wait_for(|p| *p >= batch) => Ok(if recorded.is_ok() { Round::Sent { rows: take, full } } else { Round::Stopped }),
+        }
+    }
+}
+
 /// Reads unpublished outbox rows in id order, one batch in flight at a time.
 pub struct PollSource {
     config: Config,
@@ -290,44 +357,22 @@ impl PollSource {
             if *stop.borrow() {
                 return Ok(());
             }
-            let rows = client.query(&statement, &[&limit]).await?;
-            let mut values = Vec::with_capacity(rows.len());
-            let mut sizes = Vec::with_capacity(rows.len());
-            for row in &rows {
-                let (columns, size) = text_values(row)?;
-                values.push(columns);
-                sizes.push(size);
-            }
-            let take = rows_within(&sizes, source.batch_max_bytes);
-            let full = rows.len() >= source.batch_rows || take < rows.len();
-            if take > 0 {
-                for columns in values.iter().take(take) {
-                    let row = layout.row(columns, None)?;
-                    tracing::trace!(row_id = row.id, "row read");
-                    if out.send(SourceEvent::Row(row)).await.is_err() {
-                        return Ok(());
+            let round = BatchRound {
+                client: &client,
+                statement: &statement,
+                limit,
+                max_bytes: source.batch_max_bytes,
+                layout: &layout,
+            };
+            match round.send(batch + 1, &out, &mut confirmed, &mut stop).await? {
+                Round::Stopped => return Ok(()),
+                Round::Sent { full, .. } => {
+                    batch += 1;
+                    if full {
+                        continue;
                     }
                 }
-                batch += 1;
-                tracing::debug!(batch, rows = take, bytes = sizes.iter().take(take).sum::<usize>(), "batch read");
-                if out.send(SourceEvent::Checkpoint(batch)).await.is_err() {
-                    return Ok(());
-                }
-                // One batch in flight: its publish state must be recorded
-                // before the next SELECT, or that SELECT would see it again.
-                tokio::select! {
-                    biased;
-                    _ = stop.wait_for(|s| *s) => return Ok(()),
-                    recorded = confirmed.wait_for(|p| *p >= batch) => {
-                        if recorded.is_err() {
-                            // The checkpoint stage is gone; the pipeline reports why.
-                            return Ok(());
-                        }
-                    }
-                }
-                if full {
-                    continue;
-                }
+                Round::Empty => {}
             }
             tokio::select! {
                 biased;
