@@ -13,11 +13,7 @@ pub async fn register(config: &Config) -> Result<Report, SchemaError> {
     let set = SchemaSet::load(config)?;
     let registry = Registry::new(&config.registry)?;
     let mut report = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    for (subject, _topic, schema) in set.subjects(config) {
-        if !seen.insert(subject.clone()) {
-            continue;
-        }
+    for (subject, schema) in set.unique_subjects(config) {
         let outcome = async {
             // A new subject takes the level before its first version; an
             // existing one keeps being checked under the configured level.
@@ -29,8 +25,7 @@ pub async fn register(config: &Config) -> Result<Report, SchemaError> {
         report.push((subject, outcome.map_err(|e| e.to_string())));
     }
     if config.codec.key_format == crate::config::KeyFormat::Avro {
-        let topics: std::collections::BTreeSet<&str> = set.entries.iter().map(|(_, topic, _)| topic.as_str()).collect();
-        for topic in topics {
+        for topic in crate::codec::key_topics(config) {
             let subject = format!("{topic}-key");
             let outcome = async {
                 registry.set_compatibility(&subject, &config.codec.compatibility).await?;
@@ -49,11 +44,7 @@ pub async fn check(config: &Config) -> Result<Report, SchemaError> {
     let set = SchemaSet::load(config)?;
     let registry = Registry::new(&config.registry)?;
     let mut report = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    for (subject, _topic, schema) in set.subjects(config) {
-        if !seen.insert(subject.clone()) {
-            continue;
-        }
+    for (subject, schema) in set.unique_subjects(config) {
         let outcome = match registry.has_subject(&subject).await {
             Ok(false) => Ok(format!("{}: new subject, nothing to be compatible with", schema.file)),
             Ok(true) => match registry.check(&subject, &schema.text, &schema.full_name).await {

@@ -114,6 +114,15 @@ impl SchemaSet {
         Ok(Self { entries })
     }
 
+    /// Each distinct subject once, with its schema.
+    pub fn unique_subjects(&self, config: &Config) -> Vec<(String, Arc<LoadedSchema>)> {
+        let mut seen = std::collections::HashSet::new();
+        self.subjects(config)
+            .filter(|(subject, _, _)| seen.insert(subject.clone()))
+            .map(|(subject, _, schema)| (subject, schema.clone()))
+            .collect()
+    }
+
     /// The registry subject of each entry, by the configured strategy.
     pub fn subjects<'a>(
         &'a self,
@@ -134,6 +143,19 @@ fn load_schema(dir: &Path, file: &str) -> Result<LoadedSchema, SchemaError> {
         Schema::parse_str(&text).map_err(|e| SchemaError::Parse { path: shown.clone(), reason: e.to_string() })?;
     let full_name = schema.name().map(|n| n.fullname(None)).ok_or(SchemaError::Unnamed { path: shown })?;
     Ok(LoadedSchema { file: file.to_string(), text, full_name, schema })
+}
+
+/// The topics whose keys are Avro strings when `codec.key_format = "avro"`:
+/// those of the aggregate types in `codec.schemas` and of `routing.topics`.
+pub fn key_topics(config: &Config) -> std::collections::BTreeSet<String> {
+    let router = TopicRouter::new(&config.routing);
+    config
+        .codec
+        .schemas
+        .keys()
+        .map(|key| router.topic_for(key.split('/').next().unwrap_or(key)))
+        .chain(config.routing.topics.values().cloned())
+        .collect()
 }
 
 /// Encodes payloads in the configured format.
@@ -163,15 +185,7 @@ impl Codec {
         let mut key_ids = HashMap::new();
         if config.codec.key_format == KeyFormat::Avro {
             let registry = Registry::new(&config.registry)?;
-            let router = TopicRouter::new(&config.routing);
-            let topics: std::collections::BTreeSet<String> = config
-                .codec
-                .schemas
-                .keys()
-                .map(|key| router.topic_for(key.split('/').next().unwrap_or(key)))
-                .chain(config.routing.topics.values().cloned())
-                .collect();
-            for topic in topics {
+            for topic in key_topics(config) {
                 let subject = format!("{topic}-key");
                 let id = if config.codec.auto_register {
                     registry.register(&subject, KEY_SCHEMA, "string").await?
