@@ -319,3 +319,49 @@ async fn an_idle_relay_lets_the_slot_release_wal() {
     assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0), "{}", relay.log_text());
     db.cleanup().await;
 }
+
+/// The role a relay reports on `/readyz`.
+async fn role(relay: &RelayProcess) -> Option<String> {
+    let body: serde_json::Value =
+        reqwest::get(format!("{}/readyz", relay.http_base().await)).await.ok()?.json().await.ok()?;
+    body["role"].as_str().map(str::to_string)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_active_relay_among_sidecars_and_the_standby_takes_over() {
+    let stack = Stack::from_env();
+    let db = TestDb::new(&stack).await;
+    let config = db.write_config("");
+    db.migrate(&config);
+    let client = db.client().await;
+    let mut first = RelayProcess::start(&config);
+    wait_for("the first relay to be active", Duration::from_secs(30), || async {
+        (role(&first).await.as_deref() == Some("active")).then_some(())
+    })
+    .await;
+    let mut second = RelayProcess::start(&config);
+    wait_for("the second relay to stand by", Duration::from_secs(30), || async {
+        (role(&second).await.as_deref() == Some("standby")).then_some(())
+    })
+    .await;
+
+    let workload = spawn_workload(&db.url, 3_000, 20, 4);
+    wait_for("some rows published", Duration::from_secs(60), || async {
+        let n: i64 =
+            client.query_one("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL", &[]).await.ok()?.get(0);
+        (n > 500).then_some(())
+    })
+    .await;
+    first.kill9();
+    wait_for("the standby to take over", Duration::from_secs(60), || async {
+        (role(&second).await.as_deref() == Some("active")).then_some(())
+    })
+    .await;
+    workload.await.expect("workload");
+    wait_all_published(&client, Duration::from_secs(120)).await;
+    let records = consume(&stack.bootstrap, &[&db.topic("entity")], 3_000, Duration::from_secs(60));
+    assert_all_present(&client, &records).await;
+    assert_per_key_order(&records);
+    assert_eq!(second.terminate(Duration::from_secs(15)), Some(0), "{}", second.log_text());
+    db.cleanup().await;
+}
