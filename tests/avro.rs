@@ -133,6 +133,10 @@ async fn payload_not_matching_its_schema_is_held_with_the_field_path() {
     let stack = Stack::from_env();
     let db = TestDb::new(&stack).await;
     let config = avro_config(&db, &stack.repo.join("schemas"));
+    let dead_letter = db.topic("dead-letter");
+    let text =
+        std::fs::read_to_string(&config).expect("config") + &format!("routing.dead_letter_topic = \"{dead_letter}\"\n");
+    std::fs::write(&config, text).expect("config");
     db.migrate(&config);
     relay_ok(&config, &["schemas", "register"]);
     let client = db.client().await;
@@ -163,6 +167,13 @@ async fn payload_not_matching_its_schema_is_held_with_the_field_path() {
     );
     let waiting = wait_for("the later row to wait", Duration::from_secs(30), || error(behind)).await;
     assert!(waiting.contains(&format!("held row {held}")), "{waiting}");
+    // A JSON copy with the reason went to the dead-letter topic.
+    let copies = consume(&stack.bootstrap, &[&dead_letter], 1, Duration::from_secs(30));
+    let copy = copies[0].json();
+    assert_eq!(copy["row_id"], json!(held));
+    assert_eq!(copy["payload"], bad);
+    assert!(copy["reason"].as_str().unwrap_or_default().contains("$.data.amount"), "{copy}");
+    assert_eq!(copies[0].key, "ord-bad");
     // The held rows do not pin the slot: once recorded, it moves past them.
     let after: String = client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.expect("lsn").get(0);
     wait_for("the slot to move past the held rows", Duration::from_secs(30), || async {

@@ -167,6 +167,7 @@ impl Default for RoutingConfig {
             create_topics: create_topics(),
             topic_partitions: topic_partitions(),
             topic_replication_factor: topic_replication_factor(),
+            dead_letter_topic: None,
         }
     }
 }

@@ -217,6 +217,10 @@ pub struct RoutingConfig {
     /// Replication factor of created topics; -1 takes the broker's default.
     #[serde(default = "defaults::topic_replication_factor")]
     pub topic_replication_factor: i32,
+    /// Optional topic that receives a JSON copy (with the reason) of every
+    /// row held for its own error. The row stays held either way.
+    #[serde(default)]
+    pub dead_letter_topic: Option<String>,
 }
 
 /// Payload encoding.
@@ -425,6 +429,9 @@ impl Config {
         }
         if !self.routing.topic_template.contains("{aggregate_type}") && self.routing.topic_template.contains('{') {
             return invalid("routing.topic_template", "the only placeholder allowed is {aggregate_type}".into());
+        }
+        if self.routing.dead_letter_topic.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            return invalid("routing.dead_letter_topic", "must be a topic name, or left out".into());
         }
         if self.routing.topic_partitions == 0 || self.routing.topic_partitions < -1 {
             return invalid("routing.topic_partitions", "must be -1 (broker default) or at least 1".into());

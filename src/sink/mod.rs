@@ -252,25 +252,20 @@ impl KafkaSink {
             }
             None => {}
         }
-        let hold = |this: &Self, meta: RowMeta, error: String| {
-            this.held.hold(&meta.aggregate_type, &meta.aggregate_id, meta.id);
-            tracing::error!(row_id = meta.id, topic = %meta.topic, traceparent = meta.traceparent.as_deref().unwrap_or(""), error = %error, "row held: it cannot be published until an operator acts");
-            InFlight::Held { meta, error, attempted: true }
-        };
         match self.ensure_topic(&topic).await {
             Ok(()) => {}
-            Err(PublishError::Permanent(error)) => return hold(self, meta, error),
+            Err(PublishError::Permanent(error)) => return self.hold(&row, meta, error).await,
             Err(retriable) => {
                 return InFlight::Sent { meta, delivery: Box::pin(futures::future::ready(Err(retriable))) }
             }
         }
         let payload = match self.codec.encode(&row, &topic) {
             Ok(payload) => payload,
-            Err(err) => return hold(self, meta, err.to_string()),
+            Err(err) => return self.hold(&row, meta, err.to_string()).await,
         };
         let key = match self.codec.encode_key(&row, &topic) {
             Ok(key) => key,
-            Err(err) => return hold(self, meta, err.to_string()),
+            Err(err) => return self.hold(&row, meta, err.to_string()).await,
         };
         let headers = record_headers(&row);
         let mut record = FutureRecord::to(&topic).key(key.as_ref()).payload(payload.as_ref()).headers(headers);
@@ -293,7 +288,7 @@ impl KafkaSink {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 Err((err, _)) => match classify(&err) {
-                    PublishError::Permanent(error) => return hold(self, meta, error),
+                    PublishError::Permanent(error) => return self.hold(&row, meta, error).await,
                     PublishError::Retriable(error) => {
                         return InFlight::Sent {
                             meta,
@@ -302,6 +297,55 @@ impl KafkaSink {
                     }
                 },
             }
+        }
+    }
+
+    /// Holds a row that cannot be published: later rows of its entity wait
+    /// behind it, and a copy goes to the dead-letter topic if one is set.
+    async fn hold(&mut self, row: &OutboxRow, meta: RowMeta, error: String) -> InFlight {
+        self.held.hold(&meta.aggregate_type, &meta.aggregate_id, meta.id);
+        tracing::error!(row_id = meta.id, topic = %meta.topic, traceparent = meta.traceparent.as_deref().unwrap_or(""), error = %error, "row held: it cannot be published until an operator acts");
+        if let Some(topic) = self.routing.dead_letter_topic.clone() {
+            self.dead_letter(&topic, row, &error).await;
+        }
+        InFlight::Held { meta, error, attempted: true }
+    }
+
+    /// Sends a held row to the dead-letter topic as JSON with the reason.
+    /// Best effort: the row stays held and recorded whatever happens here.
+    async fn dead_letter(&mut self, topic: &str, row: &OutboxRow, reason: &str) {
+        if let Err(err) = self.ensure_topic(topic).await {
+            tracing::warn!(row_id = row.id, topic, error = %err, "cannot reach the dead-letter topic");
+            return;
+        }
+        let payload = serde_json::from_slice::<serde_json::Value>(&row.payload)
+            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&row.payload).into_owned()));
+        let body = serde_json::json!({
+            "row_id": row.id,
+            "event_id": row.event_id,
+            "aggregate_type": row.aggregate_type,
+            "aggregate_id": row.aggregate_id,
+            "event_type": row.event_type,
+            "kind": row.kind,
+            "entity_version": row.entity_version,
+            "occurred_at": row.occurred_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            "reason": reason,
+            "payload": payload,
+        });
+        let bytes = body.to_string();
+        let headers = record_headers(row).insert(Header { key: "held_reason", value: Some(reason.as_bytes()) });
+        let record =
+            FutureRecord::to(topic).key(row.aggregate_id.as_bytes()).payload(bytes.as_bytes()).headers(headers);
+        match self.producer.send_result(record) {
+            Ok(delivery) => {
+                let (row_id, topic) = (row.id, topic.to_string());
+                tokio::spawn(async move {
+                    if let Ok(Err((err, _))) = delivery.await {
+                        tracing::warn!(row_id, topic = %topic, error = %err, "dead-letter copy not delivered");
+                    }
+                });
+            }
+            Err((err, _)) => tracing::warn!(row_id = row.id, topic, error = %err, "dead-letter copy not sent"),
         }
     }
 
