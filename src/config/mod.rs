@@ -72,6 +72,12 @@ pub struct PostgresConfig {
     /// Timeout for establishing a connection, in milliseconds.
     #[serde(default = "defaults::connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+    /// PEM file of the CA(s) that sign the server's certificate. When set,
+    /// TLS connections verify the certificate and host name against it (as
+    /// libpq's `verify-full`); when not, TLS (`sslmode=prefer`, the default,
+    /// or `require` in the URL) encrypts without verifying, as libpq does.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 /// The Kafka producer. Options not typed here go through `librdkafka`.
@@ -392,6 +398,11 @@ impl Config {
         let url = self.postgres.url.expose_secret();
         if url.parse::<tokio_postgres::Config>().is_err() {
             return invalid("postgres.url", "expected a URL such as postgres://user:password@127.0.0.1:5432/db".into());
+        }
+        if let Some(ca) = &self.postgres.tls_ca_file {
+            if std::fs::metadata(ca).is_err() {
+                return invalid("postgres.tls_ca_file", format!("cannot read {}", ca.display()));
+            }
         }
         if self.kafka.bootstrap_servers.trim().is_empty() {
             return invalid("kafka.bootstrap_servers", "must list at least one host:port".into());

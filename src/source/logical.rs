@@ -127,8 +127,17 @@ impl LogicalSource {
             Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
             None => "localhost".to_string(),
         };
-        let tls = match pg.get_ssl_mode() {
-            tokio_postgres::config::SslMode::Require => TlsConfig::require(),
+        // The replication connection decides TLS up front: with
+        // `sslmode=require` it is encrypted, and with postgres.tls_ca_file
+        // verified like the regular connections (the chain, and the host
+        // name unless the host is an IP address, which this client cannot
+        // match against a certificate). `prefer`, the default, stays plain.
+        let tls = match (pg.get_ssl_mode(), self.config.postgres.tls_ca_file.clone()) {
+            (tokio_postgres::config::SslMode::Require, None) => TlsConfig::require(),
+            (tokio_postgres::config::SslMode::Require, Some(ca)) if host.parse::<std::net::IpAddr>().is_ok() => {
+                TlsConfig::verify_ca(Some(ca))
+            }
+            (tokio_postgres::config::SslMode::Require, Some(ca)) => TlsConfig::verify_full(Some(ca)),
             _ => TlsConfig::disabled(),
         };
         let source = &self.config.source;

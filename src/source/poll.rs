@@ -98,7 +98,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use secrecy::ExposeSecret;
 use tokio::sync::{mpsc, watch};
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
 
 use super::{Position, RowError, RowLayout, SourceEvent};
 use crate::config::{ColumnNames, Config};
@@ -408,7 +408,7 @@ impl PollSource {
         if pg.get_application_name().is_none() {
             pg.application_name("outbox-relay-listen");
         }
-        let (client, mut connection) = pg.connect(NoTls).await.map_err(|err| {
+        let (client, mut connection) = pg.connect(database::tls(postgres)?).await.map_err(|err| {
             let cause = std::error::Error::source(&err).map(|s| format!(" ({s})")).unwrap_or_default();
             DatabaseError::Connect(format!("{err}{cause}"))
         })?;
