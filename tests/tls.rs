@@ -85,3 +85,29 @@ async fn a_certificate_from_another_ca_is_refused() {
     assert!(line.contains("ok"), "{line}");
     db.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_sslmode_prefer_encrypts_when_the_server_offers_tls() {
+    let stack = Stack::from_env();
+    let db = TestDb::new(&stack).await;
+    let config = db.write_config("");
+    db.migrate(&config);
+    let client = db.client().await;
+    let mut relay = RelayProcess::start(&config);
+    insert_row(&client, "plain", "e1", 1).await;
+    wait_all_published(&client, Duration::from_secs(60)).await;
+    let sessions = client
+        .query(
+            "SELECT a.backend_type, coalesce(s.ssl, false) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+             WHERE a.pid <> pg_backend_pid() AND a.datname = current_database()",
+            &[],
+        )
+        .await
+        .expect("sessions");
+    assert!(sessions.iter().any(|r| r.get::<_, String>(0) == "walsender"), "the replication stream is among them");
+    for row in &sessions {
+        assert!(row.get::<_, bool>(1), "a {} session is not encrypted", row.get::<_, String>(0));
+    }
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0), "{}", relay.log_text());
+    db.cleanup().await;
+}

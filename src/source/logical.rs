@@ -127,18 +127,22 @@ impl LogicalSource {
             Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
             None => "localhost".to_string(),
         };
-        // The replication connection decides TLS up front: with
-        // `sslmode=require` it is encrypted, and with postgres.tls_ca_file
-        // verified like the regular connections (the chain, and the host
-        // name unless the host is an IP address, which this client cannot
-        // match against a certificate). `prefer`, the default, stays plain.
+        // As the regular connections: `prefer` (the default) encrypts when
+        // the server offers TLS, `require` insists, and with
+        // postgres.tls_ca_file the server is verified (the chain, and the
+        // host name unless the host is an IP address, which this client
+        // cannot match against a certificate).
+        use tokio_postgres::config::SslMode as Mode;
         let tls = match (pg.get_ssl_mode(), self.config.postgres.tls_ca_file.clone()) {
-            (tokio_postgres::config::SslMode::Require, None) => TlsConfig::require(),
-            (tokio_postgres::config::SslMode::Require, Some(ca)) if host.parse::<std::net::IpAddr>().is_ok() => {
-                TlsConfig::verify_ca(Some(ca))
+            (Mode::Disable, _) => TlsConfig::disabled(),
+            (_, Some(ca)) if host.parse::<std::net::IpAddr>().is_ok() => TlsConfig::verify_ca(Some(ca)),
+            (_, Some(ca)) => TlsConfig::verify_full(Some(ca)),
+            (Mode::Require, None) => TlsConfig::require(),
+            (_, None) => {
+                let mut tls = TlsConfig::require();
+                tls.mode = pgwire_replication::SslMode::Prefer;
+                tls
             }
-            (tokio_postgres::config::SslMode::Require, Some(ca)) => TlsConfig::verify_full(Some(ca)),
-            _ => TlsConfig::disabled(),
         };
         let source = &self.config.source;
         let mut replication = ReplicationConfig::default();
