@@ -151,3 +151,66 @@ async fn postgres_restart_reconnects_and_resumes_from_the_slot() {
     assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0), "{}", relay.log_text());
     db.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_down_at_start_is_retried_and_once_ids_are_cached_an_outage_does_not_stop_publishing() {
+    let _serial = SERIAL.lock().await;
+    let stack = Stack::from_env();
+    let db = TestDb::new(&stack).await;
+    let config = db.write_config(&format!(
+        "codec.format = \"avro\"\ncodec.schemas_dir = \"{}\"\ncodec.schemas.profile = \"profile/CustomerProfile.avsc\"",
+        stack.repo.join("schemas").display()
+    ));
+    db.migrate(&config);
+    let client = db.client().await;
+    let profile = |version: i64| {
+        serde_json::json!({"customer_id": "cus-1", "version": version, "name": "Ada", "email": "ada@example.com",
+            "tier": "GOLD", "addresses": [], "preferences": {}, "updated_at": "2026-11-23T16:40:00Z"})
+    };
+    let insert = |version: i64| {
+        let client = &client;
+        let payload = profile(version);
+        async move {
+            client
+                .execute(
+                    "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, kind, entity_version, payload)
+                     VALUES ('profile', 'cus-1', 'ProfileChanged', 'state', $1, $2)",
+                    &[&version, &payload],
+                )
+                .await
+                .expect("insert");
+        }
+    };
+
+    // 1. The registry is down when the relay starts: it retries and says so.
+    let mut relay;
+    {
+        stack.script(&["stop", "registry"]);
+        let _restart = Restart { stack: &stack, component: "registry" };
+        relay = RelayProcess::start(&config);
+        insert(1).await;
+        wait_for("the relay to report the registry", Duration::from_secs(60), || async {
+            let restarts = relay.metric("outbox_relay_pipeline_restarts_total{component=\"registry\"}").await?;
+            (restarts >= 1.0 && relay.log_text().contains("schema registry unreachable")).then_some(())
+        })
+        .await;
+    }
+    // The registry is back (in-memory: empty); once the schema is
+    // registered the relay resolves its id and publishes.
+    let output = relay_command(&config).args(["schemas", "register"]).output().expect("register");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stdout));
+    wait_all_published(&client, Duration::from_secs(90)).await;
+
+    // 2. Ids are cached: a registry outage now does not stop publishing.
+    {
+        stack.script(&["stop", "registry"]);
+        let _restart = Restart { stack: &stack, component: "registry" };
+        insert(2).await;
+        insert(3).await;
+        wait_all_published(&client, Duration::from_secs(60)).await;
+    }
+    let records = consume(&stack.bootstrap, &[&db.topic("profile")], 3, Duration::from_secs(30));
+    assert_eq!(records.iter().filter(|r| r.payload.first() == Some(&0)).count(), records.len(), "Avro wire format");
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0), "{}", relay.log_text());
+    db.cleanup().await;
+}
