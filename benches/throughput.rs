@@ -145,21 +145,8 @@ async fn poll_query_cost(stack: &Stack) -> String {
     // Not in the batch above: VACUUM cannot run inside a transaction block.
     client.batch_execute("VACUUM ANALYZE outbox").await.expect("vacuum");
     let relay_config = relay::Config::from_toml_str(&db.config_toml("")).expect("config");
-    let columns: Vec<String> = [
-        "id",
-        "event_id",
-        "aggregate_type",
-        "aggregate_id",
-        "event_type",
-        "kind",
-        "entity_version",
-        "payload",
-        "headers",
-        "occurred_at",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    // The columns the relay itself would select from this table.
+    let (columns, _) = relay::source::poll::table_layout(&client, &relay_config).await.expect("outbox columns");
     let sql = relay::source::poll::poll_sql(&relay_config.outbox_table_sql(), &relay_config.outbox.columns, &columns)
         .replace("$1", "1000");
     let plan: Vec<String> = client

@@ -176,17 +176,8 @@ async fn payload_not_matching_its_schema_is_held_with_the_field_path() {
     assert_eq!(copies[0].key, "ord-bad");
     // The held rows do not pin the slot: once recorded, it moves past them.
     let after: String = client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.expect("lsn").get(0);
-    wait_for("the slot to move past the held rows", Duration::from_secs(30), || async {
-        let row = client
-            .query_one(
-                "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
-                &[&db.slot, &after],
-            )
-            .await
-            .ok()?;
-        row.get::<_, bool>(0).then_some(())
-    })
-    .await;
+    wait_slot_confirmed_past(&client, &db.slot, &after, "the slot to move past the held rows", Duration::from_secs(30))
+        .await;
     assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0), "{}", relay.log_text());
     db.cleanup().await;
 }

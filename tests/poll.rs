@@ -280,21 +280,8 @@ async fn poll_query_uses_the_partial_index_whatever_the_history() {
         .await
         .expect("history");
     let config = relay::Config::load(&config_path).expect("config");
-    let columns: Vec<String> = [
-        "id",
-        "event_id",
-        "aggregate_type",
-        "aggregate_id",
-        "event_type",
-        "kind",
-        "entity_version",
-        "payload",
-        "headers",
-        "occurred_at",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    // The columns the relay itself would select from this table.
+    let (columns, _) = relay::source::poll::table_layout(&client, &config).await.expect("outbox columns");
     let sql = relay::source::poll::poll_sql(&config.outbox_table_sql(), &config.outbox.columns, &columns);
     let explain = format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {}", sql.replace("$1", "1000"));
     let started = Instant::now();

@@ -305,16 +305,13 @@ async fn an_idle_relay_lets_the_slot_release_wal() {
             .expect("write");
     }
     let target: String = client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.expect("lsn").get(0);
-    wait_for("the idle slot to confirm past unrelated WAL", Duration::from_secs(90), || async {
-        let row = client
-            .query_one(
-                "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
-                &[&db.slot, &target],
-            )
-            .await
-            .ok()?;
-        row.get::<_, bool>(0).then_some(())
-    })
+    wait_slot_confirmed_past(
+        &client,
+        &db.slot,
+        &target,
+        "the idle slot to confirm past unrelated WAL",
+        Duration::from_secs(90),
+    )
     .await;
     assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0), "{}", relay.log_text());
     db.cleanup().await;

@@ -454,3 +454,19 @@ pub async fn assert_all_present(client: &Client, records: &[Record]) {
         missing.first()
     );
 }
+
+/// Waits until the test database's slot has confirmed a position at or past
+/// `lsn` (text form), i.e. the slot no longer retains WAL before it.
+pub async fn wait_slot_confirmed_past(client: &Client, slot: &str, lsn: &str, what: &str, deadline: Duration) {
+    wait_for(what, deadline, || async {
+        let row = client
+            .query_one(
+                "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot, &lsn],
+            )
+            .await
+            .ok()?;
+        row.get::<_, bool>(0).then_some(())
+    })
+    .await
+}
