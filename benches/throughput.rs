@@ -146,9 +146,9 @@ async fn poll_query_cost(stack: &Stack) -> String {
     client.batch_execute("VACUUM ANALYZE outbox").await.expect("vacuum");
     let relay_config = relay::Config::from_toml_str(&db.config_toml("")).expect("config");
     // The columns the relay itself would select from this table.
-    let (columns, _) = relay::source::poll::table_layout(&client, &relay_config).await.expect("outbox columns");
-    let sql = relay::source::poll::poll_sql(&relay_config.outbox_table_sql(), &relay_config.outbox.columns, &columns)
-        .replace("$1", "1000");
+    let store = relay::store::Store::new(&relay_config);
+    let table = store.table_layout(&client).await.expect("outbox columns");
+    let sql = relay::store::RowQuery::poll(store.sql(), &table.columns).replace("$1", "1000");
     let plan: Vec<String> = client
         .query(&format!("EXPLAIN (ANALYZE, BUFFERS) {sql}"), &[])
         .await

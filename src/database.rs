@@ -15,10 +15,10 @@ use crate::config::{Config, PostgresConfig};
 /// Why Postgres could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum DatabaseError {
-    /// The message includes the cause (refused, authentication, timeout).
-    #[error("cannot connect to Postgres: {0}")]
-    Connect(String),
-    #[error("Postgres query failed: {0}")]
+    /// The source says why (refused, authentication, timeout).
+    #[error("cannot connect to Postgres")]
+    Connect(#[source] tokio_postgres::Error),
+    #[error("Postgres query failed")]
     Query(#[from] tokio_postgres::Error),
     #[error("invalid postgres.url: {0}")]
     Url(String),
@@ -103,10 +103,7 @@ pub async fn connect(config: &PostgresConfig) -> Result<Client, DatabaseError> {
     if pg.get_application_name().is_none() {
         pg.application_name("outbox-relay");
     }
-    let (client, connection) = pg.connect(tls(config)?).await.map_err(|err| {
-        let cause = std::error::Error::source(&err).map(|s| format!(" ({s})")).unwrap_or_default();
-        DatabaseError::Connect(format!("{err}{cause}"))
-    })?;
+    let (client, connection) = pg.connect(tls(config)?).await.map_err(DatabaseError::Connect)?;
     tokio::spawn(async move {
         if let Err(err) = connection.await {
             tracing::debug!(error = %err, "postgres connection closed");
@@ -134,5 +131,5 @@ pub fn leader_lock_key(config: &Config) -> i64 {
 /// connection is gone, and a standby takes over.
 pub async fn try_lead(client: &Client, key: i64) -> Result<bool, DatabaseError> {
     let row = client.query_one("SELECT pg_try_advisory_lock($1)", &[&key]).await?;
-    Ok(row.get(0))
+    Ok(row.try_get(0)?)
 }

@@ -1,19 +1,27 @@
 //! outbox-relay: a transactional outbox relay from PostgreSQL to Apache Kafka.
 //!
-//! The pipeline: [`source`] (logical replication, in commit order) ->
-//! [`codec`] (payload encoding) -> [`sink`] (Kafka) -> [`checkpoint`]
-//! (publish state, position confirmation), with [`config`] and
-//! [`telemetry`] around it. [`run`] is what the `relay` binary calls.
+//! The pipeline: [`source`] (logical replication or ordered polling, in
+//! commit order) -> [`codec`] (payload encoding) -> [`sink`] (Kafka) ->
+//! [`checkpoint`] (publish state, commit boundary confirmation), wired by
+//! [`pipeline`]. Around it: [`config`], [`outbox`] and [`delivery`] (the
+//! types the stages pass on), [`routing`], [`database`], [`store`] (every
+//! statement on the outbox and the relay's tables) and [`telemetry`].
+//! Imports flow one way; the graph is in [`outbox`]'s module doc.
+//! [`run`] is what the `relay` binary calls.
 
 pub mod checkpoint;
 pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod database;
+pub mod delivery;
 pub mod migrate;
+pub mod outbox;
 pub mod pipeline;
+pub mod routing;
 pub mod sink;
 pub mod source;
+pub mod store;
 pub mod telemetry;
 
 use std::future::Future;

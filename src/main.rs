@@ -83,7 +83,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Status { json, max_lag_seconds } => {
             let client = relay::database::connect(&config.postgres).await?;
-            let status = relay::telemetry::lag::status(&client, &config).await?;
+            let logical = config.source.mode == relay::config::SourceMode::Logical;
+            let status = relay::store::Store::new(&config).status(&client, logical).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {

@@ -3,7 +3,7 @@
 use tokio_postgres::Client;
 
 use crate::config::{Config, SourceMode};
-use crate::source::logical;
+use crate::source::{poll, slot};
 
 /// The migrations, in order, compiled into the binary.
 const MIGRATIONS: &[(&str, &str)] = &[
@@ -11,6 +11,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("0002_notify", include_str!("../migrations/0002_notify.sql")),
     ("0003_held", include_str!("../migrations/0003_held.sql")),
     ("0004_catchup", include_str!("../migrations/0004_catchup.sql")),
+    ("0005_waiting", include_str!("../migrations/0005_waiting.sql")),
 ];
 
 /// Why migrating failed.
@@ -18,8 +19,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
 pub enum MigrateError {
     #[error("migration {version} failed: {source}")]
     Apply { version: String, source: tokio_postgres::Error },
-    #[error("postgres: {0}")]
+    #[error("postgres")]
     Postgres(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Slot(#[from] slot::SlotError),
 }
 
 /// Applies every migration not yet recorded, each in its own transaction,
@@ -53,8 +56,8 @@ pub async fn migrate(client: &mut Client, config: &Config) -> Result<Vec<String>
         tx.commit().await?;
     }
     if config.source.mode == SourceMode::Logical {
-        logical::ensure_publication_and_slot(client, config).await?;
+        slot::ensure_publication_and_slot(client, config).await?;
     }
-    crate::source::poll::set_notify_trigger(client, config, config.source.mode == SourceMode::Poll).await?;
+    poll::set_notify_trigger(client, config, config.source.mode == SourceMode::Poll).await?;
     Ok(applied)
 }

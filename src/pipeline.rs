@@ -1,30 +1,39 @@
 //! Wires source -> sink -> checkpoint, elects the active relay, and restarts
-//! the pipeline from its last confirmed position after any failure.
+//! the pipeline from its last confirmed commit boundary after any failure
+//! that a retry can cure. A failure that only an operator can cure (role
+//! lacks a privilege, table missing, authentication or TLS misconfigured,
+//! publication covers the wrong table) stops the relay with a one-line
+//! message naming the fix, so a sidecar shows the reason in CrashLoopBackOff
+//! instead of retrying in silence.
 
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::sync::{mpsc, watch};
+use tokio_postgres::error::SqlState;
 
 use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::codec::{Codec, SchemaError};
 use crate::config::{Config, SourceMode};
 use crate::database::{self, DatabaseError};
+use crate::outbox::CommitBoundary;
 use crate::sink::{HeldEntities, KafkaSink, SinkError};
-use crate::source::catchup::{self, SlotError};
-use crate::source::logical::{self, LogicalError, LogicalSource};
+use crate::source::catchup;
+use crate::source::logical::{LogicalError, LogicalSource};
 use crate::source::poll::{PollError, PollSource};
-use crate::source::Position;
-use crate::telemetry::{metrics, Health};
+use crate::source::slot::{self, SlotError, SlotHealth};
+use crate::store::{CatchUpReason, PgPublishState, Store, StoreError};
+use crate::telemetry::{metrics, ErrorChain, Health};
 
-/// Why one run of the pipeline ended. Every variant is retried with backoff;
-/// the log says what failed and the restart metric counts it by component.
+/// Why one run of the pipeline ended.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
     #[error(transparent)]
     Database(#[from] DatabaseError),
-    #[error("postgres: {0}")]
+    #[error("postgres")]
     Postgres(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error(transparent)]
     Source(#[from] LogicalError),
     #[error(transparent)]
@@ -37,27 +46,133 @@ pub enum PipelineError {
     Poll(#[from] PollError),
     #[error(transparent)]
     Slot(#[from] SlotError),
+    /// Retrying cannot help: the relay stops and says what to fix.
+    #[error("stopped until an operator acts: {fix}")]
+    NeedsOperator {
+        fix: String,
+        #[source]
+        cause: Box<PipelineError>,
+    },
+}
+
+/// What to do about a failed run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ErrorPolicy {
+    /// Restart the run with backoff (connection lost, broker down).
+    Retry,
+    /// Stop the relay and tell the operator this fix.
+    Operator(String),
 }
 
 impl PipelineError {
     fn component(&self) -> &'static str {
         match self {
-            Self::Database(_) | Self::Postgres(_) | Self::Source(_) | Self::Poll(_) | Self::Slot(_) => "postgres",
+            Self::Database(_)
+            | Self::Postgres(_)
+            | Self::Store(_)
+            | Self::Source(_)
+            | Self::Poll(_)
+            | Self::Slot(_) => "postgres",
             Self::Sink(_) => "kafka",
             Self::Schema(_) => "registry",
             Self::Checkpoint(CheckpointError::Delivery(_)) => "kafka",
             Self::Checkpoint(_) => "postgres",
+            Self::NeedsOperator { cause, .. } => cause.component(),
+        }
+    }
+
+    /// Whether a retry can cure this failure. Decided by SQLSTATE codes,
+    /// typed replication errors and slot state, never by message text.
+    pub fn policy(&self) -> ErrorPolicy {
+        let postgres = match self {
+            Self::Database(DatabaseError::Url(_) | DatabaseError::Tls(_)) => {
+                return ErrorPolicy::Operator("correct postgres.url / postgres.tls_ca_file".into())
+            }
+            Self::Database(DatabaseError::Connect(e) | DatabaseError::Query(e)) | Self::Postgres(e) => e.code(),
+            Self::Store(StoreError::NoTable(table)) => {
+                return ErrorPolicy::Operator(format!("outbox table {table} does not exist: run `relay migrate`"))
+            }
+            Self::Store(e) => e.sql_state(),
+            Self::Poll(PollError::Store(StoreError::NoTable(table))) => {
+                return ErrorPolicy::Operator(format!("outbox table {table} does not exist: run `relay migrate`"))
+            }
+            Self::Poll(PollError::Store(e)) => e.sql_state(),
+            Self::Poll(PollError::Postgres(e) | PollError::Database(DatabaseError::Connect(e))) => e.code(),
+            Self::Checkpoint(CheckpointError::Record(e)) => e.sql_state(),
+            Self::Slot(SlotError::NotAllowed { .. }) => {
+                return ErrorPolicy::Operator("recreate the slot, or set source.create_slot = true".into())
+            }
+            Self::Slot(SlotError::PublicationMismatch { publication, table, .. }) => {
+                return ErrorPolicy::Operator(format!(
+                    "make publication `{publication}` cover exactly {table}, or set source.publication_name to one that does"
+                ))
+            }
+            Self::Slot(SlotError::Postgres(e)) => e.code(),
+            Self::Slot(SlotError::Store(e)) => e.sql_state(),
+            Self::Source(LogicalError::Replication(e)) => return replication_policy(e),
+            Self::Schema(e) if e.is_fatal() => return ErrorPolicy::Operator("correct the schemas or codec.schemas".into()),
+            Self::NeedsOperator { fix, .. } => return ErrorPolicy::Operator(fix.clone()),
+            _ => None,
+        };
+        match postgres {
+            Some(code) => sql_state_policy(code),
+            None => ErrorPolicy::Retry,
         }
     }
 }
 
-fn backoff() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(10))
-        .with_jitter()
-        .without_max_times()
-        .build()
+/// The policy of a Postgres error code.
+fn sql_state_policy(code: &SqlState) -> ErrorPolicy {
+    let fix = if *code == SqlState::INVALID_PASSWORD || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION {
+        "check the user and password in postgres.url, and pg_hba.conf"
+    } else if *code == SqlState::INSUFFICIENT_PRIVILEGE {
+        "grant the relay's role what it needs (see README, Security); logical mode needs REPLICATION"
+    } else if *code == SqlState::UNDEFINED_TABLE {
+        "a table the relay needs does not exist: run `relay migrate`"
+    } else if *code == SqlState::UNDEFINED_COLUMN {
+        "a configured column does not exist: run `relay migrate` or correct outbox.columns"
+    } else if *code == SqlState::INVALID_CATALOG_NAME {
+        "the database in postgres.url does not exist"
+    } else {
+        return ErrorPolicy::Retry;
+    };
+    ErrorPolicy::Operator(fix.to_string())
+}
+
+/// The policy of a replication connection error: typed variants, and the
+/// SQLSTATE the server sent.
+fn replication_policy(err: &pgwire_replication::PgWireError) -> ErrorPolicy {
+    use pgwire_replication::PgWireError as E;
+    match err {
+        E::Auth(_) => sql_state_policy(&SqlState::INVALID_PASSWORD),
+        E::Tls(_) => ErrorPolicy::Operator("check postgres.url's sslmode and postgres.tls_ca_file".into()),
+        E::Server(message) => match server_sql_state(message) {
+            Some(code) => sql_state_policy(&code),
+            None => ErrorPolicy::Retry,
+        },
+        _ => ErrorPolicy::Retry,
+    }
+}
+
+/// The SQLSTATE code pgwire-replication appends to a server error
+/// (`... (SQLSTATE 42501)`).
+fn server_sql_state(message: &str) -> Option<SqlState> {
+    let start = message.rfind("(SQLSTATE ")? + "(SQLSTATE ".len();
+    let code = message.get(start..start + 5)?;
+    Some(SqlState::from_code(code))
+}
+
+type Backoff = Box<dyn Iterator<Item = Duration> + Send>;
+
+fn backoff() -> Backoff {
+    Box::new(
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_secs(10))
+            .with_jitter()
+            .without_max_times()
+            .build(),
+    )
 }
 
 /// Waits `delay`, or less if `stop` turns true. Returns whether to stop.
@@ -69,34 +184,48 @@ async fn pause(delay: Duration, stop: &mut watch::Receiver<bool>) -> bool {
     stopped || *stop.borrow()
 }
 
+/// Turns a failure into a stop when only an operator can cure it.
+fn stop_for_operator(err: PipelineError) -> Result<PipelineError, PipelineError> {
+    match err.policy() {
+        ErrorPolicy::Retry => Ok(err),
+        ErrorPolicy::Operator(_) if matches!(err, PipelineError::NeedsOperator { .. }) => Err(err),
+        ErrorPolicy::Operator(fix) => Err(PipelineError::NeedsOperator { fix, cause: Box::new(err) }),
+    }
+}
+
+/// How an election attempt ended.
+enum Election {
+    Leader(tokio_postgres::Client),
+    Standby,
+    Failed(PipelineError),
+}
+
+/// Tries to become the active relay (a Postgres advisory lock on a session
+/// of its own; the other sidecars stay standby).
+async fn elect(config: &Config) -> Election {
+    let lock_client = match database::connect(&config.postgres).await {
+        Ok(client) => client,
+        Err(err) => return Election::Failed(err.into()),
+    };
+    match database::try_lead(&lock_client, database::leader_lock_key(config)).await {
+        Ok(true) => Election::Leader(lock_client),
+        Ok(false) => Election::Standby,
+        Err(err) => Election::Failed(err.into()),
+    }
+}
+
 /// Runs the relay until `stop` turns true: waits to become the active
-/// relay (a Postgres advisory lock; the other sidecars stay standby), then
-/// streams, restarting with backoff after failures.
+/// relay, then streams, restarting with backoff after failures a retry can
+/// cure. Returns an error only for a failure an operator must fix.
 pub async fn run(config: Config, mut stop: watch::Receiver<bool>, health: Health) -> Result<(), PipelineError> {
-    let lock_key = database::leader_lock_key(&config);
     let mut delays = backoff();
     // Resolved once, then kept across restarts: a registry outage after
     // start-up cannot stop publishing.
     let mut codec: Option<Codec> = None;
-    'elect: loop {
-        if *stop.borrow() {
-            return Ok(());
-        }
-        let lock_client = match database::connect(&config.postgres).await {
-            Ok(client) => client,
-            Err(err) => {
-                tracing::warn!(error = %err, "postgres unreachable; retrying");
-                health.set_ready(false);
-                metrics::restart("postgres");
-                if pause(delays.next().unwrap_or(Duration::from_secs(10)), &mut stop).await {
-                    return Ok(());
-                }
-                continue;
-            }
-        };
-        match database::try_lead(&lock_client, lock_key).await {
-            Ok(true) => {}
-            Ok(false) => {
+    while !*stop.borrow() {
+        let lock_client = match elect(&config).await {
+            Election::Leader(client) => client,
+            Election::Standby => {
                 if health.active() || !health.ready() {
                     tracing::info!("another relay is active for this outbox; standing by");
                 }
@@ -107,77 +236,76 @@ pub async fn run(config: Config, mut stop: watch::Receiver<bool>, health: Health
                 }
                 continue;
             }
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot take the leader lock; retrying");
+            Election::Failed(err) => {
+                let err = stop_for_operator(err)?;
+                tracing::warn!(error = %ErrorChain(&err), "cannot take the leader lock; retrying");
+                health.set_ready(false);
+                metrics::restart("postgres");
                 if pause(delays.next().unwrap_or(Duration::from_secs(10)), &mut stop).await {
                     return Ok(());
                 }
                 continue;
             }
-        }
+        };
         tracing::info!("this relay is active");
         health.set_active(true);
-        loop {
-            let started = std::time::Instant::now();
-            let result = match codec.as_ref() {
-                Some(prepared) => run_once(&config, prepared, stop.clone(), &health).await,
-                None => match Codec::prepare(&config).await {
-                    Ok(prepared) => {
-                        codec = Some(prepared);
-                        continue;
-                    }
-                    Err(err) if err.is_fatal() => return Err(err.into()),
-                    Err(err) => Err(err.into()),
-                },
-            };
-            match result {
-                Ok(RunEnd::Stopped) => return Ok(()),
-                // Not a failure: the run ended to recover the slot or to
-                // publish released held rows; the next one starts at once.
-                Ok(RunEnd::Restart) => {
-                    if *stop.borrow() {
-                        return Ok(());
-                    }
+        if lead(&config, &lock_client, &mut codec, &mut delays, &mut stop, &health).await? {
+            return Ok(());
+        }
+        health.set_active(false);
+    }
+    Ok(())
+}
+
+/// Runs the pipeline while this relay holds the lock on `lock_client`'s
+/// session. Returns `true` when stopped, `false` when the lock session is
+/// gone and the relay must be elected again.
+async fn lead(
+    config: &Config,
+    lock_client: &tokio_postgres::Client,
+    codec: &mut Option<Codec>,
+    delays: &mut Backoff,
+    stop: &mut watch::Receiver<bool>,
+    health: &Health,
+) -> Result<bool, PipelineError> {
+    loop {
+        let started = std::time::Instant::now();
+        let result = match codec.as_ref() {
+            Some(prepared) => run_once(config, prepared, stop.clone(), health).await,
+            None => match Codec::prepare(config).await {
+                Ok(prepared) => {
+                    *codec = Some(prepared);
+                    continue;
                 }
-                Err(err) => {
-                    // A run that went well for a while starts the backoff afresh.
-                    if started.elapsed() > Duration::from_secs(60) {
-                        delays = backoff();
-                    }
-                    health.set_ready(false);
-                    metrics::restart(err.component());
-                    metrics::in_flight_reset();
-                    let delay = delays.next().unwrap_or(Duration::from_secs(10));
-                    tracing::error!(error = %err, component = err.component(), retry_in_ms = delay.as_millis() as u64, "pipeline stopped; restarting from the last confirmed position");
-                    if pause(delay, &mut stop).await {
-                        return Ok(());
-                    }
-                    if lock_client.is_closed() {
-                        health.set_active(false);
-                        continue 'elect;
-                    }
+                Err(err) => Err(err.into()),
+            },
+        };
+        match result {
+            Ok(RunEnd::Stopped) => return Ok(true),
+            // Not a failure: the run ended to recover the slot or to
+            // publish released held rows; the next one starts at once.
+            Ok(RunEnd::Restart) if *stop.borrow() => return Ok(true),
+            Ok(RunEnd::Restart) => {}
+            Err(err) => {
+                health.set_ready(false);
+                let err = stop_for_operator(err)?;
+                // A run that went well for a while starts the backoff afresh.
+                if started.elapsed() > Duration::from_secs(60) {
+                    *delays = backoff();
+                }
+                metrics::restart(err.component());
+                metrics::in_flight_reset();
+                let delay = delays.next().unwrap_or(Duration::from_secs(10));
+                tracing::error!(error = %ErrorChain(&err), component = err.component(), retry_in_ms = delay.as_millis() as u64, "pipeline stopped; restarting from the last confirmed commit boundary");
+                if pause(delay, stop).await {
+                    return Ok(true);
+                }
+                if lock_client.is_closed() {
+                    return Ok(false);
                 }
             }
         }
     }
-}
-
-/// Loads the entities that have a held row, so their new rows keep waiting.
-async fn load_held(client: &tokio_postgres::Client, config: &Config) -> Result<HeldEntities, tokio_postgres::Error> {
-    let c = &config.outbox.columns;
-    let sql = format!(
-        "SELECT \"{t}\", \"{a}\", min(\"{id}\") FROM {table} \
-         WHERE published_at IS NULL AND last_error IS NOT NULL AND skipped_at IS NULL GROUP BY 1, 2",
-        t = c.aggregate_type,
-        a = c.aggregate_id,
-        id = c.id,
-        table = config.outbox_table_sql()
-    );
-    let held = HeldEntities::default();
-    for row in client.query(&sql, &[]).await? {
-        held.hold(row.get(0), row.get(1), row.get(2));
-    }
-    Ok(held)
 }
 
 /// How a run that did not fail ended.
@@ -211,94 +339,99 @@ async fn watch_run(
     mut caught_up: watch::Receiver<bool>,
 ) -> WatchEnd {
     let _ = caught_up.wait_for(|done| *done).await;
+    let store = Store::new(config);
     let budget = config.source.max_slot_wal_bytes;
     let logical_mode = config.source.mode == SourceMode::Logical;
     loop {
         tokio::time::sleep(WATCH_INTERVAL).await;
-        match catchup::blocker_released(client, config, &held.blockers()).await {
+        match store.blocker_released(client, &held.blockers()).await {
             Ok(true) => {
                 tracing::info!("held rows were released by an operator: restarting the pipeline run to publish them");
                 return WatchEnd::Released;
             }
             Ok(false) => {}
-            Err(err) => tracing::debug!(error = %err, "released-rows check failed"),
+            Err(err) => tracing::debug!(error = %ErrorChain(&err), "released-rows check failed"),
         }
         if logical_mode && budget > 0 {
-            match catchup::retained_wal(client, &config.source.slot_name).await {
+            match slot::retained_wal(client, &config.source.slot_name).await {
                 Ok(Some(retained)) if retained > 0 && retained as u64 > budget => {
                     tracing::error!(slot = %config.source.slot_name, retained, budget, "replication slot retains more WAL than source.max_slot_wal_bytes: stopping the stream and dropping the slot to protect the database; the next run catches up through the poll path");
                     return WatchEnd::WalBudget;
                 }
                 Ok(_) => {}
-                Err(err) => tracing::debug!(error = %err, "slot WAL check failed"),
+                Err(err) => tracing::debug!(error = %ErrorChain(&err), "slot WAL check failed"),
             }
         }
     }
 }
 
-/// Whether the replication stream failed because Postgres invalidated the
-/// slot (WAL removed): then no retry can succeed, and the slot is dropped so
-/// the next run recreates it and catches up.
-fn slot_invalidated(err: &PipelineError) -> bool {
-    matches!(err, PipelineError::Source(LogicalError::Replication(e)) if {
-        let text = e.to_string();
-        text.contains("invalidated") || text.contains("can no longer get changes")
-    })
+/// What a run prepared before its stages start.
+struct Prepared {
+    /// Logical mode: what the catch-up phase publishes first.
+    plan: Option<catchup::Plan>,
+    held: HeldEntities,
+    store: PgPublishState,
+    /// A connection for the catch-up phase and the run's watch.
+    control: tokio_postgres::Client,
 }
 
-/// One run of the pipeline, from the last confirmed position until `stop`
-/// or the first failure of any stage. Logical mode first recovers a lost
-/// slot and runs the catch-up phase (see [`catchup`]).
+/// Recovers a lost slot (logical mode), releases orphaned waiting rows and
+/// loads the held entities.
+async fn prepare(config: &Config) -> Result<Prepared, PipelineError> {
+    let client = database::connect(&config.postgres).await?;
+    let plan = if config.source.mode == SourceMode::Logical {
+        // Recovers a missing, invalidated or over-budget slot first, so a
+        // slot is never created without its catch-up marker.
+        let plan = catchup::prepare(&client, config).await?;
+        if config.source.create_slot {
+            slot::ensure_publication_and_slot(&client, config).await?;
+        }
+        Some(plan)
+    } else {
+        None
+    };
+    let store = Store::new(config);
+    let released = store.release_orphaned_waiters(&client).await?;
+    if released > 0 {
+        tracing::info!(rows = released, "released rows that waited behind a row no longer held");
+    }
+    let held = HeldEntities::from_rows(store.held_entities(&client).await?);
+    let control = database::connect(&config.postgres).await?;
+    Ok(Prepared { plan, held, store: PgPublishState::new(client, store.sql()).await?, control })
+}
+
+/// One run of the pipeline, from the last confirmed commit boundary until
+/// `stop` or the first failure of any stage. Logical mode first recovers a
+/// lost slot and runs the catch-up phase (see [`catchup`]).
 async fn run_once(
     config: &Config,
     codec: &Codec,
     mut stop: watch::Receiver<bool>,
     health: &Health,
 ) -> Result<RunEnd, PipelineError> {
-    let logical_mode = config.source.mode == SourceMode::Logical;
-    let client = database::connect(&config.postgres).await?;
-    let plan = if logical_mode {
-        // Recovers a missing, invalidated or over-budget slot first, so a
-        // slot is never created without its catch-up marker.
-        let plan = catchup::prepare(&client, config).await?;
-        if config.source.create_slot {
-            logical::ensure_publication_and_slot(&client, config).await?;
-        }
-        Some(plan)
-    } else {
-        None
-    };
-    catchup::release_orphaned_waiters(&client, config).await?;
-    let held = load_held(&client, config).await?;
+    let Prepared { plan, held, store, control } = prepare(config).await?;
     let sink = KafkaSink::new(config, held.clone(), codec.clone())?;
-    let control = database::connect(&config.postgres).await?;
-
     let (source_tx, source_rx) = mpsc::channel(config.source.batch_rows);
     let (flight_tx, flight_rx) = mpsc::channel(config.checkpoint.max_in_flight);
-    let (confirmed_tx, confirmed_rx) = watch::channel(0);
-    let final_position = confirmed_rx.clone();
+    let (confirmed_tx, confirmed_rx) = watch::channel(None);
+    let final_boundary = confirmed_rx.clone();
     let checkpoint = Checkpoint::new(
-        client,
-        &config.outbox_table_sql(),
-        &config.outbox.columns.id,
+        store,
         config.checkpoint.batch_rows,
         Duration::from_millis(config.checkpoint.flush_interval_ms),
-        held.clone(),
+        sink.holder(),
         confirmed_tx,
     );
     let (run_stop_tx, run_stop) = watch::channel(false);
     let (caught_up_tx, caught_up) = watch::channel(plan.is_none());
-    // Everything after the source is one code path for both modes. Returns
-    // the catch-up's last batch number: no WAL position is below it.
+    // Everything after the source is one code path for both modes.
     let source = async {
         let (mut confirmed_rx, mut source_stop) = (confirmed_rx, run_stop.clone());
-        let mut floor = 0;
         if let Some(plan) = plan {
             let outcome =
                 catchup::catch_up(config, &control, plan, &source_tx, &mut confirmed_rx, &mut source_stop).await?;
-            floor = outcome.batches;
             if !outcome.finished {
-                return Ok(floor);
+                return Ok(());
             }
             let _ = caught_up_tx.send(true);
         }
@@ -306,7 +439,7 @@ async fn run_once(
             SourceMode::Logical => LogicalSource::new(config.clone()).run(source_tx, confirmed_rx, source_stop).await?,
             SourceMode::Poll => PollSource::new(config.clone()).run(source_tx, confirmed_rx, source_stop).await?,
         }
-        Ok::<Position, PipelineError>(floor)
+        Ok::<(), PipelineError>(())
     };
     health.set_ready(true);
     let stages = async { tokio::join!(source, sink.run(source_rx, flight_tx), checkpoint.run(flight_rx)) };
@@ -325,32 +458,46 @@ async fn run_once(
         }
     };
     checkpoint_result?;
-    let floor = match source_result {
-        Ok(floor) => floor,
-        Err(err) if logical_mode && config.source.create_slot && slot_invalidated(&err) => {
-            tracing::error!(error = %err, "the replication slot was invalidated: dropping it; the next run recreates it and catches up");
-            catchup::abandon_slot(&control, config, catchup::Reason::Invalidated).await?;
-            return Ok(RunEnd::Restart);
-        }
-        Err(err) => return Err(err),
-    };
+    if let Err(err) = source_result {
+        return recover_invalidated_slot(config, &control, err).await;
+    }
     sink_result?;
-    let position = *final_position.borrow();
-    if logical_mode && position > floor {
-        logical::persist_confirmed(&control, &config.source.slot_name, position).await;
+    let boundary = *final_boundary.borrow();
+    if let Some(CommitBoundary::Wal(lsn)) = boundary {
+        slot::persist_confirmed(&control, &config.source.slot_name, lsn).await;
     }
     match ended_by {
         Some(WatchEnd::WalBudget) => {
-            catchup::abandon_slot(&control, config, catchup::Reason::WalBudget).await?;
+            slot::abandon(&control, config, CatchUpReason::WalBudget).await?;
             tracing::warn!(slot = %config.source.slot_name, "replication slot dropped over its WAL budget; recovering");
             Ok(RunEnd::Restart)
         }
         Some(WatchEnd::Released) => Ok(RunEnd::Restart),
         None if *stop.borrow() => {
-            tracing::info!(position, "stopped; publish state recorded and position confirmed");
+            tracing::info!(?boundary, "stopped; publish state recorded and commit boundary confirmed");
             Ok(RunEnd::Stopped)
         }
         // The source ended by itself (catch-up interrupted without a stop).
         None => Ok(RunEnd::Restart),
     }
+}
+
+/// After the replication stream failed: if Postgres invalidated the slot
+/// (`wal_status = 'lost'`), no retry can succeed, so the slot is dropped and
+/// the next run recreates it and catches up. Otherwise the error stands.
+async fn recover_invalidated_slot(
+    config: &Config,
+    control: &tokio_postgres::Client,
+    err: PipelineError,
+) -> Result<RunEnd, PipelineError> {
+    let logical = config.source.mode == SourceMode::Logical && config.source.create_slot;
+    if logical
+        && matches!(err, PipelineError::Source(LogicalError::Replication(_)))
+        && slot::inspect(control, &config.source.slot_name).await? == SlotHealth::Lost
+    {
+        tracing::error!(error = %ErrorChain(&err), "the replication slot was invalidated: dropping it; the next run recreates it and catches up");
+        slot::abandon(control, config, CatchUpReason::Invalidated).await?;
+        return Ok(RunEnd::Restart);
+    }
+    Err(err)
 }

@@ -281,8 +281,9 @@ async fn poll_query_uses_the_partial_index_whatever_the_history() {
         .expect("history");
     let config = relay::Config::load(&config_path).expect("config");
     // The columns the relay itself would select from this table.
-    let (columns, _) = relay::source::poll::table_layout(&client, &config).await.expect("outbox columns");
-    let sql = relay::source::poll::poll_sql(&config.outbox_table_sql(), &config.outbox.columns, &columns);
+    let store = relay::store::Store::new(&config);
+    let table = store.table_layout(&client).await.expect("outbox columns");
+    let sql = relay::store::RowQuery::poll(store.sql(), &table.columns);
     let explain = format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {}", sql.replace("$1", "1000"));
     let started = Instant::now();
     let plan: serde_json::Value = client.query_one(&explain, &[]).await.expect("explain").get(0);

@@ -9,27 +9,22 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::telemetry::{metrics, Health};
+use crate::store::Store;
+use crate::telemetry::{metrics, ErrorChain, Health};
 
 /// Deletes old published rows until `stop`.
 pub async fn run(config: Config, health: Health, mut stop: watch::Receiver<bool>) {
     if !config.retention.enabled {
         return;
     }
-    let table = config.outbox_table_sql();
-    let id = &config.outbox.columns.id;
-    let sql = format!(
-        "DELETE FROM {table} WHERE \"{id}\" IN (SELECT \"{id}\" FROM {table} \
-         WHERE published_at IS NOT NULL AND published_at < now() - make_interval(secs => $1) \
-         ORDER BY published_at LIMIT $2 FOR UPDATE SKIP LOCKED)"
-    );
+    let store = Store::new(&config);
     let max_age = config.retention.max_age_secs as f64;
     let interval = Duration::from_secs(config.retention.interval_secs.max(1));
     loop {
         if health.active() {
             if let Ok(client) = crate::database::connect(&config.postgres).await {
                 loop {
-                    match client.execute(&sql, &[&max_age, &config.retention.batch_rows]).await {
+                    match store.delete_published_before(&client, max_age, config.retention.batch_rows).await {
                         Ok(deleted) => {
                             metrics::retention_deleted(deleted);
                             if deleted > 0 {
@@ -40,7 +35,7 @@ pub async fn run(config: Config, health: Health, mut stop: watch::Receiver<bool>
                             }
                         }
                         Err(err) => {
-                            tracing::warn!(error = %err, "retention failed; trying again later");
+                            tracing::warn!(error = %ErrorChain(&err), "retention failed; trying again later");
                             break;
                         }
                     }

@@ -7,6 +7,8 @@ use rdkafka::ClientConfig;
 
 use crate::config::{Config, PayloadFormat, SourceMode};
 use crate::database;
+use crate::store::Store;
+use crate::telemetry::ErrorChain;
 
 /// The verdict on one component.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,11 +38,14 @@ async fn check_postgres(config: &Config) -> Verdict {
     let fail = |problem: String| Verdict { component: "postgres", problem: Some(problem), detail: String::new() };
     let client = match database::connect(&config.postgres).await {
         Ok(client) => client,
-        Err(err) => return fail(format!("{err}; check postgres.url and that Postgres is running")),
+        Err(err) => return fail(format!("{}; check postgres.url and that Postgres is running", ErrorChain(&err))),
     };
     let wal_level: String = match client.query_one("SHOW wal_level", &[]).await {
-        Ok(row) => row.get(0),
-        Err(err) => return fail(format!("query failed: {err}")),
+        Ok(row) => match row.try_get(0) {
+            Ok(level) => level,
+            Err(err) => return fail(format!("query failed: {}", ErrorChain(&err))),
+        },
+        Err(err) => return fail(format!("query failed: {}", ErrorChain(&err))),
     };
     if config.source.mode == SourceMode::Logical && wal_level != "logical" {
         return fail(format!(
@@ -48,16 +53,21 @@ async fn check_postgres(config: &Config) -> Verdict {
         ));
     }
     let table = config.outbox_table_sql();
-    match client.query_one(&format!("SELECT count(*) FROM {table} WHERE published_at IS NULL"), &[]).await {
-        Ok(row) => {
-            let pending: i64 = row.get(0);
-            Verdict {
-                component: "postgres",
-                problem: None,
-                detail: format!("wal_level={wal_level}, {table} has {pending} unpublished rows"),
-            }
+    match Store::new(config).status(&client, false).await {
+        Ok(status) => Verdict {
+            component: "postgres",
+            problem: None,
+            detail: format!("wal_level={wal_level}, {table} has {} pending rows", status.pending),
+        },
+        Err(err) => {
+            let hint = match err.sql_state() {
+                Some(code) if *code == tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE => {
+                    "grant the relay's role SELECT and UPDATE on it (see README, Security)"
+                }
+                _ => "run `relay migrate`",
+            };
+            fail(format!("cannot read {table}: {}; {hint}", ErrorChain(&err)))
         }
-        Err(err) => fail(format!("cannot read {table}: {err}; run `relay migrate`")),
     }
 }
 

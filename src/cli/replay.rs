@@ -9,9 +9,10 @@
 //! replay starts, so rows published meanwhile by a running relay are not
 //! chased.
 //!
-//! Each row is built and published exactly as the relay does it (same
-//! columns read as text into [`OutboxRow`], same producer settings, key,
-//! topic routing, payload encoding and headers), plus two headers:
+//! Each row is built and published exactly as the relay does it, by the
+//! sink's [`RecordBuilder`] and produce loop (same columns read as text into
+//! [`OutboxRow`], same producer settings, topic routing, key bytes, payload
+//! encoding and headers), plus two headers:
 //! `replayed` = `true` and `replayed_at` (RFC 3339, the start of this
 //! replay, the same for every record of one run). Rows are sent in id order
 //! by the idempotent producer, so per key they arrive in id order.
@@ -31,16 +32,17 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressState, ProgressStyle};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::Header;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, Producer};
 
 use crate::codec::{Codec, SchemaError};
 use crate::config::Config;
 use crate::database::{self, DatabaseError};
-use crate::sink::{self, TopicRouter};
-use crate::source::poll::{self, PollError};
-use crate::source::{OutboxRow, RowError};
+use crate::delivery::classify;
+use crate::outbox::{OutboxRow, RowError};
+use crate::routing::TopicRouter;
+use crate::sink::{self, record, RecordBuilder};
+use crate::store::{text_values, RowQuery, Store, StoreError};
 
 /// Which published rows to replay.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -92,43 +94,16 @@ pub enum ReplayError {
     EmptyRange { from: i64, to: i64 },
     #[error(transparent)]
     Database(#[from] DatabaseError),
-    #[error("postgres: {0}")]
+    #[error("postgres")]
     Postgres(#[from] tokio_postgres::Error),
     #[error(transparent)]
-    Table(#[from] PollError),
-    #[error("outbox row cannot be read: {0}")]
+    Store(#[from] StoreError),
+    #[error("outbox row cannot be read")]
     Row(#[from] RowError),
     #[error(transparent)]
     Schema(#[from] SchemaError),
-    #[error("cannot create the Kafka producer: {0}")]
+    #[error("cannot create the Kafka producer")]
     Producer(#[source] KafkaError),
-}
-
-/// The keyset query: published rows after `$1` up to `$2`, filtered by
-/// `$3` (since, or NULL) and `$4` (aggregate type, or NULL), in id order,
-/// `$5` at a time. Columns come as text through [`poll::select_list`].
-pub fn replay_sql(config: &Config, columns: &[String]) -> String {
-    format!(
-        "SELECT {list} {from_where} ORDER BY o.\"{id}\" LIMIT $5",
-        list = poll::select_list(&config.outbox.columns, columns),
-        from_where = from_where(config),
-        id = config.outbox.columns.id,
-    )
-}
-
-/// `FROM ... WHERE ...` of the replayed rows, parameters `$1` to `$4`.
-fn from_where(config: &Config) -> String {
-    let names = &config.outbox.columns;
-    format!(
-        "FROM {table} AS o \
-         WHERE o.published_at IS NOT NULL AND o.\"{id}\" > $1 AND o.\"{id}\" <= $2 \
-         AND ($3::timestamptz IS NULL OR o.\"{occurred}\"::timestamptz >= $3) \
-         AND ($4::text IS NULL OR o.\"{aggregate_type}\" = $4)",
-        table = config.outbox_table_sql(),
-        id = names.id,
-        occurred = names.occurred_at,
-        aggregate_type = names.aggregate_type,
-    )
 }
 
 /// Re-publishes the published rows that `filter` selects, waits for every
@@ -148,31 +123,20 @@ pub async fn replay(config: &Config, filter: &ReplayFilter) -> Result<ReplaySumm
     let client = database::connect(&config.postgres).await?;
     // Replays are not publications: nothing here may write publish state.
     client.batch_execute("SET default_transaction_read_only = on").await?;
-    let (columns, layout) = poll::table_layout(&client, config).await?;
-    let names = &config.outbox.columns;
-    let table = config.outbox_table_sql();
+    let store = Store::new(config);
+    let table = store.table_layout(&client).await?;
 
     let after = filter.from_id.map_or(0, |id| id.saturating_sub(1));
     let upto = match filter.to_id {
         Some(to) => to,
-        None => client
-            .query_one(
-                &format!("SELECT max(o.\"{}\")::bigint FROM {table} AS o WHERE o.published_at IS NOT NULL", names.id),
-                &[],
-            )
-            .await?
-            .get::<_, Option<i64>>(0)
-            .unwrap_or(0),
+        None => store.max_published_id(&client).await?,
     };
 
     let progress = if std::io::stderr().is_terminal() {
         let total: i64 = client
-            .query_one(
-                &format!("SELECT count(*) {}", from_where(config)),
-                &[&after, &upto, &filter.since, &filter.aggregate_type],
-            )
+            .query_one(&RowQuery::replay_count(store.sql()), &[&after, &upto, &filter.since, &filter.aggregate_type])
             .await?
-            .get(0);
+            .try_get(0)?;
         let bar = ProgressBar::new(u64::try_from(total).unwrap_or(0));
         if let Ok(style) =
             ProgressStyle::with_template("{spinner} replay [{bar:40}] {pos}/{len} rows, {rate} rows/s, eta {eta}")
@@ -189,9 +153,9 @@ pub async fn replay(config: &Config, filter: &ReplayFilter) -> Result<ReplaySumm
     };
 
     let codec = Codec::prepare(config).await?;
-    let router = TopicRouter::new(&config.routing);
+    let builder = RecordBuilder::new(TopicRouter::new(&config.routing), codec);
     let producer: FutureProducer = sink::producer_config(&config.kafka).create().map_err(ReplayError::Producer)?;
-    let statement = client.prepare(&replay_sql(config, &columns)).await?;
+    let statement = client.prepare(&RowQuery::replay(store.sql(), &table.columns)).await?;
     let limit = i64::try_from(config.source.batch_rows).unwrap_or(i64::MAX);
     let max_in_flight = config.checkpoint.max_in_flight.max(1);
 
@@ -202,8 +166,8 @@ pub async fn replay(config: &Config, filter: &ReplayFilter) -> Result<ReplaySumm
         let rows = client.query(&statement, &[&cursor, &upto, &filter.since, &filter.aggregate_type, &limit]).await?;
         let full = rows.len() as i64 >= limit;
         for pg_row in &rows {
-            let (values, _) = poll::text_values(pg_row)?;
-            let row = layout.row(&values, None)?;
+            let (values, _) = text_values(pg_row)?;
+            let row = table.layout.row(&values, None)?;
             cursor = row.id;
             summary.first_id.get_or_insert(row.id);
             summary.last_id = Some(row.id);
@@ -211,7 +175,7 @@ pub async fn replay(config: &Config, filter: &ReplayFilter) -> Result<ReplaySumm
             while in_flight.len() >= max_in_flight {
                 settle(in_flight.next().await, &mut summary, &progress);
             }
-            match send(&producer, &router, &codec, &row, &replayed_at, &mut in_flight, &mut summary, &progress).await {
+            match send(&producer, &builder, &row, &replayed_at).await {
                 Ok(delivery) => in_flight.push(delivery),
                 Err(error) => fail(row.id, &error, &mut summary, &progress),
             }
@@ -232,45 +196,30 @@ pub async fn replay(config: &Config, filter: &ReplayFilter) -> Result<ReplaySumm
 
 type Delivery = std::pin::Pin<Box<dyn std::future::Future<Output = (i64, Result<(), String>)> + Send>>;
 
-/// Enqueues one row; waits for deliveries while librdkafka's queue is full.
-#[allow(clippy::too_many_arguments)]
+/// Builds one row's record as the sink does, plus the replay headers, and
+/// enqueues it (the shared produce loop waits while librdkafka's queue is full).
 async fn send(
     producer: &FutureProducer,
-    router: &TopicRouter,
-    codec: &Codec,
+    builder: &RecordBuilder,
     row: &OutboxRow,
     replayed_at: &str,
-    in_flight: &mut FuturesUnordered<Delivery>,
-    summary: &mut ReplaySummary,
-    progress: &ProgressBar,
 ) -> Result<Delivery, String> {
-    let topic = router.topic_for(&row.aggregate_type);
-    let payload = codec.encode(row, &topic).map_err(|e| e.to_string())?;
-    let headers = sink::record_headers(row)
-        .insert(Header { key: "replayed", value: Some("true".as_bytes()) })
-        .insert(Header { key: "replayed_at", value: Some(replayed_at.as_bytes()) });
-    let mut record =
-        FutureRecord::to(&topic).key(row.aggregate_id.as_bytes()).payload(payload.as_ref()).headers(headers);
-    loop {
-        match producer.send_result(record) {
-            Ok(delivery) => return Ok(Box::pin(outcome(row.id, delivery))),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
-                record = returned;
-                // Backpressure: let a delivery complete before trying again.
-                match in_flight.next().await {
-                    Some(done) => settle(Some(done), summary, progress),
-                    None => tokio::time::sleep(Duration::from_millis(5)).await,
-                }
-            }
-            Err((err, _)) => return Err(sink::classify(&err).to_string()),
-        }
+    let topic = builder.topic(row);
+    let record = builder
+        .build(row, &topic)
+        .map_err(|e| e.to_string())?
+        .with_header("replayed", "true")
+        .with_header("replayed_at", replayed_at);
+    match record::produce(producer, record).await {
+        Ok(delivery) => Ok(Box::pin(outcome(row.id, delivery))),
+        Err(err) => Err(classify(&err).to_string()),
     }
 }
 
 async fn outcome(id: i64, delivery: DeliveryFuture) -> (i64, Result<(), String>) {
     let result = match delivery.await {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err((err, _))) => Err(sink::classify(&err).to_string()),
+        Ok(Err((err, _))) => Err(classify(&err).to_string()),
         Err(_canceled) => Err("producer closed before delivery".to_string()),
     };
     (id, result)
@@ -293,25 +242,6 @@ fn fail(id: i64, error: &str, summary: &mut ReplaySummary, progress: &ProgressBa
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn query_selects_published_rows_by_keyset() {
-        let config = Config::from_toml_str(
-            "postgres.url = \"postgres://relay@localhost/outbox\"\nkafka.bootstrap_servers = \"127.0.0.1:9092\"",
-        )
-        .expect("config");
-        let columns: Vec<String> =
-            ["id", "event_id", "aggregate_type", "aggregate_id", "event_type", "kind", "payload", "occurred_at"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
-        let sql = replay_sql(&config, &columns);
-        assert!(sql.contains("WHERE o.published_at IS NOT NULL AND o.\"id\" > $1 AND o.\"id\" <= $2"), "{sql}");
-        assert!(sql.contains("ORDER BY o.\"id\" LIMIT $5"), "{sql}");
-        assert!(sql.contains("o.\"aggregate_type\" = $4"), "{sql}");
-        assert!(sql.contains("AT TIME ZONE 'UTC'"), "same select list as poll mode: {sql}");
-        assert!(!sql.contains("last_error"), "{sql}");
-    }
 
     #[test]
     fn summary_line() {

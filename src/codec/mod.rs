@@ -19,8 +19,8 @@ use apache_avro::Schema;
 use bytes::Bytes;
 
 use crate::config::{Config, KeyFormat, PayloadFormat};
-use crate::sink::TopicRouter;
-use crate::source::OutboxRow;
+use crate::outbox::OutboxRow;
+use crate::routing::TopicRouter;
 use registry::{subject_name, Registry, RegistryError};
 
 /// Why a payload could not be encoded. The row is held, never dropped.

@@ -415,7 +415,7 @@ impl Config {
             );
         }
         for key in self.kafka.librdkafka.keys() {
-            if let Some(owner) = crate::sink::owned_librdkafka_key(key) {
+            if let Some(owner) = owned_librdkafka_key(key) {
                 return invalid(
                     &format!("kafka.librdkafka.\"{key}\""),
                     format!("this property is set by the relay ({owner}); remove it from the map"),
@@ -499,6 +499,26 @@ impl Config {
     pub fn outbox_table_sql(&self) -> String {
         format!("\"{}\".\"{}\"", self.outbox.schema, self.outbox.table)
     }
+}
+
+/// librdkafka properties the relay sets itself, with the config key or
+/// guarantee that owns each. The raw `kafka.librdkafka` map may not set them.
+pub fn owned_librdkafka_key(key: &str) -> Option<&'static str> {
+    Some(match key {
+        "bootstrap.servers" | "metadata.broker.list" => "kafka.bootstrap_servers",
+        "compression.type" | "compression.codec" => "kafka.compression",
+        "linger.ms" | "queue.buffering.max.ms" => "kafka.linger_ms",
+        "batch.size" => "kafka.batch_size_bytes",
+        "message.timeout.ms" | "delivery.timeout.ms" => "kafka.message_timeout_ms",
+        "queue.buffering.max.messages" => "kafka.queue_max_messages",
+        "enable.idempotence"
+        | "acks"
+        | "request.required.acks"
+        | "max.in.flight"
+        | "max.in.flight.requests.per.connection" => "the no-loss, in-order guarantee",
+        "partitioner" => "per-key order compatible with the Java client",
+        _ => return None,
+    })
 }
 
 /// Figment reports unknown fields as "unknown field `x`, expected one of ..."

@@ -17,91 +17,28 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
+use pgwire_replication::{Lsn as PgLsn, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
 use secrecy::ExposeSecret;
 use tokio::sync::{mpsc, watch};
-use tokio_postgres::Client;
 
 use super::pgoutput::{self, Message};
-use super::{pg_epoch_micros_to_utc, Position, RowError, RowLayout, SourceEvent};
 use crate::config::Config;
+use crate::outbox::{pg_epoch_micros_to_utc, CommitBoundary, Lsn, RowError, RowLayout, SourceEvent};
 use crate::telemetry::metrics;
 
 /// Why the logical source stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum LogicalError {
-    #[error("replication connection failed: {0}")]
+    #[error("replication connection failed")]
     Replication(#[from] pgwire_replication::PgWireError),
-    #[error("cannot decode the replication stream: {0}")]
+    #[error("cannot decode the replication stream")]
     Decode(#[from] pgoutput::DecodeError),
-    #[error("outbox row cannot be read: {0}")]
+    #[error("outbox row cannot be read")]
     Row(#[from] RowError),
-    #[error("postgres: {0}")]
-    Postgres(#[from] tokio_postgres::Error),
     #[error("invalid postgres.url for replication: {0}")]
     Url(String),
     #[error("the replication stream ended")]
     StreamEnded,
-}
-
-/// Creates the publication (inserts only, so the relay's own publish-state
-/// updates never come back to it) and the slot when they are missing.
-/// Returns whether the slot was created now.
-pub async fn ensure_publication_and_slot(client: &Client, config: &Config) -> Result<bool, tokio_postgres::Error> {
-    let publication = &config.source.publication_name;
-    let exists = client.query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[publication]).await?.is_some();
-    if !exists {
-        client
-            .batch_execute(&format!(
-                "CREATE PUBLICATION \"{publication}\" FOR TABLE {} WITH (publish = 'insert')",
-                config.outbox_table_sql()
-            ))
-            .await?;
-        tracing::info!(publication = %publication, "created publication");
-    }
-    let slot = &config.source.slot_name;
-    let exists = client.query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &[slot]).await?.is_some();
-    if !exists {
-        // With a catch-up marker: rows committed before the slot are
-        // published through the poll path at the relay's next start.
-        super::catchup::create_slot(client, config).await?;
-        tracing::info!(slot = %slot, "created replication slot");
-    }
-    Ok(!exists)
-}
-
-/// Moves the slot's confirmed position after the stream is closed, so a
-/// graceful stop persists exactly what was recorded even if the last standby
-/// status update did not reach Postgres. A no-op when the slot is already there.
-pub async fn persist_confirmed(client: &Client, slot: &str, position: Position) {
-    if position == 0 {
-        return;
-    }
-    let lsn = Lsn::from_u64(position).to_pg_string();
-    // The walsender of the closed stream may still hold the slot for a moment.
-    for _ in 0..20 {
-        let sql = "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn) \
-                   FROM pg_replication_slots WHERE slot_name = $1 AND NOT active \
-                   AND confirmed_flush_lsn < $2::text::pg_lsn";
-        match client.query_opt(sql, &[&slot, &lsn]).await {
-            Ok(_) => {
-                let active: Option<bool> = client
-                    .query_opt("SELECT active FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
-                    .await
-                    .ok()
-                    .flatten()
-                    .map(|r| r.get(0));
-                if active != Some(true) {
-                    return;
-                }
-            }
-            Err(err) => {
-                tracing::debug!(error = %err, "slot advance after stop not possible");
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Streams outbox inserts from the slot in commit order.
@@ -155,7 +92,7 @@ impl LogicalSource {
         replication.slot = source.slot_name.clone();
         replication.publication = source.publication_name.as_str().into();
         // Zero: resume from the slot's confirmed_flush_lsn.
-        replication.start_lsn = Lsn::from_u64(0);
+        replication.start_lsn = PgLsn::from_u64(0);
         replication.status_interval = Duration::from_millis(source.status_interval_ms);
         replication.idle_wakeup_interval = Duration::from_millis(source.status_interval_ms.max(1_000));
         // Bounded: the worker stops reading the socket when this is full.
@@ -165,35 +102,28 @@ impl LogicalSource {
 
     /// Runs until `stop` turns true or the stream fails. Rows go to `out`
     /// (bounded: a full channel pauses reading); the checkpoint stage reports
-    /// recorded positions through `confirmed`, which this source forwards to
-    /// Postgres. On a graceful stop it waits for the checkpoint stage to finish
-    /// and confirms its final position.
+    /// recorded commit boundaries through `confirmed`, and this source
+    /// forwards the WAL ones to Postgres (a catch-up phase before the stream
+    /// confirms poll batches, which are never WAL positions). On a graceful
+    /// stop it waits for the checkpoint stage to finish and confirms its
+    /// final position.
     pub async fn run(
         &self,
         out: mpsc::Sender<SourceEvent>,
-        mut confirmed: watch::Receiver<Position>,
+        mut confirmed: watch::Receiver<Option<CommitBoundary>>,
         mut stop: watch::Receiver<bool>,
     ) -> Result<(), LogicalError> {
-        // A catch-up phase before the stream used `confirmed` for its batch
-        // numbers: those are not WAL positions and are never forwarded
-        // (Postgres 15 moves confirmed_flush_lsn backwards if told so).
-        let floor = *confirmed.borrow_and_update();
+        confirmed.mark_unchanged();
         let mut client = ReplicationClient::connect(self.replication_config()?).await?;
         tracing::info!(slot = %self.config.source.slot_name, "replication stream started");
-        let result = self.stream(&mut client, &out, &mut confirmed, &mut stop, floor).await;
+        let result = self.stream(&mut client, &out, &mut confirmed, &mut stop).await;
         drop(out);
         if result.is_ok() {
             // Graceful: forward confirmations until the checkpoint stage is done.
             while confirmed.changed().await.is_ok() {
-                let position = *confirmed.borrow();
-                if position > floor {
-                    client.update_applied_lsn(Lsn::from_u64(position));
-                }
+                confirm(&client, *confirmed.borrow_and_update());
             }
-            let position = *confirmed.borrow();
-            if position > floor {
-                client.update_applied_lsn(Lsn::from_u64(position));
-            }
+            confirm(&client, *confirmed.borrow());
             if let Err(err) = client.shutdown().await {
                 tracing::debug!(error = %err, "replication stream shutdown");
             }
@@ -207,15 +137,14 @@ impl LogicalSource {
         &self,
         client: &mut ReplicationClient,
         out: &mpsc::Sender<SourceEvent>,
-        confirmed: &mut watch::Receiver<Position>,
+        confirmed: &mut watch::Receiver<Option<CommitBoundary>>,
         stop: &mut watch::Receiver<bool>,
-        floor: Position,
     ) -> Result<(), LogicalError> {
         let outbox = &self.config.outbox;
         let mut layout: Option<(u32, RowLayout)> = None;
         let mut committed_at: Option<DateTime<Utc>> = None;
         let mut in_transaction = false;
-        let mut last_marker: Position = 0;
+        let mut last_boundary = Lsn(0);
         loop {
             if *stop.borrow() {
                 return Ok(());
@@ -228,11 +157,7 @@ impl LogicalSource {
                         // The checkpoint stage is gone; the pipeline reports why.
                         return Ok(());
                     }
-                    let position = *confirmed.borrow_and_update();
-                    if position > floor {
-                        client.update_applied_lsn(Lsn::from_u64(position));
-                        metrics::confirmed_position(position);
-                    }
+                    confirm(client, *confirmed.borrow_and_update());
                 }
                 event = client.recv() => {
                     let event = event?.ok_or(LogicalError::StreamEnded)?;
@@ -265,21 +190,21 @@ impl LogicalSource {
                         ReplicationEvent::Commit { end_lsn, .. } => {
                             tracing::trace!(end_lsn = %end_lsn, "commit");
                             in_transaction = false;
-                            last_marker = end_lsn.as_u64();
-                            metrics::source_position(last_marker);
-                            if send(SourceEvent::Checkpoint(last_marker)).await.is_err() {
+                            last_boundary = Lsn(end_lsn.as_u64());
+                            metrics::source_position(last_boundary.0);
+                            if send(SourceEvent::Boundary(CommitBoundary::Wal(last_boundary))).await.is_err() {
                                 return Ok(());
                             }
                         }
                         ReplicationEvent::KeepAlive { wal_end, .. } => {
                             // Between transactions everything before wal_end has been
                             // sent: confirming it lets an idle slot release WAL.
-                            let position = wal_end.as_u64();
-                            if !in_transaction && position > last_marker {
+                            let position = Lsn(wal_end.as_u64());
+                            if !in_transaction && position > last_boundary {
                                 tracing::trace!(wal_end = %wal_end, "idle position");
-                                last_marker = position;
-                                metrics::source_position(position);
-                                if send(SourceEvent::Checkpoint(position)).await.is_err() {
+                                last_boundary = position;
+                                metrics::source_position(position.0);
+                                if send(SourceEvent::Boundary(CommitBoundary::Wal(position))).await.is_err() {
                                     return Ok(());
                                 }
                             }
@@ -289,5 +214,15 @@ impl LogicalSource {
                 }
             }
         }
+    }
+}
+
+/// Confirms a recorded WAL commit boundary to Postgres; poll batches (from
+/// a catch-up phase before the stream) are not WAL positions and are never
+/// forwarded (Postgres 15 moves confirmed_flush_lsn backwards if told so).
+fn confirm(client: &ReplicationClient, boundary: Option<CommitBoundary>) {
+    if let Some(CommitBoundary::Wal(lsn)) = boundary {
+        client.update_applied_lsn(PgLsn::from_u64(lsn.0));
+        metrics::confirmed_position(lsn.0);
     }
 }

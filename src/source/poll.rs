@@ -39,7 +39,7 @@
 //! # Why nothing is sent twice while in flight
 //!
 //! Only one batch is in flight at a time. After a batch's rows comes a
-//! [`SourceEvent::Checkpoint`] marker with the batch number. The checkpoint
+//! commit boundary ([`CommitBoundary::Batch`]) with the batch number. The checkpoint
 //! stage sends that number back through `confirmed` once every row before the
 //! marker has its publish state recorded (`published_at`, or `last_error` for
 //! held rows). The next SELECT runs only after that, so it cannot see those
@@ -94,27 +94,27 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::StreamExt;
 use secrecy::ExposeSecret;
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::{AsyncMessage, Client};
 
-use super::{Position, RowError, RowLayout, SourceEvent};
-use crate::config::{ColumnNames, Config};
+use crate::config::Config;
 use crate::database::{self, DatabaseError};
+use crate::outbox::{CommitBoundary, PollBatch, RowError, RowLayout, SourceEvent};
+use crate::store::{ident, rows_within, text_values, RowQuery, Store, StoreError};
 
 /// Why the poll source stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum PollError {
     #[error(transparent)]
     Database(#[from] DatabaseError),
-    #[error("postgres: {0}")]
+    #[error("postgres")]
     Postgres(#[from] tokio_postgres::Error),
-    #[error("outbox row cannot be read: {0}")]
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("outbox row cannot be read")]
     Row(#[from] RowError),
-    #[error("outbox table {0} not found; run `relay migrate`")]
-    NoTable(String),
     #[error("the LISTEN connection to Postgres closed")]
     ListenerClosed,
 }
@@ -122,14 +122,12 @@ pub enum PollError {
 /// Creates (poll mode) or drops (logical mode) the statement-level trigger
 /// that sends `NOTIFY <table>_relay` on insert. Only poll mode listens, and
 /// NOTIFY makes notifying transactions queue on one lock at commit.
-pub async fn set_notify_trigger(
-    client: &tokio_postgres::Client,
-    config: &Config,
-    enabled: bool,
-) -> Result<(), tokio_postgres::Error> {
+pub async fn set_notify_trigger(client: &Client, config: &Config, enabled: bool) -> Result<(), tokio_postgres::Error> {
     let table = &config.outbox.table;
     let schema = &config.outbox.schema;
-    let drop = format!("DROP TRIGGER IF EXISTS \"{table}_relay_notify\" ON \"{schema}\".\"{table}\"");
+    let trigger = ident(&format!("{table}_relay_notify"));
+    let target = config.outbox_table_sql();
+    let drop = format!("DROP TRIGGER IF EXISTS {trigger} ON {target}");
     if !enabled {
         return client.batch_execute(&drop).await;
     }
@@ -144,8 +142,9 @@ pub async fn set_notify_trigger(
     if !exists {
         client
             .batch_execute(&format!(
-                "CREATE TRIGGER \"{table}_relay_notify\" AFTER INSERT ON \"{schema}\".\"{table}\" \
-                 FOR EACH STATEMENT EXECUTE FUNCTION \"{schema}\".\"{table}_relay_notify\"()"
+                "CREATE TRIGGER {trigger} AFTER INSERT ON {target} \
+                 FOR EACH STATEMENT EXECUTE FUNCTION {}.{trigger}()",
+                ident(schema)
             ))
             .await?;
     }
@@ -155,106 +154,6 @@ pub async fn set_notify_trigger(
 /// The notification channel the notify trigger signals.
 pub fn channel_name(config: &Config) -> String {
     format!("{}_relay", config.outbox.table)
-}
-
-/// The configured read-side columns, in [`ColumnNames`] order, that the table has.
-pub fn selected_columns(names: &ColumnNames, existing: &[String]) -> Vec<String> {
-    [
-        &names.id,
-        &names.event_id,
-        &names.aggregate_type,
-        &names.aggregate_id,
-        &names.event_type,
-        &names.kind,
-        &names.entity_version,
-        &names.payload,
-        &names.headers,
-        &names.occurred_at,
-    ]
-    .into_iter()
-    .filter(|name| existing.iter().any(|e| e == *name))
-    .cloned()
-    .collect()
-}
-
-/// The poll query. Every column comes as text, as the logical stream carries
-/// it, so [`RowLayout::row`] builds rows in the same way in both modes.
-/// `occurred_at` is printed in UTC whatever the session's TimeZone, in the ISO
-/// format Postgres uses (`2026-11-23 16:40:00.123456+00`).
-pub fn poll_sql(table_sql: &str, names: &ColumnNames, columns: &[String]) -> String {
-    format!(
-        "SELECT {} FROM {table_sql} AS o \
-         WHERE o.published_at IS NULL AND o.last_error IS NULL \
-         ORDER BY o.\"{id}\" LIMIT $1",
-        select_list(names, columns),
-        id = names.id,
-    )
-}
-
-/// The select list of `columns` of the table aliased `o`, each as text
-/// (`occurred_at` in UTC ISO format), for [`RowLayout::row`]. Shared with
-/// `relay replay`, so replayed rows are built exactly as polled ones.
-pub fn select_list(names: &ColumnNames, columns: &[String]) -> String {
-    let list: Vec<String> = columns
-        .iter()
-        .map(|c| {
-            if *c == names.occurred_at {
-                format!("to_char(o.\"{c}\"::timestamptz AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'")
-            } else {
-                format!("o.\"{c}\"::text")
-            }
-        })
-        .collect();
-    list.join(", ")
-}
-
-/// A result row of a [`select_list`] query as text values (`None` is NULL),
-/// with their total size in bytes.
-pub fn text_values(row: &tokio_postgres::Row) -> Result<(Vec<Option<Bytes>>, usize), tokio_postgres::Error> {
-    let mut columns = Vec::with_capacity(row.len());
-    let mut size = 0;
-    for i in 0..row.len() {
-        let value: Option<&str> = row.try_get(i)?;
-        size += value.map_or(0, str::len);
-        columns.push(value.map(|v| Bytes::copy_from_slice(v.as_bytes())));
-    }
-    Ok((columns, size))
-}
-
-/// The configured columns the outbox table has, in [`ColumnNames`] order,
-/// and the layout that builds rows from them.
-pub async fn table_layout(client: &Client, config: &Config) -> Result<(Vec<String>, RowLayout), PollError> {
-    let table = config.outbox_table_sql();
-    let exists: Option<String> = client.query_one("SELECT to_regclass($1)::text", &[&table]).await?.get(0);
-    if exists.is_none() {
-        return Err(PollError::NoTable(table));
-    }
-    let existing: Vec<String> = client
-        .query(
-            "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped",
-            &[&table],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let names = &config.outbox.columns;
-    let columns = selected_columns(names, &existing);
-    let layout = RowLayout::new(&columns, names)?;
-    Ok((columns, layout))
-}
-
-/// How many of the leading rows (sizes in bytes) fit in `max_bytes`: at
-/// least one, so a single row larger than the limit still goes (alone).
-pub fn rows_within(sizes: &[usize], max_bytes: usize) -> usize {
-    let mut total = 0usize;
-    for (i, size) in sizes.iter().enumerate() {
-        total = total.saturating_add(*size);
-        if total > max_bytes && i > 0 {
-            return i;
-        }
-    }
-    sizes.len()
 }
 
 /// What one [`BatchRound`] did.
@@ -286,9 +185,9 @@ impl BatchRound<'_> {
     /// Emits batch number `batch`; see [`Round`].
     pub async fn send(
         &self,
-        batch: Position,
+        batch: PollBatch,
         out: &mpsc::Sender<SourceEvent>,
-        confirmed: &mut watch::Receiver<Position>,
+        confirmed: &mut watch::Receiver<Option<CommitBoundary>>,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<Round, PollError> {
         let rows = self.client.query(self.statement, &[&self.limit]).await?;
@@ -311,15 +210,15 @@ impl BatchRound<'_> {
                 return Ok(Round::Stopped);
             }
         }
-        tracing::debug!(batch, rows = take, bytes = sizes.iter().take(take).sum::<usize>(), "batch read");
-        if out.send(SourceEvent::Checkpoint(batch)).await.is_err() {
+        tracing::debug!(batch = batch.0, rows = take, bytes = sizes.iter().take(take).sum::<usize>(), "batch read");
+        if out.send(SourceEvent::Boundary(CommitBoundary::Batch(batch))).await.is_err() {
             return Ok(Round::Stopped);
         }
         tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => Ok(Round::Stopped),
             // An error: the checkpoint stage is gone; the pipeline reports why.
-            recorded = confirmed.wait_for(|p| *p >= batch) => Ok(if recorded.is_ok() { Round::Sent { rows: take, full } } else { Round::Stopped }),
+            recorded = confirmed.wait_for(|b| matches!(b, Some(CommitBoundary::Batch(done)) if *done >= batch)) => Ok(if recorded.is_ok() { Round::Sent { rows: take, full } } else { Round::Stopped }),
         }
     }
 }
@@ -334,13 +233,13 @@ impl PollSource {
         Self { config }
     }
 
-    /// Runs until `stop` turns true or Postgres fails. Rows and a batch marker
-    /// (`Checkpoint(n)`, n = 1, 2, ...) go to `out`; the next poll waits until
-    /// the checkpoint stage reports `n` through `confirmed`.
+    /// Runs until `stop` turns true or Postgres fails. Rows and a commit
+    /// boundary (`Batch(n)`, n = 1, 2, ...) go to `out`; the next poll waits
+    /// until the checkpoint stage reports `n` through `confirmed`.
     pub async fn run(
         &self,
         out: mpsc::Sender<SourceEvent>,
-        mut confirmed: watch::Receiver<Position>,
+        mut confirmed: watch::Receiver<Option<CommitBoundary>>,
         mut stop: watch::Receiver<bool>,
     ) -> Result<(), PollError> {
         // LISTEN before the first poll, so no commit falls between the two.
@@ -352,7 +251,7 @@ impl PollSource {
         let limit = i64::try_from(source.batch_rows).unwrap_or(i64::MAX);
         let interval = Duration::from_millis(source.poll_interval_ms);
         tracing::info!(channel = %channel_name(&self.config), "polling source started");
-        let mut batch: Position = 0;
+        let mut batch = 0;
         loop {
             if *stop.borrow() {
                 return Ok(());
@@ -364,7 +263,7 @@ impl PollSource {
                 max_bytes: source.batch_max_bytes,
                 layout: &layout,
             };
-            match round.send(batch + 1, &out, &mut confirmed, &mut stop).await? {
+            match round.send(PollBatch(batch + 1), &out, &mut confirmed, &mut stop).await? {
                 Round::Stopped => return Ok(()),
                 Round::Sent { full, .. } => {
                     batch += 1;
@@ -389,10 +288,11 @@ impl PollSource {
 
     /// Reads the table's columns and prepares the poll query.
     async fn prepare(&self, client: &Client) -> Result<(tokio_postgres::Statement, RowLayout), PollError> {
-        let (columns, layout) = table_layout(client, &self.config).await?;
-        let sql = poll_sql(&self.config.outbox_table_sql(), &self.config.outbox.columns, &columns);
+        let store = Store::new(&self.config);
+        let table = store.table_layout(client).await?;
+        let sql = RowQuery::poll(store.sql(), &table.columns);
         tracing::debug!(sql = %sql, "poll query");
-        Ok((client.prepare(&sql).await?, layout))
+        Ok((client.prepare(&sql).await?, table.layout))
     }
 
     /// Opens the LISTEN connection. The receiver yields once per wake-up
@@ -408,10 +308,7 @@ impl PollSource {
         if pg.get_application_name().is_none() {
             pg.application_name("outbox-relay-listen");
         }
-        let (client, mut connection) = pg.connect(database::tls(postgres)?).await.map_err(|err| {
-            let cause = std::error::Error::source(&err).map(|s| format!(" ({s})")).unwrap_or_default();
-            DatabaseError::Connect(format!("{err}{cause}"))
-        })?;
+        let (client, mut connection) = pg.connect(database::tls(postgres)?).await.map_err(DatabaseError::Connect)?;
         let (tx, rx) = mpsc::channel(1);
         tokio::spawn(async move {
             let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -431,51 +328,5 @@ impl PollSource {
         });
         client.batch_execute(&format!("LISTEN \"{}\"", channel_name(&self.config))).await?;
         Ok((client, rx))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn byte_bound_cuts_batches_but_always_takes_one_row() {
-        assert_eq!(rows_within(&[], 100), 0);
-        assert_eq!(rows_within(&[10, 20, 30], 100), 3);
-        assert_eq!(rows_within(&[40, 40, 40], 100), 2);
-        assert_eq!(rows_within(&[50, 50], 100), 2, "exactly at the bound");
-        assert_eq!(rows_within(&[50, 50, 1], 100), 2);
-        assert_eq!(rows_within(&[500, 1], 100), 1, "an oversized first row goes alone");
-        assert_eq!(rows_within(&[1, 500], 100), 1);
-    }
-
-    #[test]
-    fn query_selects_by_publish_state_without_cursor_and_maps_columns() {
-        let names = ColumnNames::default();
-        let existing: Vec<String> = [
-            "id",
-            "event_id",
-            "aggregate_type",
-            "aggregate_id",
-            "event_type",
-            "kind",
-            "payload",
-            "occurred_at",
-            "published_at",
-            "last_error",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let columns = selected_columns(&names, &existing);
-        assert!(!columns.contains(&"entity_version".to_string()) && !columns.contains(&"headers".to_string()));
-        assert!(RowLayout::new(&columns, &names).is_ok());
-        let sql = poll_sql("\"public\".\"outbox\"", &names, &columns);
-        assert!(
-            sql.contains("WHERE o.published_at IS NULL AND o.last_error IS NULL ORDER BY o.\"id\" LIMIT $1"),
-            "{sql}"
-        );
-        assert!(!sql.contains('>'), "no cursor: {sql}");
-        assert!(sql.contains("AT TIME ZONE 'UTC'"), "{sql}");
     }
 }

@@ -133,10 +133,10 @@ pub fn active(is_active: bool) {
     gauge!(ACTIVE).set(if is_active { 1.0 } else { 0.0 });
 }
 
-pub fn lag(status: &crate::telemetry::lag::Status) {
+pub fn lag(status: &crate::store::Status) {
     gauge!(UNPUBLISHED_ROWS).set(status.pending as f64);
     gauge!(OLDEST_UNPUBLISHED_AGE_SECONDS).set(status.oldest_pending_age_seconds.unwrap_or(0.0));
-    gauge!(HELD_ROWS).set(status.failed as f64);
+    gauge!(HELD_ROWS).set(status.held as f64);
     if let Some(bytes) = status.slot_retained_wal_bytes {
         gauge!(SLOT_RETAINED_WAL_BYTES).set(bytes as f64);
     }

@@ -44,6 +44,23 @@ pub fn install_metrics() -> PrometheusHandle {
         .clone()
 }
 
+/// Displays an error with its whole chain of causes, `outer: inner: root`,
+/// for log lines (`error = %ErrorChain(&err)`): a variant names its layer,
+/// its source says why.
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}
+
 /// What the health endpoints report, shared with the pipeline and the lag
 /// sampler.
 #[derive(Debug, Clone)]

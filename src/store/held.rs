@@ -1,0 +1,241 @@
+//! Held and waiting rows: loading the held entities, the relay's own release
+//! of waiting rows, and the operator's `relay held list|retry|skip`.
+//!
+//! Only the first held row of an entity can be retried or skipped: releasing
+//! a later one would publish it before the earlier one, breaking order.
+
+use serde::Serialize;
+use tokio_postgres::{Client, Transaction};
+
+use super::{get, Store, StoreError};
+
+/// One held or waiting row, as `relay held list` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct HeldRow {
+    pub id: i64,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub event_type: String,
+    pub attempts: i32,
+    pub last_error: String,
+    /// The held row this one waits behind; `None` for a held row.
+    pub waiting_for: Option<i64>,
+    /// RFC 3339.
+    pub occurred_at: String,
+}
+
+/// What a retry or skip changed.
+#[derive(Debug, Clone, Serialize)]
+pub struct Released {
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    /// Rows released for publishing, in the order they will be published.
+    pub released: Vec<i64>,
+    /// The row skipped, for `skip`.
+    pub skipped: Option<i64>,
+}
+
+/// Rows that are held or waiting: not published, `last_error` set, not skipped.
+const NOT_SETTLED: &str = "published_at IS NULL AND last_error IS NOT NULL AND skipped_at IS NULL";
+
+impl Store {
+    /// The entities that have a held row, with the first such row of each,
+    /// so their new rows keep waiting behind it.
+    pub async fn held_entities(&self, client: &Client) -> Result<Vec<(String, String, i64)>, StoreError> {
+        let s = &self.sql;
+        let sql = format!(
+            "SELECT {t}::text, {a}::text, min({id})::bigint FROM {table} WHERE {NOT_SETTLED} GROUP BY 1, 2",
+            t = s.aggregate_type,
+            a = s.aggregate_id,
+            id = s.id,
+            table = s.table
+        );
+        let n = &s.names;
+        client
+            .query(&sql, &[])
+            .await?
+            .iter()
+            .map(|r| {
+                Ok((
+                    get(r, 0, &n.aggregate_type, "text")?,
+                    get(r, 1, &n.aggregate_id, "text")?,
+                    get(r, 2, &n.id, "bigint")?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Releases waiting rows whose held row is held no more (published,
+    /// released or skipped): clears `last_error` and `waiting_for` and sets
+    /// `retry_requested_at`, so the catch-up phase (logical mode) or the
+    /// next poll publishes them, in id order. Needed because rows of a
+    /// released entity that arrive before the relay notices the release are
+    /// recorded as waiting again. Returns how many rows it released.
+    pub async fn release_orphaned_waiters(&self, client: &Client) -> Result<u64, StoreError> {
+        let s = &self.sql;
+        let sql = format!(
+            "UPDATE {table} AS w SET last_error = NULL, waiting_for = NULL, retry_requested_at = now() \
+             WHERE w.published_at IS NULL AND w.skipped_at IS NULL AND w.waiting_for IS NOT NULL \
+             AND NOT EXISTS (SELECT 1 FROM {table} AS h \
+                 WHERE h.{t} = w.{t} AND h.{a} = w.{a} AND h.{id} < w.{id} \
+                 AND h.published_at IS NULL AND h.skipped_at IS NULL \
+                 AND h.last_error IS NOT NULL AND h.waiting_for IS NULL)",
+            table = s.table,
+            t = s.aggregate_type,
+            a = s.aggregate_id,
+            id = s.id,
+        );
+        Ok(client.execute(&sql, &[]).await?)
+    }
+
+    /// Whether one of `blockers` (rows that hold entities in this run) is
+    /// no longer held: an operator retried or skipped it.
+    pub async fn blocker_released(&self, client: &Client, blockers: &[i64]) -> Result<bool, StoreError> {
+        if blockers.is_empty() {
+            return Ok(false);
+        }
+        let sql = format!(
+            "SELECT 1 FROM {} WHERE {} = ANY($1) \
+             AND (published_at IS NOT NULL OR last_error IS NULL OR skipped_at IS NOT NULL) LIMIT 1",
+            self.sql.table, self.sql.id
+        );
+        Ok(client.query_opt(&sql, &[&blockers]).await?.is_some())
+    }
+
+    /// Held and waiting rows, oldest first.
+    pub async fn held_rows(&self, client: &Client) -> Result<Vec<HeldRow>, StoreError> {
+        let s = &self.sql;
+        let sql = format!(
+            "SELECT {id}::bigint, {t}::text, {a}::text, {e}::text, attempts, last_error, waiting_for, \
+             {o}::timestamptz FROM {table} WHERE {NOT_SETTLED} ORDER BY {id}",
+            id = s.id,
+            t = s.aggregate_type,
+            a = s.aggregate_id,
+            e = s.event_type,
+            o = s.occurred_at,
+            table = s.table
+        );
+        let n = &s.names;
+        client
+            .query(&sql, &[])
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(HeldRow {
+                    id: get(r, 0, &n.id, "bigint")?,
+                    aggregate_type: get(r, 1, &n.aggregate_type, "text")?,
+                    aggregate_id: get(r, 2, &n.aggregate_id, "text")?,
+                    event_type: get(r, 3, &n.event_type, "text")?,
+                    attempts: get(r, 4, "attempts", "int")?,
+                    last_error: get(r, 5, "last_error", "text")?,
+                    waiting_for: get(r, 6, "waiting_for", "bigint")?,
+                    occurred_at: get::<chrono::DateTime<chrono::Utc>>(r, 7, &n.occurred_at, "timestamptz")?
+                        .to_rfc3339(),
+                })
+            })
+            .collect()
+    }
+
+    /// `relay held retry ID`: releases held row `id` and the rows of its
+    /// entity behind it, for the relay to publish them in id order.
+    pub async fn retry_held(&self, client: &mut Client, id: i64) -> Result<Released, StoreError> {
+        let tx = client.transaction().await?;
+        let entity = self.first_held(&tx, id).await?;
+        let released = self.release_from(&tx, &entity, id).await?;
+        tx.commit().await?;
+        Ok(Released { aggregate_type: entity.0, aggregate_id: entity.1, released, skipped: None })
+    }
+
+    /// `relay held skip ID`: settles held row `id` without publishing it
+    /// (`last_error` stays as the record of why) and releases the rows of
+    /// its entity behind it.
+    pub async fn skip_held(&self, client: &mut Client, id: i64, reason: &str) -> Result<Released, StoreError> {
+        let tx = client.transaction().await?;
+        let entity = self.first_held(&tx, id).await?;
+        tx.execute(
+            &format!("UPDATE {} SET skipped_at = now(), skip_reason = $2 WHERE {} = $1", self.sql.table, self.sql.id),
+            &[&id, &reason],
+        )
+        .await?;
+        let released = self.release_from(&tx, &entity, id + 1).await?;
+        tx.commit().await?;
+        Ok(Released { aggregate_type: entity.0, aggregate_id: entity.1, released, skipped: Some(id) })
+    }
+
+    /// Checks that `id` is the first held row of its entity; returns the entity.
+    async fn first_held(&self, tx: &Transaction<'_>, id: i64) -> Result<(String, String), StoreError> {
+        let s = &self.sql;
+        let row = tx
+            .query_opt(
+                &format!(
+                    "SELECT {t}::text, {a}::text, published_at IS NOT NULL, last_error IS NOT NULL, \
+                     skipped_at IS NOT NULL FROM {table} WHERE {id} = $1 FOR UPDATE",
+                    t = s.aggregate_type,
+                    a = s.aggregate_id,
+                    id = s.id,
+                    table = s.table
+                ),
+                &[&id],
+            )
+            .await?
+            .ok_or(StoreError::NotFound(id))?;
+        let n = &s.names;
+        let aggregate_type: String = get(&row, 0, &n.aggregate_type, "text")?;
+        let aggregate_id: String = get(&row, 1, &n.aggregate_id, "text")?;
+        let (published, held, skipped): (bool, bool, bool) = (row.try_get(2)?, row.try_get(3)?, row.try_get(4)?);
+        if published {
+            return Err(StoreError::NotHeld { id, state: "published" });
+        }
+        if skipped {
+            return Err(StoreError::NotHeld { id, state: "skipped already" });
+        }
+        if !held {
+            return Err(StoreError::NotHeld { id, state: "pending (the relay publishes it)" });
+        }
+        let blocker: Option<i64> = tx
+            .query_one(
+                &format!(
+                    "SELECT min({id})::bigint FROM {table} WHERE {t}::text = $1 AND {a}::text = $2 AND {id} < $3 \
+                     AND {NOT_SETTLED}",
+                    t = s.aggregate_type,
+                    a = s.aggregate_id,
+                    id = s.id,
+                    table = s.table
+                ),
+                &[&aggregate_type, &aggregate_id, &id],
+            )
+            .await?
+            .try_get(0)?;
+        if let Some(blocker) = blocker {
+            return Err(StoreError::Behind { id, blocker });
+        }
+        Ok((aggregate_type, aggregate_id))
+    }
+
+    /// Releases the held and waiting rows of the entity from `from_id` on;
+    /// returns their ids in id order.
+    async fn release_from(
+        &self,
+        tx: &Transaction<'_>,
+        entity: &(String, String),
+        from_id: i64,
+    ) -> Result<Vec<i64>, StoreError> {
+        let s = &self.sql;
+        let rows = tx
+            .query(
+                &format!(
+                    "UPDATE {table} SET last_error = NULL, waiting_for = NULL, retry_requested_at = now() \
+                     WHERE {t}::text = $1 AND {a}::text = $2 AND {id} >= $3 AND {NOT_SETTLED} RETURNING {id}::bigint",
+                    table = s.table,
+                    t = s.aggregate_type,
+                    a = s.aggregate_id,
+                    id = s.id
+                ),
+                &[&entity.0, &entity.1, &from_id],
+            )
+            .await?;
+        let mut ids = rows.iter().map(|r| get(r, 0, &s.names.id, "bigint")).collect::<Result<Vec<i64>, _>>()?;
+        ids.sort_unstable();
+        Ok(ids)
+    }
+}

@@ -1,0 +1,102 @@
+//! Recording publish state: the checkpoint stage's writes, behind a trait so
+//! the in-order settling logic is tested without Postgres.
+
+use std::future::Future;
+
+use tokio_postgres::{Client, Statement};
+
+use super::{get, OutboxSql, StoreError};
+
+/// A row Kafka acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub id: i64,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// A row that is not published: held by its own error, or waiting behind
+/// held row `waiting_for` of the same entity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldState {
+    pub id: i64,
+    /// Why, for operators (`relay held list`, `last_error`).
+    pub error: String,
+    /// Whether a publish was attempted (counts in `attempts`).
+    pub attempted: bool,
+    /// The held row this one waits behind; `None` for a held row.
+    pub waiting_for: Option<i64>,
+}
+
+/// Where the checkpoint stage records publish state. Each call returns the
+/// ids it matched: an id not matched is not visible yet (its commit is
+/// decoded before it is visible to other sessions) and is tried again.
+pub trait PublishStateStore {
+    /// Marks rows published with their partition and offset.
+    fn record_published(&self, rows: &[&Published]) -> impl Future<Output = Result<Vec<i64>, StoreError>> + Send;
+    /// Records why rows are held or waiting. Rows already published are
+    /// matched and left as they are.
+    fn record_held(&self, rows: &[&HeldState]) -> impl Future<Output = Result<Vec<i64>, StoreError>> + Send;
+}
+
+/// [`PublishStateStore`] on Postgres: one `UPDATE ... FROM unnest(...)
+/// RETURNING id` round trip per batch, statements prepared once.
+pub struct PgPublishState {
+    client: Client,
+    publish: Statement,
+    hold: Statement,
+    id_column: String,
+}
+
+impl PgPublishState {
+    pub async fn new(client: Client, sql: &OutboxSql) -> Result<Self, StoreError> {
+        let (table, id) = (&sql.table, &sql.id);
+        let publish = client
+            .prepare(&format!(
+                "UPDATE {table} AS o SET published_at = now(), kafka_topic = u.topic, \
+                 kafka_partition = u.part, kafka_offset = u.off, attempts = o.attempts + 1, \
+                 last_error = NULL, waiting_for = NULL \
+                 FROM unnest($1::bigint[], $2::text[], $3::int[], $4::bigint[]) AS u(id, topic, part, off) \
+                 WHERE o.{id} = u.id RETURNING o.{id}"
+            ))
+            .await?;
+        // Matches published rows too (leaving them as they are), so that
+        // "not matched" only ever means "not visible yet".
+        let hold = client
+            .prepare(&format!(
+                "UPDATE {table} AS o SET \
+                 attempts = CASE WHEN o.published_at IS NULL THEN o.attempts + u.tried ELSE o.attempts END, \
+                 last_error = CASE WHEN o.published_at IS NULL THEN u.err ELSE o.last_error END, \
+                 waiting_for = CASE WHEN o.published_at IS NULL THEN u.behind ELSE o.waiting_for END \
+                 FROM unnest($1::bigint[], $2::text[], $3::int[], $4::bigint[]) AS u(id, err, tried, behind) \
+                 WHERE o.{id} = u.id RETURNING o.{id}"
+            ))
+            .await?;
+        Ok(Self { client, publish, hold, id_column: sql.names.id.clone() })
+    }
+
+    fn ids(&self, rows: Vec<tokio_postgres::Row>) -> Result<Vec<i64>, StoreError> {
+        rows.iter().map(|r| get(r, 0, &self.id_column, "bigint")).collect()
+    }
+}
+
+impl PublishStateStore for PgPublishState {
+    async fn record_published(&self, rows: &[&Published]) -> Result<Vec<i64>, StoreError> {
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        let topics: Vec<&str> = rows.iter().map(|r| r.topic.as_str()).collect();
+        let partitions: Vec<i32> = rows.iter().map(|r| r.partition).collect();
+        let offsets: Vec<i64> = rows.iter().map(|r| r.offset).collect();
+        let matched = self.client.query(&self.publish, &[&ids, &topics, &partitions, &offsets]).await?;
+        self.ids(matched)
+    }
+
+    async fn record_held(&self, rows: &[&HeldState]) -> Result<Vec<i64>, StoreError> {
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        let errors: Vec<&str> = rows.iter().map(|r| r.error.as_str()).collect();
+        let tried: Vec<i32> = rows.iter().map(|r| i32::from(r.attempted)).collect();
+        let behind: Vec<Option<i64>> = rows.iter().map(|r| r.waiting_for).collect();
+        let matched = self.client.query(&self.hold, &[&ids, &errors, &tried, &behind]).await?;
+        self.ids(matched)
+    }
+}

@@ -1,0 +1,105 @@
+//! The publish-state picture from Postgres alone: `relay status` prints it
+//! (usable while the relay is down) and the relay samples it into gauges.
+
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use super::{get, Store, StoreError};
+
+/// The outbox's publish state.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// Rows not yet published, not held and not waiting.
+    pub pending: i64,
+    /// Age of the oldest pending row, seconds.
+    pub oldest_pending_age_seconds: Option<f64>,
+    /// Rows held or waiting (not published, `last_error` set), except those
+    /// an operator skipped.
+    pub held: i64,
+    /// Of `held`, the rows waiting behind a held row of their entity.
+    pub waiting: i64,
+    /// The old name of `held`; kept for one release.
+    pub failed: i64,
+    /// Held rows an operator skipped (`relay held skip`): settled, never published.
+    pub skipped: i64,
+    /// When the last row was published (RFC 3339).
+    pub last_published_at: Option<String>,
+    /// Logical mode: WAL the slot retains, bytes.
+    pub slot_retained_wal_bytes: Option<i64>,
+    /// Logical mode: whether a relay is streaming from the slot.
+    pub slot_active: Option<bool>,
+}
+
+impl Store {
+    /// Reads the status; cheap on a large table (partial indexes only).
+    /// `logical`: also read the slot.
+    pub async fn status(&self, client: &Client, logical: bool) -> Result<Status, StoreError> {
+        let table = &self.sql.table;
+        let occurred = &self.sql.occurred_at;
+        let row = client
+            .query_one(
+                &format!(
+                    "SELECT count(*) FILTER (WHERE last_error IS NULL), \
+                     extract(epoch FROM now() - min({occurred}::timestamptz) FILTER (WHERE last_error IS NULL))::float8, \
+                     count(*) FILTER (WHERE last_error IS NOT NULL AND skipped_at IS NULL), \
+                     count(*) FILTER (WHERE waiting_for IS NOT NULL AND skipped_at IS NULL), \
+                     count(*) FILTER (WHERE skipped_at IS NOT NULL) \
+                     FROM {table} WHERE published_at IS NULL"
+                ),
+                &[],
+            )
+            .await?;
+        let last: Option<chrono::DateTime<chrono::Utc>> = client
+            .query_one(&format!("SELECT max(published_at) FROM {table} WHERE published_at IS NOT NULL"), &[])
+            .await?
+            .try_get(0)?;
+        let (mut retained, mut active) = (None, None);
+        if logical {
+            if let Some(slot) = client
+                .query_opt(
+                    "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, active \
+                     FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&self.slot_name],
+                )
+                .await?
+            {
+                retained = slot.try_get(0)?;
+                active = Some(slot.try_get(1)?);
+            }
+        }
+        let held = get(&row, 2, "last_error", "bigint")?;
+        Ok(Status {
+            pending: get(&row, 0, "published_at", "bigint")?,
+            oldest_pending_age_seconds: get(&row, 1, &self.sql.names.occurred_at, "float8")?,
+            held,
+            waiting: get(&row, 3, "waiting_for", "bigint")?,
+            failed: held,
+            skipped: get(&row, 4, "skipped_at", "bigint")?,
+            last_published_at: last.map(|t| t.to_rfc3339()),
+            slot_retained_wal_bytes: retained,
+            slot_active: active,
+        })
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "pending rows:            {}", self.pending)?;
+        match self.oldest_pending_age_seconds {
+            Some(age) => writeln!(f, "oldest pending row age:  {age:.1} s")?,
+            None => writeln!(f, "oldest pending row age:  -")?,
+        }
+        writeln!(f, "held rows:               {} ({} of them waiting)", self.held, self.waiting)?;
+        if self.skipped > 0 {
+            writeln!(f, "skipped held rows:       {}", self.skipped)?;
+        }
+        writeln!(f, "last published at:       {}", self.last_published_at.as_deref().unwrap_or("never"))?;
+        if let Some(bytes) = self.slot_retained_wal_bytes {
+            writeln!(f, "slot retained WAL:       {bytes} bytes")?;
+        }
+        if let Some(active) = self.slot_active {
+            writeln!(f, "slot active:             {active}")?;
+        }
+        Ok(())
+    }
+}
