@@ -4,7 +4,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ fn python() -> String {
     std::env::var("RELAY_PYTHON").expect("RELAY_PYTHON (scripts/test sets up a Python with confluent-kafka)")
 }
 
-fn avro_config(db: &TestDb, schemas_dir: &PathBuf) -> PathBuf {
+fn avro_config(db: &TestDb, schemas_dir: &Path) -> PathBuf {
     db.write_config(&format!(
         r#"codec.format = "avro"
 codec.schemas_dir = "{}"

@@ -147,7 +147,10 @@ async fn postgres_restart_reconnects_and_resumes_from_the_slot() {
     let records = consume(&stack.bootstrap, &[&db.topic("entity")], 4_000, Duration::from_secs(120));
     assert_all_present(&client, &records).await;
     assert_per_key_order(&records);
-    assert!(relay.log_text().contains("restarting from the last confirmed position"), "the relay noticed the restart");
+    assert!(
+        relay.log_text().contains("restarting from the last confirmed commit boundary"),
+        "the relay noticed the restart"
+    );
     assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0), "{}", relay.log_text());
     db.cleanup().await;
 }

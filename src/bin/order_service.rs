@@ -101,7 +101,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?;
         tx.commit().await?;
         written += 1;
-        if written % 100 == 0 {
+        if written.is_multiple_of(100) {
             println!("order-service: {written} changes written");
         }
     }

@@ -137,17 +137,7 @@ pub async fn replay(config: &Config, filter: &ReplayFilter) -> Result<ReplaySumm
             .query_one(&RowQuery::replay_count(store.sql()), &[&after, &upto, &filter.since, &filter.aggregate_type])
             .await?
             .try_get(0)?;
-        let bar = ProgressBar::new(u64::try_from(total).unwrap_or(0));
-        if let Ok(style) =
-            ProgressStyle::with_template("{spinner} replay [{bar:40}] {pos}/{len} rows, {rate} rows/s, eta {eta}")
-        {
-            let rate = |state: &ProgressState, w: &mut dyn std::fmt::Write| {
-                let _ = write!(w, "{:.0}", state.per_sec());
-            };
-            bar.set_style(style.progress_chars("=> ").with_key("rate", rate));
-        }
-        bar.enable_steady_tick(Duration::from_millis(200));
-        bar
+        progress_bar(u64::try_from(total).unwrap_or(0))
     } else {
         ProgressBar::hidden()
     };
@@ -195,6 +185,21 @@ pub async fn replay(config: &Config, filter: &ReplayFilter) -> Result<ReplaySumm
 }
 
 type Delivery = std::pin::Pin<Box<dyn std::future::Future<Output = (i64, Result<(), String>)> + Send>>;
+
+/// A progress bar of `total` rows on stderr.
+fn progress_bar(total: u64) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    if let Ok(style) =
+        ProgressStyle::with_template("{spinner} replay [{bar:40}] {pos}/{len} rows, {rate} rows/s, eta {eta}")
+    {
+        let rate = |state: &ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = write!(w, "{:.0}", state.per_sec());
+        };
+        bar.set_style(style.progress_chars("=> ").with_key("rate", rate));
+    }
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
 
 /// Builds one row's record as the sink does, plus the replay headers, and
 /// enqueues it (the shared produce loop waits while librdkafka's queue is full).

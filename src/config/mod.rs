@@ -394,6 +394,13 @@ impl Config {
 
     /// Checks every value and names the key that is wrong and what is allowed.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_connections()?;
+        self.validate_routing()?;
+        self.validate_codec_and_limits()
+    }
+
+    /// postgres.*, kafka.*.
+    fn validate_connections(&self) -> Result<(), ConfigError> {
         let invalid = |key: &str, message: String| Err(ConfigError::Invalid { key: key.to_string(), message });
         let url = self.postgres.url.expose_secret();
         if url.parse::<tokio_postgres::Config>().is_err() {
@@ -425,6 +432,12 @@ impl Config {
         if self.kafka.queue_max_messages == 0 {
             return invalid("kafka.queue_max_messages", "must be at least 1".into());
         }
+        Ok(())
+    }
+
+    /// Names of the outbox, slot and publication; routing.*.
+    fn validate_routing(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| Err(ConfigError::Invalid { key: key.to_string(), message });
         for (key, name) in [
             ("source.slot_name", &self.source.slot_name),
             ("source.publication_name", &self.source.publication_name),
@@ -450,6 +463,12 @@ impl Config {
         if self.routing.topic_replication_factor == 0 || self.routing.topic_replication_factor < -1 {
             return invalid("routing.topic_replication_factor", "must be -1 (broker default) or at least 1".into());
         }
+        Ok(())
+    }
+
+    /// codec.*, registry.*, and the sizes and intervals elsewhere.
+    fn validate_codec_and_limits(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| Err(ConfigError::Invalid { key: key.to_string(), message });
         const LEVELS: [&str; 7] =
             ["BACKWARD", "BACKWARD_TRANSITIVE", "FORWARD", "FORWARD_TRANSITIVE", "FULL", "FULL_TRANSITIVE", "NONE"];
         if !LEVELS.contains(&self.codec.compatibility.as_str()) {

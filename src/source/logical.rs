@@ -22,7 +22,7 @@ use secrecy::ExposeSecret;
 use tokio::sync::{mpsc, watch};
 
 use super::pgoutput::{self, Message};
-use crate::config::Config;
+use crate::config::{Config, OutboxConfig};
 use crate::outbox::{pg_epoch_micros_to_utc, CommitBoundary, Lsn, RowError, RowLayout, SourceEvent};
 use crate::telemetry::metrics;
 
@@ -140,11 +140,7 @@ impl LogicalSource {
         confirmed: &mut watch::Receiver<Option<CommitBoundary>>,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<(), LogicalError> {
-        let outbox = &self.config.outbox;
-        let mut layout: Option<(u32, RowLayout)> = None;
-        let mut committed_at: Option<DateTime<Utc>> = None;
-        let mut in_transaction = false;
-        let mut last_boundary = Lsn(0);
+        let mut decoder = Decoder::default();
         loop {
             if *stop.borrow() {
                 return Ok(());
@@ -161,59 +157,79 @@ impl LogicalSource {
                 }
                 event = client.recv() => {
                     let event = event?.ok_or(LogicalError::StreamEnded)?;
-                    let send = |ev| async { out.send(ev).await.map_err(|_| ()) };
-                    match event {
-                        ReplicationEvent::Begin { commit_time_micros, .. } => {
-                            in_transaction = true;
-                            committed_at = pg_epoch_micros_to_utc(commit_time_micros);
+                    if let Some(event) = decoder.decode(event, &self.config.outbox)? {
+                        if out.send(event).await.is_err() {
+                            return Ok(());
                         }
-                        ReplicationEvent::XLogData { data, .. } => match pgoutput::decode(data)? {
-                            Message::Relation { id, namespace, name, columns } => {
-                                if namespace == outbox.schema && name == outbox.table {
-                                    let names: Vec<String> = columns.into_iter().map(|c| c.name).collect();
-                                    layout = Some((id, RowLayout::new(&names, &outbox.columns)?));
-                                }
-                            }
-                            Message::Insert { relation_id, values } => {
-                                if let Some((id, layout)) = &layout {
-                                    if *id == relation_id {
-                                        let row = layout.row(&values, committed_at)?;
-                                        tracing::trace!(row_id = row.id, "row read");
-                                        if send(SourceEvent::Row(row)).await.is_err() {
-                                            return Ok(());
-                                        }
-                                    }
-                                }
-                            }
-                            Message::Other(_) => {}
-                        },
-                        ReplicationEvent::Commit { end_lsn, .. } => {
-                            tracing::trace!(end_lsn = %end_lsn, "commit");
-                            in_transaction = false;
-                            last_boundary = Lsn(end_lsn.as_u64());
-                            metrics::source_position(last_boundary.0);
-                            if send(SourceEvent::Boundary(CommitBoundary::Wal(last_boundary))).await.is_err() {
-                                return Ok(());
-                            }
-                        }
-                        ReplicationEvent::KeepAlive { wal_end, .. } => {
-                            // Between transactions everything before wal_end has been
-                            // sent: confirming it lets an idle slot release WAL.
-                            let position = Lsn(wal_end.as_u64());
-                            if !in_transaction && position > last_boundary {
-                                tracing::trace!(wal_end = %wal_end, "idle position");
-                                last_boundary = position;
-                                metrics::source_position(position.0);
-                                if send(SourceEvent::Boundary(CommitBoundary::Wal(position))).await.is_err() {
-                                    return Ok(());
-                                }
-                            }
-                        }
-                        ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
                     }
                 }
             }
         }
+    }
+}
+
+/// Turns replication events into source events: outbox rows with their
+/// commit time, and a commit boundary at each commit (and at idle
+/// keepalives between transactions).
+#[derive(Default)]
+struct Decoder {
+    /// The outbox relation's id and column layout, once announced.
+    layout: Option<(u32, RowLayout)>,
+    committed_at: Option<DateTime<Utc>>,
+    in_transaction: bool,
+    last_boundary: Lsn,
+}
+
+impl Decoder {
+    fn decode(&mut self, event: ReplicationEvent, outbox: &OutboxConfig) -> Result<Option<SourceEvent>, LogicalError> {
+        Ok(match event {
+            ReplicationEvent::Begin { commit_time_micros, .. } => {
+                self.in_transaction = true;
+                self.committed_at = pg_epoch_micros_to_utc(commit_time_micros);
+                None
+            }
+            ReplicationEvent::XLogData { data, .. } => match pgoutput::decode(data)? {
+                Message::Relation { id, namespace, name, columns } => {
+                    if namespace == outbox.schema && name == outbox.table {
+                        let names: Vec<String> = columns.into_iter().map(|c| c.name).collect();
+                        self.layout = Some((id, RowLayout::new(&names, &outbox.columns)?));
+                    }
+                    None
+                }
+                Message::Insert { relation_id, values } => match &self.layout {
+                    Some((id, layout)) if *id == relation_id => {
+                        let row = layout.row(&values, self.committed_at)?;
+                        tracing::trace!(row_id = row.id, "row read");
+                        Some(SourceEvent::Row(row))
+                    }
+                    _ => None,
+                },
+                Message::Other(_) => None,
+            },
+            ReplicationEvent::Commit { end_lsn, .. } => {
+                tracing::trace!(end_lsn = %end_lsn, "commit");
+                self.in_transaction = false;
+                self.boundary(Lsn(end_lsn.as_u64()))
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                // Between transactions everything before wal_end has been
+                // sent: confirming it lets an idle slot release WAL.
+                let position = Lsn(wal_end.as_u64());
+                if !self.in_transaction && position > self.last_boundary {
+                    tracing::trace!(wal_end = %wal_end, "idle position");
+                    self.boundary(position)
+                } else {
+                    None
+                }
+            }
+            ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => None,
+        })
+    }
+
+    fn boundary(&mut self, position: Lsn) -> Option<SourceEvent> {
+        self.last_boundary = position;
+        metrics::source_position(position.0);
+        Some(SourceEvent::Boundary(CommitBoundary::Wal(position)))
     }
 }
 
