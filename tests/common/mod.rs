@@ -52,7 +52,9 @@ pub async fn connect(url: &str) -> Client {
     client
 }
 
-/// A database of its own, with a unique slot name and topic prefix.
+/// A database of its own, with a unique slot name and topic prefix. Its
+/// replication slots and the database are dropped by [`TestDb::cleanup`] at
+/// the end of a test, or on drop when a test fails half-way.
 pub struct TestDb {
     pub stack: Stack,
     pub name: String,
@@ -60,6 +62,8 @@ pub struct TestDb {
     pub slot: String,
     pub topic_prefix: String,
     pub dir: tempfile::TempDir,
+    /// Set once the slots and the database are dropped.
+    cleaned: bool,
 }
 
 impl TestDb {
@@ -76,6 +80,7 @@ impl TestDb {
             topic_prefix: format!("rt{id}"),
             name,
             dir: tempfile::tempdir().expect("tempdir"),
+            cleaned: false,
         }
     }
 
@@ -126,17 +131,93 @@ telemetry.http_listen = "127.0.0.1:0"
         assert!(output.status.success(), "relay migrate failed: {}", String::from_utf8_lossy(&output.stderr));
     }
 
-    /// Drops the slot and the database (call after every relay is stopped).
-    pub async fn cleanup(self) {
-        let admin = connect(&self.stack.postgres_url).await;
-        let _ = admin
-            .execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
-                &[&self.slot],
-            )
-            .await;
-        let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).await;
+    /// Drops the slots and the database (call after every relay is
+    /// stopped). Dropping a `TestDb` does the same, so a test that fails
+    /// half-way leaks nothing; after this the drop does nothing.
+    pub async fn cleanup(mut self) {
+        drop_slots_and_database(&self.stack.postgres_url, &self.slot, &self.name).await;
+        self.cleaned = true;
     }
+}
+
+impl Drop for TestDb {
+    /// Runs the cleanup on a thread of its own with its own runtime: this
+    /// may run inside a tokio runtime (no `block_on` there) or during a
+    /// panic's unwinding. It never panics; errors are printed and ignored.
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        self.cleaned = true;
+        let (admin_url, slot, name) = (self.stack.postgres_url.clone(), self.slot.clone(), self.name.clone());
+        let spawned = std::thread::Builder::new().name(format!("drop-{name}")).spawn(move || {
+            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime.block_on(async {
+                    let work = drop_slots_and_database(&admin_url, &slot, &name);
+                    if tokio::time::timeout(Duration::from_secs(30), work).await.is_err() {
+                        eprintln!("TestDb drop: dropping {name} took over 30 s; gave up");
+                    }
+                }),
+                Err(err) => eprintln!("TestDb drop: no runtime to drop {name}: {err}"),
+            }
+        });
+        match spawned {
+            Ok(handle) => {
+                let _ = handle.join();
+            }
+            Err(err) => eprintln!("TestDb drop: cannot start the cleanup thread for {}: {err}", self.name),
+        }
+    }
+}
+
+/// Drops the replication slots named `slot` or starting with it (ending the
+/// sessions that hold them) and then the database `name` WITH (FORCE); tries
+/// again while a relay still running recreates a slot in between. Best
+/// effort: errors are printed, never raised.
+async fn drop_slots_and_database(admin_url: &str, slot: &str, name: &str) {
+    let admin = match tokio_postgres::connect(admin_url, NoTls).await {
+        Ok((client, connection)) => {
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            client
+        }
+        Err(err) => {
+            eprintln!("cleanup of {name}: cannot connect to postgres: {err}");
+            return;
+        }
+    };
+    let mut last_error = String::new();
+    for _ in 0..50 {
+        let slots = match admin
+            .query("SELECT slot_name, active_pid FROM pg_replication_slots WHERE starts_with(slot_name::text, $1)", &[&slot])
+            .await
+        {
+            Ok(rows) => rows,
+            Err(err) => {
+                eprintln!("cleanup of {name}: cannot list replication slots: {err}");
+                return;
+            }
+        };
+        // A slot held by a live session cannot be dropped: end the session
+        // now and drop the slot on the next round.
+        for row in &slots {
+            let (slot_name, pid): (String, Option<i32>) = (row.get(0), row.get(1));
+            let _ = match pid {
+                Some(pid) => admin.execute("SELECT pg_terminate_backend($1)", &[&pid]).await,
+                None => admin.execute("SELECT pg_drop_replication_slot($1)", &[&slot_name]).await,
+            };
+        }
+        if slots.is_empty() {
+            // Fails while a (recreated) slot of the database exists.
+            match admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await {
+                Ok(()) => return,
+                Err(err) => last_error = err.to_string(),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("cleanup of {name}: gave up dropping the database and its slots: {last_error}");
 }
 
 /// A `relay` command with no inherited `RELAY__*` overrides (the stack's
@@ -265,8 +346,14 @@ impl Record {
 }
 
 /// Reads `topics` from the beginning until `count` distinct messages (by
-/// `event_id`) arrived, duplicates included in the result; `deadline`
-/// passing fails the test.
+/// `event_id`) arrived, then goes on reading to the end: it fetches the high
+/// watermark of every partition of every topic at that moment and returns
+/// only once its position on each partition has reached it (a partition with
+/// no data counts as reached). The result holds every record up to those end
+/// offsets, duplicates included, so "no duplicates" and duplicate counts
+/// computed from it see everything written before the count was reached,
+/// also copies that came after the first `count` distinct messages.
+/// `deadline` (for the whole call) passing fails the test.
 pub fn consume(bootstrap: &str, topics: &[&str], count: usize, deadline: Duration) -> Vec<Record> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -279,13 +366,46 @@ pub fn consume(bootstrap: &str, topics: &[&str], count: usize, deadline: Duratio
     consumer.subscribe(topics).expect("subscribe");
     let mut records = Vec::new();
     let mut unique = std::collections::HashSet::new();
+    // Next offset to read per (topic, partition), from the records seen.
+    let mut next: HashMap<(String, i32), i64> = HashMap::new();
+    // The end offsets to reach, fetched once `count` distinct messages arrived.
+    let mut ends: Option<Vec<(String, i32, i64)>> = None;
     let start = Instant::now();
-    while unique.len() < count {
-        assert!(
-            start.elapsed() < deadline,
-            "timed out after {deadline:?}: {} of {count} distinct messages arrived from {topics:?}",
-            unique.len()
-        );
+    loop {
+        if ends.is_none() && unique.len() >= count {
+            ends = Some(end_offsets(&consumer, topics, deadline.saturating_sub(start.elapsed())));
+        }
+        if let Some(ends) = &ends {
+            let positions = consumer.position().ok();
+            let behind: Vec<String> = ends
+                .iter()
+                .filter(|(topic, partition, high)| {
+                    let seen = next.get(&(topic.clone(), *partition)).copied().unwrap_or(-1);
+                    // The assignment's position also moves past records that
+                    // are never returned (transaction markers).
+                    let position = positions
+                        .as_ref()
+                        .and_then(|p| p.find_partition(topic, *partition))
+                        .and_then(|e| e.offset().to_raw())
+                        .unwrap_or(-1);
+                    seen.max(position) < *high
+                })
+                .map(|(topic, partition, high)| format!("{topic}/{partition} (end {high})"))
+                .collect();
+            if behind.is_empty() {
+                break;
+            }
+            assert!(
+                start.elapsed() < deadline,
+                "timed out after {deadline:?}: {count} distinct messages arrived from {topics:?}, but reading to the end offsets did not finish: {behind:?}"
+            );
+        } else {
+            assert!(
+                start.elapsed() < deadline,
+                "timed out after {deadline:?}: {} of {count} distinct messages arrived from {topics:?}",
+                unique.len()
+            );
+        }
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(msg)) => {
                 let mut headers = HashMap::new();
@@ -298,6 +418,8 @@ pub fn consume(bootstrap: &str, topics: &[&str], count: usize, deadline: Duratio
                 unique.insert(
                     headers.get("event_id").cloned().unwrap_or_else(|| format!("{}-{}", msg.partition(), msg.offset())),
                 );
+                let slot = next.entry((msg.topic().to_string(), msg.partition())).or_insert(0);
+                *slot = (*slot).max(msg.offset() + 1);
                 records.push(Record {
                     topic: msg.topic().to_string(),
                     key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default(),
@@ -316,6 +438,27 @@ pub fn consume(bootstrap: &str, topics: &[&str], count: usize, deadline: Duratio
         }
     }
     records
+}
+
+/// The high watermark of every partition of `topics` now, as (topic,
+/// partition, end offset); a partition with no data (low = high) is left
+/// out, as is a topic that does not exist.
+fn end_offsets(consumer: &BaseConsumer, topics: &[&str], budget: Duration) -> Vec<(String, i32, i64)> {
+    let timeout = budget.clamp(Duration::from_secs(1), Duration::from_secs(30));
+    let mut ends = Vec::new();
+    for topic in topics {
+        let metadata = consumer.fetch_metadata(Some(topic), timeout).expect("topic metadata");
+        for t in metadata.topics().iter().filter(|t| t.name() == *topic && t.error().is_none()) {
+            for partition in t.partitions() {
+                let (low, high) =
+                    consumer.fetch_watermarks(topic, partition.id(), timeout).expect("partition watermarks");
+                if high > low {
+                    ends.push((topic.to_string(), partition.id(), high));
+                }
+            }
+        }
+    }
+    ends
 }
 
 /// Inserts one outbox row in its own transaction; returns its id.
