@@ -64,6 +64,9 @@ pub struct OutboxRow {
     pub occurred_at: DateTime<Utc>,
     /// When the writing transaction committed, where the source knows it.
     pub committed_at: Option<DateTime<Utc>>,
+    /// The writing transaction's id, where the source knows it (logical
+    /// mode): tells "not visible yet" from "deleted" when recording.
+    pub xid: Option<u32>,
 }
 
 /// What a source emits, in commit order.
@@ -175,6 +178,7 @@ impl RowLayout {
             headers,
             occurred_at,
             committed_at,
+            xid: None,
         })
     }
 }

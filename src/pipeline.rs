@@ -436,7 +436,9 @@ async fn run_once(
             let _ = caught_up_tx.send(true);
         }
         match config.source.mode {
-            SourceMode::Logical => LogicalSource::new(config.clone()).run(source_tx, confirmed_rx, source_stop).await?,
+            SourceMode::Logical => {
+                LogicalSource::new(config.clone()).run(&control, source_tx, confirmed_rx, source_stop).await?
+            }
             SourceMode::Poll => PollSource::new(config.clone()).run(source_tx, confirmed_rx, source_stop).await?,
         }
         Ok::<(), PipelineError>(())

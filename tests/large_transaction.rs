@@ -59,3 +59,39 @@ async fn hundred_thousand_rows_in_one_transaction_with_bounded_memory() {
     assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0), "{}", relay.log_text());
     db.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_at_ninety_percent_of_a_million_row_transaction_repeats_only_the_in_flight_window() {
+    let stack = Stack::from_env();
+    let db = TestDb::new(&stack).await;
+    let config = db.write_config("");
+    db.migrate(&config);
+    let client = db.client().await;
+    const ROWS: i64 = 1_000_000;
+    insert_one_transaction(&client, ROWS, 0).await;
+    let mut relay = RelayProcess::start(&config);
+    wait_for("90% of the transaction to be published", Duration::from_secs(600), || async {
+        let published: i64 =
+            client.query_one("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL", &[]).await.ok()?.get(0);
+        (published >= ROWS * 9 / 10).then_some(())
+    })
+    .await;
+    relay.kill9();
+    // The slot has no commit boundary inside the transaction: it streams the
+    // whole transaction again, and the relay must skip what is recorded.
+    let mut relay = RelayProcess::start(&config);
+    let total = wait_all_published(&client, Duration::from_secs(600)).await;
+    assert_eq!(total, ROWS);
+    let records = consume(&stack.bootstrap, &[&db.topic("bulk")], ROWS as usize, Duration::from_secs(300));
+    let duplicates = records.len() - ROWS as usize;
+    let skipped = relay.metric("outbox_relay_resend_skipped_total").await.unwrap_or(0.0);
+    eprintln!(
+        "kill -9 at 90% of a {ROWS}-row transaction: {duplicates} duplicates; {skipped} rows skipped as published"
+    );
+    // The in-flight window at full speed is about a checkpoint batch (1,000
+    // rows); resending from the transaction's start would be ~900,000.
+    assert!(duplicates <= 10_000, "{duplicates} duplicates");
+    assert!(skipped >= (ROWS * 8 / 10) as f64, "the restart skipped {skipped} published rows");
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0), "{}", relay.log_text());
+    db.cleanup().await;
+}

@@ -157,6 +157,7 @@ impl<S: PublishStateStore> Checkpoint<S> {
                     topic: row.topic,
                     partition: ack.partition,
                     offset: ack.offset,
+                    xid: row.row.xid,
                 });
                 Ok(())
             }
@@ -189,57 +190,88 @@ impl<S: PublishStateStore> Checkpoint<S> {
 
     /// Writes the batch's publish state, making sure every row was matched.
     ///
-    /// Logical decoding may stream a transaction a moment before its commit
-    /// is visible to other sessions (the commit record is flushed before the
-    /// committing backend leaves the proc array), so an UPDATE racing it can
-    /// miss a just-committed row. The missing ids are retried until they are
-    /// visible; the boundary is confirmed only after that.
+    /// Logical decoding may stream a transaction before its commit is
+    /// visible to other sessions (the commit record is flushed before the
+    /// committing backend leaves the proc array; with synchronous
+    /// replication it stays there until a standby confirms), so an UPDATE
+    /// racing it can miss a just-committed row. See [`Self::until_visible`].
     async fn record(&self, batch: &Batch) -> Result<(), CheckpointError> {
         let started = std::time::Instant::now();
         if !batch.published.is_empty() {
-            until_visible(&batch.published, |r| r.id, async |rows| self.store.record_published(rows).await).await?;
+            let key = |r: &Published| (r.id, r.xid);
+            self.until_visible(&batch.published, key, async |rows| self.store.record_published(rows).await).await?;
             metrics::checkpoint_batch(batch.published.len(), started.elapsed());
         }
         if !batch.held.is_empty() {
-            until_visible(&batch.held, |r| r.id, async |rows| self.store.record_held(rows).await).await?;
+            let key = |r: &HeldState| (r.id, r.xid);
+            self.until_visible(&batch.held, key, async |rows| self.store.record_held(rows).await).await?;
+        }
+        Ok(())
+    }
+
+    /// Runs `update` for `items` (keyed by row id and writing transaction),
+    /// again for those it did not match, until each is matched or known to
+    /// be gone.
+    ///
+    /// Safety: the commit boundary after these rows is confirmed only once
+    /// this returns, so it never returns while one of them can still become
+    /// visible. A row not found whose transaction is still in progress for a
+    /// fresh snapshot is waited for, however long, with a log line and the
+    /// `outbox_relay_unrecorded_rows` gauge (a stop then ends the run without
+    /// confirming). Only a row whose transaction is over, and that an UPDATE
+    /// after that still does not find, is given up: it was deleted after its
+    /// insert (some outbox writers do that). Test: `tests/chaos.rs`,
+    /// `a_commit_not_visible_yet_is_waited_for_never_confirmed_past`.
+    async fn until_visible<T>(
+        &self,
+        items: &[T],
+        key: impl Fn(&T) -> (i64, Option<u32>),
+        mut update: impl AsyncFnMut(&[&T]) -> Result<Vec<i64>, StoreError>,
+    ) -> Result<(), StoreError> {
+        /// Quick retries first: the usual race lasts microseconds.
+        const QUICK_ATTEMPTS: u32 = 3;
+        let mut pending: Vec<&T> = items.iter().collect();
+        for attempt in 1.. {
+            let matched: HashSet<i64> = update(&pending).await?.into_iter().collect();
+            pending.retain(|item| !matched.contains(&key(item).0));
+            if pending.is_empty() {
+                break;
+            }
+            if attempt <= QUICK_ATTEMPTS {
+                tokio::time::sleep(Duration::from_millis(2u64 << attempt)).await;
+                continue;
+            }
+            let xids: Vec<u32> = pending.iter().filter_map(|item| key(item).1).collect();
+            let running = if xids.is_empty() { HashSet::new() } else { self.store.in_progress(&xids).await? };
+            let (waiting, over): (Vec<&T>, Vec<&T>) =
+                pending.into_iter().partition(|item| key(item).1.is_some_and(|xid| running.contains(&xid)));
+            if !over.is_empty() {
+                // Their transactions are over: visible to this UPDATE, or deleted.
+                let matched: HashSet<i64> = update(&over).await?.into_iter().collect();
+                let gone = over.iter().filter(|item| !matched.contains(&key(item).0)).count();
+                if gone > 0 {
+                    tracing::warn!(gone, "published rows are gone (deleted after insert?): nothing to record for them");
+                }
+            }
+            pending = waiting;
+            metrics::unrecorded_rows(pending.len());
+            if pending.is_empty() {
+                break;
+            }
+            if attempt % 10 == QUICK_ATTEMPTS + 1 {
+                tracing::warn!(
+                    rows = pending.len(),
+                    "published rows are not visible yet: their transactions are still in progress (a synchronous standby that does not confirm?); waiting for them, and not confirming past them"
+                );
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
         Ok(())
     }
 }
 
 fn held_state(row: &RoutedRow, error: String, waiting_for: Option<i64>) -> HeldState {
-    HeldState { id: row.row.id, error, attempted: waiting_for.is_none(), waiting_for }
-}
-
-/// Runs `update` for `items`, again for those it did not match, until all
-/// are matched or [`wait_for_visibility`] gives up.
-async fn until_visible<T>(
-    items: &[T],
-    id: impl Fn(&T) -> i64,
-    mut update: impl AsyncFnMut(&[&T]) -> Result<Vec<i64>, StoreError>,
-) -> Result<(), StoreError> {
-    let mut pending: Vec<&T> = items.iter().collect();
-    for attempt in 0.. {
-        let matched: HashSet<i64> = update(&pending).await?.into_iter().collect();
-        pending.retain(|item| !matched.contains(&id(item)));
-        if pending.is_empty() || !wait_for_visibility(attempt, pending.len()).await {
-            break;
-        }
-    }
-    Ok(())
-}
-
-/// Backs off before retrying rows whose commit is not visible yet.
-/// Gives up after about five seconds: a row deleted right after its
-/// insert (some outbox writers do that) never becomes visible.
-async fn wait_for_visibility(attempt: u32, missing: usize) -> bool {
-    const MAX_ATTEMPTS: u32 = 12;
-    if attempt >= MAX_ATTEMPTS {
-        tracing::warn!(missing, "rows were published but not found when recording their state (deleted after insert?)");
-        return false;
-    }
-    tokio::time::sleep(Duration::from_millis(2u64 << attempt.min(11)).min(Duration::from_secs(1))).await;
-    true
+    HeldState { id: row.row.id, error, attempted: waiting_for.is_none(), waiting_for, xid: row.row.xid }
 }
 
 #[cfg(test)]

@@ -32,6 +32,9 @@ impl PublishStateStore for MemoryStore {
         self.held.lock().expect("lock").extend(rows.iter().map(|r| (*r).clone()));
         Ok(rows.iter().map(|r| r.id).collect())
     }
+    async fn in_progress(&self, _xids: &[u32]) -> Result<HashSet<u32>, StoreError> {
+        Ok(HashSet::new())
+    }
 }
 
 fn row(id: i64) -> RoutedRow {
@@ -47,6 +50,7 @@ fn row(id: i64) -> RoutedRow {
         headers: None,
         occurred_at: chrono::Utc::now(),
         committed_at: None,
+        xid: None,
     };
     RoutedRow::new(row, "t".into())
 }
@@ -178,6 +182,6 @@ async fn a_permanent_delivery_error_holds_the_entity_for_later_rows() {
     let recorded = store.held.lock().expect("lock").clone();
     assert_eq!(
         recorded,
-        vec![HeldState { id: 3, error: "MessageSizeTooLarge".into(), attempted: true, waiting_for: None }]
+        vec![HeldState { id: 3, error: "MessageSizeTooLarge".into(), attempted: true, waiting_for: None, xid: None }]
     );
 }

@@ -20,10 +20,12 @@ use chrono::{DateTime, Utc};
 use pgwire_replication::{Lsn as PgLsn, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
 use secrecy::ExposeSecret;
 use tokio::sync::{mpsc, watch};
+use tokio_postgres::Client;
 
 use super::pgoutput::{self, Message};
 use crate::config::{Config, OutboxConfig};
-use crate::outbox::{pg_epoch_micros_to_utc, CommitBoundary, Lsn, RowError, RowLayout, SourceEvent};
+use crate::outbox::{pg_epoch_micros_to_utc, CommitBoundary, Lsn, OutboxRow, RowError, RowLayout, SourceEvent};
+use crate::store::{Store, StoreError};
 use crate::telemetry::metrics;
 
 /// Why the logical source stopped.
@@ -35,6 +37,10 @@ pub enum LogicalError {
     Decode(#[from] pgoutput::DecodeError),
     #[error("outbox row cannot be read")]
     Row(#[from] RowError),
+    #[error("postgres")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error("invalid postgres.url for replication: {0}")]
     Url(String),
     #[error("the replication stream ended")]
@@ -107,16 +113,22 @@ impl LogicalSource {
     /// confirms poll batches, which are never WAL positions). On a graceful
     /// stop it waits for the checkpoint stage to finish and confirms its
     /// final position.
+    ///
+    /// `control` is a regular connection: it reads where the WAL ends when
+    /// the stream starts, and the publish state of rows streamed again
+    /// below that point (see [`Resent`]).
     pub async fn run(
         &self,
+        control: &Client,
         out: mpsc::Sender<SourceEvent>,
         mut confirmed: watch::Receiver<Option<CommitBoundary>>,
         mut stop: watch::Receiver<bool>,
     ) -> Result<(), LogicalError> {
         confirmed.mark_unchanged();
+        let resent = Resent::start(control, &self.config).await?;
         let mut client = ReplicationClient::connect(self.replication_config()?).await?;
-        tracing::info!(slot = %self.config.source.slot_name, "replication stream started");
-        let result = self.stream(&mut client, &out, &mut confirmed, &mut stop).await;
+        tracing::info!(slot = %self.config.source.slot_name, resend_window_end = %resent.until, "replication stream started");
+        let result = self.stream(&mut client, resent, &out, &mut confirmed, &mut stop).await;
         drop(out);
         if result.is_ok() {
             // Graceful: forward confirmations until the checkpoint stage is done.
@@ -136,6 +148,7 @@ impl LogicalSource {
     async fn stream(
         &self,
         client: &mut ReplicationClient,
+        mut resent: Resent<'_>,
         out: &mpsc::Sender<SourceEvent>,
         confirmed: &mut watch::Receiver<Option<CommitBoundary>>,
         stop: &mut watch::Receiver<bool>,
@@ -157,7 +170,22 @@ impl LogicalSource {
                 }
                 event = client.recv() => {
                     let event = event?.ok_or(LogicalError::StreamEnded)?;
-                    if let Some(event) = decoder.decode(event, &self.config.outbox)? {
+                    let Some(event) = decoder.decode(event, &self.config.outbox)? else { continue };
+                    let event = match event {
+                        SourceEvent::Row(row) if decoder.final_lsn <= resent.until => {
+                            resent.rows.push(row);
+                            if resent.rows.len() < resent.chunk {
+                                continue;
+                            }
+                            None
+                        }
+                        other => Some(other),
+                    };
+                    // Rows streamed again go out, checked, before anything after them.
+                    if !resent.rows.is_empty() && !resent.flush(out).await? {
+                        return Ok(());
+                    }
+                    if let Some(event) = event {
                         if out.send(event).await.is_err() {
                             return Ok(());
                         }
@@ -176,6 +204,9 @@ struct Decoder {
     /// The outbox relation's id and column layout, once announced.
     layout: Option<(u32, RowLayout)>,
     committed_at: Option<DateTime<Utc>>,
+    /// The commit position of the transaction being decoded.
+    final_lsn: Lsn,
+    xid: u32,
     in_transaction: bool,
     last_boundary: Lsn,
 }
@@ -183,8 +214,10 @@ struct Decoder {
 impl Decoder {
     fn decode(&mut self, event: ReplicationEvent, outbox: &OutboxConfig) -> Result<Option<SourceEvent>, LogicalError> {
         Ok(match event {
-            ReplicationEvent::Begin { commit_time_micros, .. } => {
+            ReplicationEvent::Begin { commit_time_micros, final_lsn, xid } => {
                 self.in_transaction = true;
+                self.xid = xid;
+                self.final_lsn = Lsn(final_lsn.as_u64());
                 self.committed_at = pg_epoch_micros_to_utc(commit_time_micros);
                 None
             }
@@ -198,7 +231,8 @@ impl Decoder {
                 }
                 Message::Insert { relation_id, values } => match &self.layout {
                     Some((id, layout)) if *id == relation_id => {
-                        let row = layout.row(&values, self.committed_at)?;
+                        let mut row = layout.row(&values, self.committed_at)?;
+                        row.xid = Some(self.xid);
                         tracing::trace!(row_id = row.id, "row read");
                         Some(SourceEvent::Row(row))
                     }
@@ -230,6 +264,57 @@ impl Decoder {
         self.last_boundary = position;
         metrics::source_position(position.0);
         Some(SourceEvent::Boundary(CommitBoundary::Wal(position)))
+    }
+}
+
+/// Rows streamed again after a restart: the slot resumes at its confirmed
+/// position, which lags behind what is recorded (it is reported every
+/// `source.status_interval_ms`, and a large transaction has no boundary
+/// before its commit). The publish state is the truth; the slot position is
+/// only a lower bound. So every row of a transaction that committed before
+/// this stream started (commit position at or below `until`, the WAL end
+/// then) may have been published by an earlier run, and is checked against
+/// its publish state, in chunks, before it goes on: rows already recorded as
+/// published are not sent again. A crash then repeats only rows Kafka
+/// acknowledged that were not recorded yet (the in-flight window). Rows
+/// committed after the start cannot have been published before, and cost
+/// nothing.
+struct Resent<'a> {
+    client: &'a Client,
+    store: Store,
+    until: Lsn,
+    chunk: usize,
+    rows: Vec<OutboxRow>,
+}
+
+impl<'a> Resent<'a> {
+    async fn start(client: &'a Client, config: &Config) -> Result<Self, LogicalError> {
+        let until: i64 =
+            client.query_one("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint", &[]).await?.try_get(0)?;
+        Ok(Self {
+            client,
+            store: Store::new(config),
+            until: Lsn(u64::try_from(until).unwrap_or(0)),
+            chunk: config.source.batch_rows.max(1),
+            rows: Vec::new(),
+        })
+    }
+
+    /// Sends the buffered rows that are not recorded as published yet, in
+    /// order. Returns false when the downstream stages are gone.
+    async fn flush(&mut self, out: &mpsc::Sender<SourceEvent>) -> Result<bool, LogicalError> {
+        let ids: Vec<i64> = self.rows.iter().map(|r| r.id).collect();
+        let published = self.store.published_among(self.client, &ids).await?;
+        if !published.is_empty() {
+            metrics::resend_skipped(published.len());
+            tracing::debug!(skipped = published.len(), of = ids.len(), "rows streamed again are published already");
+        }
+        for row in self.rows.drain(..) {
+            if !published.contains(&row.id) && out.send(SourceEvent::Row(row)).await.is_err() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 }
 

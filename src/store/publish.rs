@@ -1,6 +1,7 @@
 //! Recording publish state: the checkpoint stage's writes, behind a trait so
 //! the in-order settling logic is tested without Postgres.
 
+use std::collections::HashSet;
 use std::future::Future;
 
 use tokio_postgres::{Client, Statement};
@@ -14,6 +15,8 @@ pub struct Published {
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
+    /// The writing transaction, where known (see [`PublishStateStore::in_progress`]).
+    pub xid: Option<u32>,
 }
 
 /// A row that is not published: held by its own error, or waiting behind
@@ -27,6 +30,8 @@ pub struct HeldState {
     pub attempted: bool,
     /// The held row this one waits behind; `None` for a held row.
     pub waiting_for: Option<i64>,
+    /// The writing transaction, where known.
+    pub xid: Option<u32>,
 }
 
 /// Where the checkpoint stage records publish state. Each call returns the
@@ -38,6 +43,22 @@ pub trait PublishStateStore {
     /// Records why rows are held or waiting. Rows already published are
     /// matched and left as they are.
     fn record_held(&self, rows: &[&HeldState]) -> impl Future<Output = Result<Vec<i64>, StoreError>> + Send;
+    /// Which of `xids` are still in progress for a snapshot taken now: their
+    /// rows are decoded (the commit is in the WAL) but not visible yet, e.g.
+    /// while a synchronous standby has not confirmed the commit.
+    fn in_progress(&self, xids: &[u32]) -> impl Future<Output = Result<HashSet<u32>, StoreError>> + Send;
+}
+
+impl super::Store {
+    /// Which of `ids` are recorded as published.
+    pub async fn published_among(&self, client: &Client, ids: &[i64]) -> Result<HashSet<i64>, StoreError> {
+        let sql = format!(
+            "SELECT {id}::bigint FROM {table} WHERE {id} = ANY($1) AND published_at IS NOT NULL",
+            id = self.sql.id,
+            table = self.sql.table
+        );
+        client.query(&sql, &[&ids]).await?.iter().map(|r| get(r, 0, &self.sql.names.id, "bigint")).collect()
+    }
 }
 
 /// [`PublishStateStore`] on Postgres: one `UPDATE ... FROM unnest(...)
@@ -98,5 +119,21 @@ impl PublishStateStore for PgPublishState {
         let behind: Vec<Option<i64>> = rows.iter().map(|r| r.waiting_for).collect();
         let matched = self.client.query(&self.hold, &[&ids, &errors, &tried, &behind]).await?;
         self.ids(matched)
+    }
+
+    async fn in_progress(&self, xids: &[u32]) -> Result<HashSet<u32>, StoreError> {
+        // xid8 values of the snapshot, compared by their low 32 bits (the
+        // xid pgoutput sends); a decoded transaction is far younger than
+        // any wraparound.
+        let xids: Vec<i64> = xids.iter().map(|&x| i64::from(x)).collect();
+        let rows = self
+            .client
+            .query(
+                "SELECT x FROM unnest($1::bigint[]) AS x WHERE x IN \
+                 (SELECT xip::text::bigint % 4294967296 FROM pg_snapshot_xip(pg_current_snapshot()) AS xip)",
+                &[&xids],
+            )
+            .await?;
+        rows.iter().map(|r| Ok(u32::try_from(get::<i64>(r, 0, "xid", "bigint")?).unwrap_or(0))).collect()
     }
 }

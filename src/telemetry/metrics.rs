@@ -28,6 +28,8 @@ pub const SLOT_RETAINED_WAL_BYTES: &str = "outbox_relay_slot_retained_wal_bytes"
 pub const REGISTRY_ERRORS_TOTAL: &str = "outbox_relay_registry_errors_total";
 pub const RETENTION_DELETED_ROWS_TOTAL: &str = "outbox_relay_retention_deleted_rows_total";
 pub const SLOT_RECOVERIES_TOTAL: &str = "outbox_relay_slot_recoveries_total";
+pub const RESEND_SKIPPED_TOTAL: &str = "outbox_relay_resend_skipped_total";
+pub const UNRECORDED_ROWS: &str = "outbox_relay_unrecorded_rows";
 
 /// Registers descriptions and units with the installed recorder.
 pub fn describe() {
@@ -64,6 +66,14 @@ pub fn describe() {
     describe_gauge!(SLOT_RETAINED_WAL_BYTES, Unit::Bytes, "WAL the replication slot retains (logical mode).");
     describe_counter!(REGISTRY_ERRORS_TOTAL, "Failed schema registry requests.");
     describe_counter!(RETENTION_DELETED_ROWS_TOTAL, "Published rows deleted by retention.");
+    describe_gauge!(
+        UNRECORDED_ROWS,
+        "Rows Kafka acknowledged whose transaction is not visible yet, so their publish state cannot be recorded; the commit boundary after them waits."
+    );
+    describe_counter!(
+        RESEND_SKIPPED_TOTAL,
+        "Rows the slot streamed again after a restart that were recorded as published already, so not sent again."
+    );
     describe_counter!(SLOT_RECOVERIES_TOTAL, "Replication slots recreated and caught up through the poll path, by reason (missing, invalidated, wal_budget).");
 }
 
@@ -154,4 +164,14 @@ pub fn retention_deleted(rows: u64) {
 /// catch-up phase follows.
 pub fn slot_recovery(reason: &str) {
     counter!(SLOT_RECOVERIES_TOTAL, "reason" => reason.to_string()).increment(1);
+}
+
+/// Rows streamed again after a restart that were published already.
+pub fn resend_skipped(rows: usize) {
+    counter!(RESEND_SKIPPED_TOTAL).increment(rows as u64);
+}
+
+/// Rows acknowledged but not recordable yet (their transaction is not visible).
+pub fn unrecorded_rows(rows: usize) {
+    gauge!(UNRECORDED_ROWS).set(rows as f64);
 }

@@ -190,7 +190,10 @@ async fn drop_slots_and_database(admin_url: &str, slot: &str, name: &str) {
     let mut last_error = String::new();
     for _ in 0..50 {
         let slots = match admin
-            .query("SELECT slot_name, active_pid FROM pg_replication_slots WHERE starts_with(slot_name::text, $1)", &[&slot])
+            .query(
+                "SELECT slot_name, active_pid FROM pg_replication_slots WHERE starts_with(slot_name::text, $1)",
+                &[&slot],
+            )
             .await
         {
             Ok(rows) => rows,
