@@ -31,7 +31,10 @@ pub enum PublishError {
 }
 
 /// Tells permanent Kafka errors (the same record can never succeed) from
-/// transient ones.
+/// transient ones. `InvalidMessage` (CORRUPT_MESSAGE, a CRC mismatch on the
+/// way) is transient: the same record sent again succeeds. A timestamp the
+/// topic refuses (`message.timestamp.*.max.ms`) needs the topic's settings
+/// fixed: permanent.
 pub fn classify(err: &KafkaError) -> PublishError {
     use RDKafkaErrorCode as C;
     let permanent = matches!(
@@ -39,8 +42,8 @@ pub fn classify(err: &KafkaError) -> PublishError {
         Some(
             C::MessageSizeTooLarge
                 | C::InvalidMessageSize
-                | C::InvalidMessage
                 | C::InvalidRecord
+                | C::InvalidTimestamp
                 | C::TopicAuthorizationFailed
                 | C::ClusterAuthorizationFailed
                 | C::InvalidTopic

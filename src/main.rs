@@ -52,6 +52,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             for verdict in &verdicts {
                 println!("{verdict}");
             }
+            for warning in relay::cli::check::warnings(&config).await {
+                println!("{:<9} WARN  {warning}", "postgres");
+            }
             Ok(if verdicts.iter().all(|v| v.problem.is_none()) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Schemas { action } => {

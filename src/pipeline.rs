@@ -102,15 +102,15 @@ impl PipelineError {
             Self::Slot(SlotError::NotAllowed { .. }) => {
                 return ErrorPolicy::Operator("recreate the slot, or set source.create_slot = true".into())
             }
-            Self::Slot(SlotError::PublicationMismatch { publication, table, .. }) => {
-                return ErrorPolicy::Operator(format!(
-                    "make publication `{publication}` cover exactly {table}, or set source.publication_name to one that does"
-                ))
+            Self::Slot(SlotError::PublicationMismatch { .. } | SlotError::PublicationNotViaRoot { .. }) => {
+                return ErrorPolicy::Operator("correct the publication as said below".into())
             }
             Self::Slot(SlotError::Postgres(e)) => e.code(),
             Self::Slot(SlotError::Store(e)) => e.sql_state(),
             Self::Source(LogicalError::Replication(e)) => return replication_policy(e),
-            Self::Schema(e) if e.is_fatal() => return ErrorPolicy::Operator("correct the schemas or codec.schemas".into()),
+            Self::Schema(e) if e.is_fatal() => {
+                return ErrorPolicy::Operator("correct the schemas or codec.schemas".into())
+            }
             Self::NeedsOperator { fix, .. } => return ErrorPolicy::Operator(fix.clone()),
             _ => None,
         };
@@ -328,29 +328,34 @@ enum WatchEnd {
 /// How often an active run checks for released held rows and the slot's WAL.
 const WATCH_INTERVAL: Duration = Duration::from_secs(2);
 
-/// Checks, every [`WATCH_INTERVAL`] once the catch-up phase is over, whether
-/// a row that holds an entity in this run was released by an operator, and
-/// (logical mode, with a budget) whether the slot retains too much WAL.
-/// Returns only when the run must end for one of those.
+/// Checks, every [`WATCH_INTERVAL`], whether a row that holds an entity in
+/// this run was released by an operator (once the catch-up phase is over:
+/// it publishes released rows itself), and (logical mode, with a budget)
+/// whether the slot retains too much WAL, also during the catch-up phase,
+/// when the slot does not move at all. Returns only when the run must end
+/// for one of those.
 async fn watch_run(
     config: &Config,
     client: &tokio_postgres::Client,
     held: &HeldEntities,
-    mut caught_up: watch::Receiver<bool>,
+    caught_up: watch::Receiver<bool>,
 ) -> WatchEnd {
-    let _ = caught_up.wait_for(|done| *done).await;
     let store = Store::new(config);
     let budget = config.source.max_slot_wal_bytes;
     let logical_mode = config.source.mode == SourceMode::Logical;
     loop {
         tokio::time::sleep(WATCH_INTERVAL).await;
-        match store.blocker_released(client, &held.blockers()).await {
-            Ok(true) => {
-                tracing::info!("held rows were released by an operator: restarting the pipeline run to publish them");
-                return WatchEnd::Released;
+        if *caught_up.borrow() {
+            match store.blocker_released(client, &held.blockers()).await {
+                Ok(true) => {
+                    tracing::info!(
+                        "held rows were released by an operator: restarting the pipeline run to publish them"
+                    );
+                    return WatchEnd::Released;
+                }
+                Ok(false) => {}
+                Err(err) => tracing::debug!(error = %ErrorChain(&err), "released-rows check failed"),
             }
-            Ok(false) => {}
-            Err(err) => tracing::debug!(error = %ErrorChain(&err), "released-rows check failed"),
         }
         if logical_mode && budget > 0 {
             match slot::retained_wal(client, &config.source.slot_name).await {
@@ -385,6 +390,8 @@ async fn prepare(config: &Config) -> Result<Prepared, PipelineError> {
         let plan = catchup::prepare(&client, config).await?;
         if config.source.create_slot {
             slot::ensure_publication_and_slot(&client, config).await?;
+        } else {
+            slot::check_publication(&client, config).await?;
         }
         Some(plan)
     } else {

@@ -259,10 +259,12 @@ async fn a_commit_not_visible_yet_is_waited_for_never_confirmed_past() {
     // WAL (and decoded) but stays invisible until the standby confirms it.
     let admin = connect(&stack.postgres_url).await;
     let guard = NoSyncStandby(&stack);
+    // One statement per call: ALTER SYSTEM cannot run in a transaction block.
     admin
-        .batch_execute("ALTER SYSTEM SET synchronous_standby_names = 'absent_standby'; SELECT pg_reload_conf();")
+        .batch_execute("ALTER SYSTEM SET synchronous_standby_names = 'absent_standby'")
         .await
         .expect("require a synchronous standby");
+    admin.batch_execute("SELECT pg_reload_conf()").await.expect("reload");
     let writer_url = db.url.clone();
     let writer = tokio::spawn(async move {
         let writer = connect(&writer_url).await;

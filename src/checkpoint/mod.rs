@@ -151,6 +151,15 @@ impl<S: PublishStateStore> Checkpoint<S> {
     ) -> Result<(), CheckpointError> {
         match outcome {
             Ok(ack) => {
+                if let Some(behind) = self.behind_a_delivery_hold(&row) {
+                    // Kafka has it, but an earlier row of its entity failed
+                    // in its delivery report after this one was sent.
+                    // Recorded as waiting, it is sent again after the held
+                    // row once that is released, so the entity's last
+                    // occurrences are in order.
+                    batch.held.push(held_state(&row, waiting_reason(behind), Some(behind)));
+                    return Ok(());
+                }
                 metrics::published(&row.topic, row.since());
                 batch.published.push(Published {
                     id: row.row.id,
@@ -174,6 +183,14 @@ impl<S: PublishStateStore> Checkpoint<S> {
                 Err(CheckpointError::Delivery(error))
             }
         }
+    }
+
+    /// The held row of `row`'s entity that came before it, if any: only a
+    /// row held from its delivery report can be behind a row that was sent
+    /// (the sink lets later rows of a held entity wait instead of sending).
+    fn behind_a_delivery_hold(&self, row: &RoutedRow) -> Option<i64> {
+        let r = &row.row;
+        self.holder.entities().blocker(&r.aggregate_type, &r.aggregate_id).filter(|&blocker| blocker < r.id)
     }
 
     async fn flush(&self, batch: &mut Batch) -> Result<(), CheckpointError> {

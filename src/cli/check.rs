@@ -5,6 +5,8 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 
+use secrecy::ExposeSecret;
+
 use crate::config::{Config, PayloadFormat, SourceMode};
 use crate::database;
 use crate::store::Store;
@@ -32,6 +34,41 @@ impl std::fmt::Display for Verdict {
 pub async fn check(config: &Config) -> Vec<Verdict> {
     let (postgres, kafka, registry) = tokio::join!(check_postgres(config), check_kafka(config), check_registry(config));
     vec![postgres, kafka, registry]
+}
+
+/// Deployment conditions the guarantees need that can be seen from here
+/// and are not met: one line each, for operators (they do not fail the check).
+pub async fn warnings(config: &Config) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let Ok(client) = database::connect(&config.postgres).await else { return warnings };
+    if config.source.mode == SourceMode::Poll {
+        if let Ok(Some(cache)) = Store::new(config).id_sequence_cache(&client).await {
+            if cache > 1 {
+                warnings.push(format!(
+                    "the outbox id sequence has CACHE {cache}: poll mode needs ids taken in commit order per entity; ALTER SEQUENCE ... CACHE 1"
+                ));
+            }
+        }
+    }
+    // A pooler in between answers on its own port and gives each
+    // transaction any server session: advisory locks and LISTEN break.
+    let url_port = config
+        .postgres
+        .url
+        .expose_secret()
+        .parse::<tokio_postgres::Config>()
+        .ok()
+        .and_then(|pg| pg.get_ports().first().copied());
+    if let (Some(url_port), Ok(row)) = (url_port, client.query_one("SELECT inet_server_port()", &[]).await) {
+        if let Ok(Some(server_port)) = row.try_get::<_, Option<i32>>(0) {
+            if i32::from(url_port) != server_port {
+                warnings.push(format!(
+                    "postgres.url names port {url_port} but the server listens on {server_port}: a connection pooler in between? The relay needs session semantics (no transaction pooling)"
+                ));
+            }
+        }
+    }
+    warnings
 }
 
 async fn check_postgres(config: &Config) -> Verdict {

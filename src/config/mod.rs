@@ -451,6 +451,24 @@ impl Config {
                 );
             }
         }
+        let c = &self.outbox.columns;
+        for (key, name) in [
+            ("outbox.columns.id", &c.id),
+            ("outbox.columns.event_id", &c.event_id),
+            ("outbox.columns.aggregate_type", &c.aggregate_type),
+            ("outbox.columns.aggregate_id", &c.aggregate_id),
+            ("outbox.columns.event_type", &c.event_type),
+            ("outbox.columns.kind", &c.kind),
+            ("outbox.columns.entity_version", &c.entity_version),
+            ("outbox.columns.payload", &c.payload),
+            ("outbox.columns.headers", &c.headers),
+            ("outbox.columns.occurred_at", &c.occurred_at),
+        ] {
+            // Quoted wherever used, so any name Postgres accepts is safe.
+            if name.is_empty() || name.len() > 63 || name.contains('\0') {
+                return invalid(key, format!("`{name}` is not a column name (1 to 63 bytes, no NUL)"));
+            }
+        }
         if !self.routing.topic_template.contains("{aggregate_type}") && self.routing.topic_template.contains('{') {
             return invalid("routing.topic_template", "the only placeholder allowed is {aggregate_type}".into());
         }

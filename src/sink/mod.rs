@@ -125,15 +125,25 @@ impl KafkaSink {
         if let Some(behind) = self.holder.waits_behind(&routed) {
             return InFlight::Waiting { row: routed, behind };
         }
-        match self.topics.ensure(&routed.topic).await {
-            Ok(()) => {}
+        let limit = match self.topics.ensure(&routed.topic).await {
+            Ok(limit) => limit,
             Err(PublishError::Permanent(error)) => return self.hold(routed, error).await,
             Err(retriable) => return failed(routed, retriable),
-        }
+        };
         let record = match self.builder.build(&routed.row, &routed.topic) {
             Ok(record) => record,
             Err(err) => return self.hold(routed, err.to_string()).await,
         };
+        if let Some(limit) = limit {
+            let size = record.size();
+            if size > limit {
+                let error = format!(
+                    "record of {size} bytes is too large for topic `{}` (max.message.bytes = {limit}): shrink the payload or raise the topic's limit, then `relay held retry`",
+                    routed.topic
+                );
+                return self.hold(routed, error).await;
+            }
+        }
         routed.key = Some(record.key.clone());
         let bytes = record.payload.len();
         match record::produce(&self.producer, record).await {

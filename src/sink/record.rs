@@ -23,7 +23,20 @@ pub struct Outbound {
     pub headers: OwnedHeaders,
 }
 
+/// What a record adds to its key, value and headers in a record batch,
+/// generously (batch header 61 bytes, record framing varints).
+const RECORD_OVERHEAD: usize = 100;
+
 impl Outbound {
+    /// The record's size as the broker counts it against
+    /// `max.message.bytes`, before compression (as librdkafka counts
+    /// `message.max.bytes`): an upper bound of the compressed batch.
+    pub fn size(&self) -> usize {
+        use rdkafka::message::Headers;
+        let headers: usize = self.headers.iter().map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len)).sum();
+        self.key.len() + self.payload.len() + headers + RECORD_OVERHEAD
+    }
+
     /// Adds a header (e.g. `replayed`).
     pub fn with_header(mut self, key: &str, value: &str) -> Self {
         self.headers = self.headers.insert(Header { key, value: Some(value.as_bytes()) });

@@ -18,8 +18,10 @@ use crate::telemetry::metrics;
 pub enum SlotError {
     #[error("replication slot `{slot}` is {state} and source.create_slot is false: recreate it (rows committed meanwhile are caught up at the next start) or set create_slot = true")]
     NotAllowed { slot: String, state: &'static str },
-    #[error("publication `{publication}` covers [{tables}], not exactly the outbox table {table}")]
+    #[error("publication `{publication}` covers [{tables}], not exactly the outbox table {table}: make it cover exactly the outbox table, or set source.publication_name to one that does")]
     PublicationMismatch { publication: String, table: String, tables: String },
+    #[error("the outbox table {table} is partitioned, and publication `{publication}` publishes its partitions under their own names: ALTER PUBLICATION \"{publication}\" SET (publish_via_partition_root = true)")]
+    PublicationNotViaRoot { publication: String, table: String },
     #[error("postgres")]
     Postgres(#[from] tokio_postgres::Error),
     #[error(transparent)]
@@ -69,7 +71,9 @@ pub async fn retained_wal(client: &Client, slot: &str) -> Result<Option<i64>, to
 }
 
 /// Creates the publication (inserts only, so the relay's own publish-state
-/// updates never come back to it) and the slot when they are missing.
+/// updates never come back to it; `publish_via_partition_root`, so a
+/// partitioned outbox streams under its own name, not its partitions') and
+/// the slot when they are missing; checks an existing publication.
 /// Returns whether the slot was created now.
 pub async fn ensure_publication_and_slot(client: &Client, config: &Config) -> Result<bool, SlotError> {
     let publication = &config.source.publication_name;
@@ -77,7 +81,7 @@ pub async fn ensure_publication_and_slot(client: &Client, config: &Config) -> Re
     if !exists {
         client
             .batch_execute(&format!(
-                "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert')",
+                "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert', publish_via_partition_root = true)",
                 crate::store::ident(publication),
                 config.outbox_table_sql()
             ))
@@ -96,23 +100,29 @@ pub async fn ensure_publication_and_slot(client: &Client, config: &Config) -> Re
 }
 
 /// Refuses a publication that does not cover exactly the outbox table: rows
-/// of other tables would be ignored, and a missing outbox table would let
-/// commit boundaries move the slot past rows never seen.
-async fn check_publication(client: &Client, config: &Config) -> Result<(), SlotError> {
+/// of other tables would be ignored, and a missing outbox table (or one
+/// published as its partitions, whose names the decoder does not know)
+/// would let commit boundaries move the slot past rows never seen.
+pub async fn check_publication(client: &Client, config: &Config) -> Result<(), SlotError> {
     let row = client
         .query_one(
-            "SELECT coalesce(array_agg(format('%I.%I', schemaname, tablename) ORDER BY 1), '{}'), \
-             format('%I.%I', $2::text, $3::text) FROM pg_publication_tables WHERE pubname = $1",
+            "SELECT coalesce((SELECT array_agg(format('%I.%I', schemaname, tablename) ORDER BY 1) \
+                 FROM pg_publication_tables WHERE pubname = $1), '{}'), \
+             format('%I.%I', $2::text, $3::text), \
+             coalesce((SELECT pubviaroot FROM pg_publication WHERE pubname = $1), false), \
+             coalesce((SELECT c.relkind = 'p' FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $2 AND c.relname = $3), false)",
             &[&config.source.publication_name, &config.outbox.schema, &config.outbox.table],
         )
         .await?;
     let (tables, table): (Vec<String>, String) = (row.try_get(0)?, row.try_get(1)?);
+    let (via_root, partitioned): (bool, bool) = (row.try_get(2)?, row.try_get(3)?);
+    let publication = config.source.publication_name.clone();
+    if partitioned && !via_root {
+        return Err(SlotError::PublicationNotViaRoot { publication, table });
+    }
     if tables != [table.clone()] {
-        return Err(SlotError::PublicationMismatch {
-            publication: config.source.publication_name.clone(),
-            table,
-            tables: tables.join(", "),
-        });
+        return Err(SlotError::PublicationMismatch { publication, table, tables: tables.join(", ") });
     }
     Ok(())
 }

@@ -161,6 +161,20 @@ impl Store {
         Ok(TableLayout { columns, layout })
     }
 
+    /// The `CACHE` of the sequence behind the id column, if it has one. With
+    /// a cache above 1 each session takes ids in blocks, so ids stop
+    /// following the entity lock's order, which poll mode relies on.
+    pub async fn id_sequence_cache(&self, client: &Client) -> Result<Option<i64>, StoreError> {
+        let row = client
+            .query_one(
+                "SELECT (SELECT s.seqcache FROM pg_sequence s \
+                 WHERE s.seqrelid = pg_get_serial_sequence($1, $2)::regclass)",
+                &[&self.sql.table, &self.sql.names.id],
+            )
+            .await?;
+        Ok(row.try_get(0)?)
+    }
+
     /// The highest published id (0 when none): where a replay ends by default.
     pub async fn max_published_id(&self, client: &Client) -> Result<i64, StoreError> {
         let sql = format!(
