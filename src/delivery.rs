@@ -110,3 +110,26 @@ pub enum InFlight {
 pub fn waiting_reason(behind: i64) -> String {
     format!("waiting behind held row {behind} of the same entity")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn class(code: RDKafkaErrorCode) -> &'static str {
+        match classify(&KafkaError::MessageProduction(code)) {
+            PublishError::Permanent(_) => "permanent",
+            PublishError::Retriable(_) => "retriable",
+        }
+    }
+
+    #[test]
+    fn kafka_errors_are_classified() {
+        assert_eq!(class(RDKafkaErrorCode::MessageSizeTooLarge), "permanent");
+        assert_eq!(class(RDKafkaErrorCode::TopicAuthorizationFailed), "permanent");
+        assert_eq!(class(RDKafkaErrorCode::InvalidTimestamp), "permanent");
+        // CORRUPT_MESSAGE: a CRC mismatch on the way; the same record sent again succeeds.
+        assert_eq!(class(RDKafkaErrorCode::InvalidMessage), "retriable");
+        assert_eq!(class(RDKafkaErrorCode::NotEnoughReplicas), "retriable");
+        assert_eq!(class(RDKafkaErrorCode::RequestTimedOut), "retriable");
+    }
+}

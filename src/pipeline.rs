@@ -17,7 +17,7 @@ use crate::codec::{Codec, SchemaError};
 use crate::config::{Config, SourceMode};
 use crate::database::{self, DatabaseError};
 use crate::outbox::CommitBoundary;
-use crate::sink::{HeldEntities, KafkaSink, SinkError};
+use crate::sink::{HeldEntities, KafkaSink, SinkError, TooManyHeld};
 use crate::source::catchup;
 use crate::source::logical::{LogicalError, LogicalSource};
 use crate::source::poll::{PollError, PollSource};
@@ -46,6 +46,8 @@ pub enum PipelineError {
     Poll(#[from] PollError),
     #[error(transparent)]
     Slot(#[from] SlotError),
+    #[error(transparent)]
+    TooManyHeld(#[from] TooManyHeld),
     /// Retrying cannot help: the relay stops and says what to fix.
     #[error("stopped until an operator acts: {fix}")]
     NeedsOperator {
@@ -73,7 +75,7 @@ impl PipelineError {
             | Self::Source(_)
             | Self::Poll(_)
             | Self::Slot(_) => "postgres",
-            Self::Sink(_) => "kafka",
+            Self::Sink(_) | Self::TooManyHeld(_) | Self::Checkpoint(CheckpointError::TooManyHeld(_)) => "kafka",
             Self::Schema(_) => "registry",
             Self::Checkpoint(CheckpointError::Delivery(_)) => "kafka",
             Self::Checkpoint(_) => "postgres",
@@ -112,6 +114,11 @@ impl PipelineError {
                 return ErrorPolicy::Operator("correct the schemas or codec.schemas".into())
             }
             Self::NeedsOperator { fix, .. } => return ErrorPolicy::Operator(fix.clone()),
+            Self::TooManyHeld(_)
+            | Self::Sink(SinkError::TooManyHeld(_))
+            | Self::Checkpoint(CheckpointError::TooManyHeld(_)) => {
+                return ErrorPolicy::Operator("release or skip held rows once the cause is fixed".into())
+            }
             _ => None,
         };
         match postgres {
@@ -402,7 +409,7 @@ async fn prepare(config: &Config) -> Result<Prepared, PipelineError> {
     if released > 0 {
         tracing::info!(rows = released, "released rows that waited behind a row no longer held");
     }
-    let held = HeldEntities::from_rows(store.held_entities(&client).await?);
+    let held = HeldEntities::from_rows(store.held_entities(&client).await?, config.routing.max_held_entities)?;
     let control = database::connect(&config.postgres).await?;
     Ok(Prepared { plan, held, store: PgPublishState::new(client, store.sql()).await?, control })
 }

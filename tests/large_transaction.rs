@@ -61,19 +61,22 @@ async fn hundred_thousand_rows_in_one_transaction_with_bounded_memory() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_at_ninety_percent_of_a_million_row_transaction_repeats_only_the_in_flight_window() {
+async fn kill_at_ninety_percent_of_a_large_transaction_repeats_only_the_in_flight_window() {
     let stack = Stack::from_env();
     let db = TestDb::new(&stack).await;
     let config = db.write_config("");
     db.migrate(&config);
     let client = db.client().await;
-    const ROWS: i64 = 1_000_000;
+    // 200k rows keep the suite's time reasonable with a debug build; the
+    // point is the same at 1M (the benchmark harness can run that size).
+    const ROWS: i64 = 200_000;
     insert_one_transaction(&client, ROWS, 0).await;
     let mut relay = RelayProcess::start(&config);
     wait_for("90% of the transaction to be published", Duration::from_secs(600), || async {
-        let published: i64 =
-            client.query_one("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL", &[]).await.ok()?.get(0);
-        (published >= ROWS * 9 / 10).then_some(())
+        // Through the partial index of unpublished rows: cheap as it shrinks.
+        let unpublished: i64 =
+            client.query_one("SELECT count(*) FROM outbox WHERE published_at IS NULL", &[]).await.ok()?.get(0);
+        (unpublished <= ROWS / 10).then_some(())
     })
     .await;
     relay.kill9();
@@ -89,7 +92,7 @@ async fn kill_at_ninety_percent_of_a_million_row_transaction_repeats_only_the_in
         "kill -9 at 90% of a {ROWS}-row transaction: {duplicates} duplicates; {skipped} rows skipped as published"
     );
     // The in-flight window at full speed is about a checkpoint batch (1,000
-    // rows); resending from the transaction's start would be ~900,000.
+    // rows); resending from the transaction's start would be ~180,000.
     assert!(duplicates <= 10_000, "{duplicates} duplicates");
     assert!(skipped >= (ROWS * 8 / 10) as f64, "the restart skipped {skipped} published rows");
     assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0), "{}", relay.log_text());

@@ -284,7 +284,8 @@ async fn poll_query_uses_the_partial_index_whatever_the_history() {
     let store = relay::store::Store::new(&config);
     let table = store.table_layout(&client).await.expect("outbox columns");
     let sql = relay::store::RowQuery::poll(store.sql(), &table.columns);
-    let explain = format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {}", sql.replace("$1", "1000"));
+    let explain =
+        format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {}", sql.replace("$1", "1000").replace("$2", "1048576"));
     let started = Instant::now();
     let plan: serde_json::Value = client.query_one(&explain, &[]).await.expect("explain").get(0);
     let text = plan.to_string();
@@ -312,5 +313,75 @@ async fn notify_trigger_exists_only_in_poll_mode() {
     assert_eq!(triggers().await, 1, "poll mode wakes up on NOTIFY");
     db.migrate(&db.write_config(""));
     assert_eq!(triggers().await, 0, "logical-mode writers must not pay NOTIFY's commit lock");
+    db.cleanup().await;
+}
+
+/// Peak resident memory of a process, in KiB (Linux VmHWM).
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn very_large_rows_are_read_by_bytes_not_by_batch_rows() {
+    let stack = Stack::from_env();
+    let db = TestDb::new(&stack).await;
+    // 8 MB records: the topic and the producer accept them; source.batch_rows
+    // is the default (1,000), source.batch_max_bytes the default (1 MiB).
+    let config = db.write_config(
+        "source.mode = \"poll\"\nkafka.librdkafka.\"message.max.bytes\" = \"16000000\"\nrouting.topic_partitions = 1",
+    );
+    db.migrate(&config);
+    let client = db.client().await;
+    const ROWS: i64 = 40;
+    client
+        .execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, kind, payload)
+             SELECT 'blob', 'b-' || g, 'Stored', 'event', jsonb_build_object('seq', g, 'blob',
+                 (SELECT string_agg(md5(random()::text || g::text || i::text), '') FROM generate_series(1, 250000) AS i))
+             FROM generate_series(1, $1::bigint) AS g",
+            &[&ROWS],
+        )
+        .await
+        .expect("insert 40 rows of 8 MB");
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", &stack.bootstrap).create().expect("admin");
+    let name = db.topic("blob");
+    let topic = rdkafka::admin::NewTopic::new(&name, 1, rdkafka::admin::TopicReplication::Fixed(1))
+        .set("max.message.bytes", "16000000");
+    for result in admin.create_topics([&topic], &rdkafka::admin::AdminOptions::new()).await.expect("create topic") {
+        result.expect("topic");
+    }
+    let mut relay = RelayProcess::start(&config);
+    let total = wait_all_published(&client, Duration::from_secs(300)).await;
+    assert_eq!(total, ROWS);
+    let peak = peak_rss_kib(relay.child.id());
+    eprintln!("poll mode, {ROWS} rows of 8 MB: peak RSS {peak} KiB");
+    // Reading batch_rows rows at once would hold all 320 MB (twice: text
+    // and row); by bytes, a few rows at a time.
+    assert!(peak < 250 * 1024, "peak RSS {peak} KiB");
+    assert_eq!(relay.terminate(Duration::from_secs(30)), Some(0), "{}", relay.log_text());
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_warns_about_an_id_sequence_with_a_cache() {
+    let stack = Stack::from_env();
+    let db = TestDb::new(&stack).await;
+    let config = db.write_config("source.mode = \"poll\"");
+    db.migrate(&config);
+    let client = db.client().await;
+    let check = || {
+        let output = relay_command(&config).arg("check").output().expect("relay check");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    assert!(!check().contains("CACHE"), "the default sequence takes ids one by one");
+    client.batch_execute("ALTER TABLE outbox ALTER COLUMN id SET CACHE 20").await.expect("cache ids");
+    let text = check();
+    assert!(text.lines().any(|l| l.contains("WARN") && l.contains("CACHE 20")), "{text}");
     db.cleanup().await;
 }

@@ -43,6 +43,8 @@ pub enum CheckpointError {
     Record(#[from] StoreError),
     #[error("delivery failed, restarting from the last confirmed commit boundary: {0}")]
     Delivery(String),
+    #[error(transparent)]
+    TooManyHeld(#[from] crate::sink::TooManyHeld),
 }
 
 #[derive(Default)]
@@ -172,7 +174,7 @@ impl<S: PublishStateStore> Checkpoint<S> {
             }
             Err(PublishError::Permanent(error)) => {
                 metrics::publish_error(true);
-                self.holder.hold(&row, &error, HeldAt::Delivery).await;
+                self.holder.hold(&row, &error, HeldAt::Delivery).await?;
                 batch.held.push(held_state(&row, error, None));
                 Ok(())
             }

@@ -14,6 +14,9 @@ pub fn connect_timeout_ms() -> u64 {
 pub fn compression() -> String {
     "lz4".into()
 }
+pub fn max_held_entities() -> usize {
+    10_000
+}
 pub fn linger_ms() -> u64 {
     5
 }
@@ -168,6 +171,7 @@ impl Default for RoutingConfig {
             topic_partitions: topic_partitions(),
             topic_replication_factor: topic_replication_factor(),
             dead_letter_topic: None,
+            max_held_entities: max_held_entities(),
         }
     }
 }

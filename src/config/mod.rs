@@ -160,8 +160,9 @@ pub struct SourceConfig {
     /// Rows read per batch.
     #[serde(default = "defaults::source_batch_rows")]
     pub batch_rows: usize,
-    /// Poll mode: upper bound of one batch's column text, in bytes (a single
-    /// larger row still goes, alone).
+    /// Poll mode and the catch-up phase: upper bound of one batch's payloads,
+    /// in bytes, cut in the query by stored size (a single larger row still
+    /// goes, alone).
     #[serde(default = "defaults::source_batch_max_bytes")]
     pub batch_max_bytes: usize,
     /// Logical mode: WAL the slot may retain, in bytes, before the relay
@@ -227,6 +228,12 @@ pub struct RoutingConfig {
     /// row held for its own error. The row stays held either way.
     #[serde(default)]
     pub dead_letter_topic: Option<String>,
+    /// How many entities may be held at once. A topic-wide failure (an ACL,
+    /// a deleted topic) holds every entity that writes to it; past this
+    /// bound the relay stops and asks for an operator instead of keeping
+    /// an ever larger set in memory.
+    #[serde(default = "defaults::max_held_entities")]
+    pub max_held_entities: usize,
 }
 
 /// Payload encoding.
@@ -518,6 +525,7 @@ impl Config {
             ("source.batch_max_bytes", self.source.batch_max_bytes),
             ("checkpoint.batch_rows", self.checkpoint.batch_rows),
             ("checkpoint.max_in_flight", self.checkpoint.max_in_flight),
+            ("routing.max_held_entities", self.routing.max_held_entities),
         ] {
             if value == 0 {
                 return invalid(key, "must be at least 1".into());
@@ -616,6 +624,16 @@ mod tests {
         let toml = MINIMAL.replace("bootstrap_servers", "bootstrap_server");
         let err = Config::from_toml_str(&toml).expect_err("must fail").to_string();
         assert!(err.contains("kafka.bootstrap_server"), "{err}");
+    }
+
+    #[test]
+    fn column_names_are_checked() {
+        let toml = format!("{MINIMAL}\n[outbox.columns]\nid = \"\"");
+        let err = Config::from_toml_str(&toml).expect_err("must fail").to_string();
+        assert!(err.contains("outbox.columns.id"), "{err}");
+        // Any name Postgres accepts is fine: it is quoted wherever used.
+        let toml = format!("{MINIMAL}\n[outbox.columns]\naggregate_id = \"Aggregate \\\"Id\\\"\"");
+        assert!(Config::from_toml_str(&toml).is_ok());
     }
 
     #[test]

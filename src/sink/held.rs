@@ -18,31 +18,58 @@ use super::topics::Topics;
 use crate::delivery::RoutedRow;
 use crate::telemetry::metrics;
 
-/// Entities whose earlier row is held, with that row's id.
-#[derive(Debug, Clone, Default)]
-pub struct HeldEntities(Arc<Mutex<HashMap<(String, String), i64>>>);
+/// More entities are held than `routing.max_held_entities` allows.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{held} entities are held, more than routing.max_held_entities ({max}); the last one for: {last_error}. A failure of a whole topic (ACL, deleted topic, size limit) holds every entity: fix it, then `relay held list` and `relay held retry`")]
+pub struct TooManyHeld {
+    pub held: usize,
+    pub max: usize,
+    pub last_error: String,
+}
+
+/// Entities whose earlier row is held, with that row's id; at most `max`.
+#[derive(Debug, Clone)]
+pub struct HeldEntities {
+    map: Arc<Mutex<HashMap<(String, String), i64>>>,
+    max: usize,
+}
+
+impl Default for HeldEntities {
+    fn default() -> Self {
+        Self::new(usize::MAX)
+    }
+}
 
 impl HeldEntities {
+    /// An empty set that holds at most `max` entities.
+    pub fn new(max: usize) -> Self {
+        Self { map: Arc::default(), max }
+    }
+
     /// The entities from the store: `(aggregate_type, aggregate_id, first held id)`.
-    pub fn from_rows(rows: Vec<(String, String, i64)>) -> Self {
-        let held = Self::default();
+    pub fn from_rows(rows: Vec<(String, String, i64)>, max: usize) -> Result<Self, TooManyHeld> {
+        let held = Self::new(max);
         for (aggregate_type, aggregate_id, id) in rows {
-            held.hold(&aggregate_type, &aggregate_id, id);
+            held.hold(&aggregate_type, &aggregate_id, id, "held rows in the outbox table")?;
         }
-        held
+        Ok(held)
     }
 
     /// Marks the entity as blocked by row `id` (the first held row wins).
-    fn hold(&self, aggregate_type: &str, aggregate_id: &str, id: i64) {
-        if let Ok(mut map) = self.0.lock() {
+    fn hold(&self, aggregate_type: &str, aggregate_id: &str, id: i64, error: &str) -> Result<(), TooManyHeld> {
+        if let Ok(mut map) = self.map.lock() {
             map.entry((aggregate_type.to_string(), aggregate_id.to_string())).or_insert(id);
             metrics::held_entities(map.len());
+            if map.len() > self.max {
+                return Err(TooManyHeld { held: map.len(), max: self.max, last_error: error.to_string() });
+            }
         }
+        Ok(())
     }
 
     /// Forgets the entity's hold if row `id` is what blocks it.
     fn release(&self, key: &(String, String), id: i64) {
-        if let Ok(mut map) = self.0.lock() {
+        if let Ok(mut map) = self.map.lock() {
             if map.get(key) == Some(&id) {
                 map.remove(key);
                 metrics::held_entities(map.len());
@@ -53,12 +80,12 @@ impl HeldEntities {
     /// The held rows that block entities now, for the pipeline's check
     /// whether an operator released one of them.
     pub fn blockers(&self) -> Vec<i64> {
-        self.0.lock().map(|map| map.values().copied().collect()).unwrap_or_default()
+        self.map.lock().map(|map| map.values().copied().collect()).unwrap_or_default()
     }
 
     /// The held row blocking this entity, if any.
     pub fn blocker(&self, aggregate_type: &str, aggregate_id: &str) -> Option<i64> {
-        let map = self.0.lock().ok()?;
+        let map = self.map.lock().ok()?;
         if map.is_empty() {
             return None;
         }
@@ -127,16 +154,18 @@ impl Holder {
 
     /// Holds `row` for `error`: later rows of its entity wait behind it; the
     /// metric, the log line and the dead-letter copy (best effort: the row
-    /// stays held and recorded whatever happens to the copy).
-    pub async fn hold(&self, row: &RoutedRow, error: &str, at: HeldAt) {
+    /// stays held and recorded whatever happens to the copy). Fails when
+    /// more entities are held than allowed: the run must end.
+    pub async fn hold(&self, row: &RoutedRow, error: &str, at: HeldAt) -> Result<(), TooManyHeld> {
         let r = &row.row;
-        self.entities.hold(&r.aggregate_type, &r.aggregate_id, r.id);
+        self.entities.hold(&r.aggregate_type, &r.aggregate_id, r.id, error)?;
         metrics::held_row();
         let traceparent = row.traceparent();
         tracing::error!(row_id = r.id, topic = %row.topic, traceparent = traceparent.as_deref().unwrap_or(""), error = %error, held_at = ?at, "row held: it cannot be published until an operator acts");
         if let Some(dead_letter) = &self.dead_letter {
             dead_letter.send(row, error).await;
         }
+        Ok(())
     }
 }
 
@@ -157,5 +186,25 @@ impl DeadLetter {
             }
             Err(err) => tracing::warn!(row_id, topic = %topic, error = %err, "dead-letter copy not sent"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_held_set_is_bounded_and_says_why_when_full() {
+        let rows = (0..3).map(|i| ("order".to_string(), format!("o-{i}"), i)).collect::<Vec<_>>();
+        assert!(HeldEntities::from_rows(rows.clone(), 3).is_ok());
+        let err = HeldEntities::from_rows(rows, 2).expect_err("over the bound");
+        assert_eq!((err.held, err.max), (3, 2));
+        assert!(err.to_string().contains("routing.max_held_entities"), "{err}");
+
+        let held = HeldEntities::new(1);
+        assert!(held.hold("order", "o-1", 1, "too large").is_ok());
+        assert!(held.hold("order", "o-1", 2, "too large").is_ok(), "the same entity again");
+        let err = held.hold("order", "o-2", 3, "not authorized").expect_err("a second entity");
+        assert_eq!(err.last_error, "not authorized");
     }
 }

@@ -22,7 +22,7 @@ use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::ClientConfig;
 use tokio::sync::mpsc;
 
-pub use held::{HeldAt, HeldEntities, Holder};
+pub use held::{HeldAt, HeldEntities, Holder, TooManyHeld};
 pub use record::{Outbound, RecordBuilder};
 pub use topics::Topics;
 
@@ -38,6 +38,8 @@ use crate::telemetry::metrics;
 pub enum SinkError {
     #[error("cannot create the Kafka client")]
     Client(#[source] KafkaError),
+    #[error(transparent)]
+    TooManyHeld(#[from] TooManyHeld),
 }
 
 /// The producer properties for `config`.
@@ -107,7 +109,7 @@ impl KafkaSink {
         while let Some(event) = input.recv().await {
             let item = match event {
                 SourceEvent::Boundary(boundary) => InFlight::Boundary(boundary),
-                SourceEvent::Row(row) => self.publish(row).await,
+                SourceEvent::Row(row) => self.publish(row).await?,
             };
             metrics::in_flight_inc();
             if output.send(item).await.is_err() {
@@ -119,16 +121,16 @@ impl KafkaSink {
 
     /// Starts the delivery of one row, or holds it, or lets it wait behind
     /// its entity's held row.
-    async fn publish(&mut self, row: OutboxRow) -> InFlight {
+    async fn publish(&mut self, row: OutboxRow) -> Result<InFlight, SinkError> {
         let topic = self.builder.topic(&row);
         let mut routed = RoutedRow::new(row, topic);
         if let Some(behind) = self.holder.waits_behind(&routed) {
-            return InFlight::Waiting { row: routed, behind };
+            return Ok(InFlight::Waiting { row: routed, behind });
         }
         let limit = match self.topics.ensure(&routed.topic).await {
             Ok(limit) => limit,
             Err(PublishError::Permanent(error)) => return self.hold(routed, error).await,
-            Err(retriable) => return failed(routed, retriable),
+            Err(retriable) => return Ok(failed(routed, retriable)),
         };
         let record = match self.builder.build(&routed.row, &routed.topic) {
             Ok(record) => record,
@@ -159,18 +161,18 @@ impl KafkaSink {
                     Ok(Err((err, _))) => Err(classify(&err)),
                     Err(_canceled) => Err(PublishError::Retriable("producer closed before delivery".into())),
                 }));
-                InFlight::Sent { row: routed, delivery: pending }
+                Ok(InFlight::Sent { row: routed, delivery: pending })
             }
             Err(err) => match classify(&err) {
                 PublishError::Permanent(error) => self.hold(routed, error).await,
-                retriable => failed(routed, retriable),
+                retriable => Ok(failed(routed, retriable)),
             },
         }
     }
 
-    async fn hold(&self, row: RoutedRow, error: String) -> InFlight {
-        self.holder.hold(&row, &error, HeldAt::Produce).await;
-        InFlight::Held { row, error }
+    async fn hold(&self, row: RoutedRow, error: String) -> Result<InFlight, SinkError> {
+        self.holder.hold(&row, &error, HeldAt::Produce).await?;
+        Ok(InFlight::Held { row, error })
     }
 }
 

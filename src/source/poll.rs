@@ -88,9 +88,10 @@
 //! published_at IS NULL`). Its size is the unpublished backlog plus held rows,
 //! not the table's history, so a poll costs the same on a table with a
 //! hundred million published rows as on an empty one. Batches are bounded by
-//! `source.batch_rows` and `source.batch_max_bytes`. A full batch is followed
-//! by another poll at once; otherwise the poller sleeps until a notification
-//! or the fallback interval.
+//! `source.batch_rows` and `source.batch_max_bytes` (cut in the query, by
+//! stored size, so large rows cost memory by bytes). A poll that found rows
+//! is followed by another at once; after an empty one the poller sleeps
+//! until a notification or the fallback interval.
 
 use std::time::Duration;
 
@@ -160,9 +161,10 @@ pub fn channel_name(config: &Config) -> String {
 pub enum Round {
     /// The query found nothing.
     Empty,
-    /// A batch of `rows` was emitted and recorded; `full` when more rows may
-    /// be waiting.
-    Sent { rows: usize, full: bool },
+    /// A batch of `rows` was emitted and recorded; more may be waiting (the
+    /// query may have cut the batch by size), so the poller asks again at
+    /// once until a poll comes back empty.
+    Sent { rows: usize },
     /// `stop` turned true, or the downstream stages are gone.
     Stopped,
 }
@@ -190,7 +192,8 @@ impl BatchRound<'_> {
         confirmed: &mut watch::Receiver<Option<CommitBoundary>>,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<Round, PollError> {
-        let rows = self.client.query(self.statement, &[&self.limit]).await?;
+        let max_bytes = i64::try_from(self.max_bytes).unwrap_or(i64::MAX);
+        let rows = self.client.query(self.statement, &[&self.limit, &max_bytes]).await?;
         if rows.is_empty() {
             return Ok(Round::Empty);
         }
@@ -202,7 +205,6 @@ impl BatchRound<'_> {
             sizes.push(size);
         }
         let take = rows_within(&sizes, self.max_bytes);
-        let full = rows.len() as i64 >= self.limit || take < rows.len();
         for columns in values.iter().take(take) {
             let row = self.layout.row(columns, None)?;
             tracing::trace!(row_id = row.id, "row read");
@@ -218,7 +220,7 @@ impl BatchRound<'_> {
             biased;
             _ = stop.wait_for(|s| *s) => Ok(Round::Stopped),
             // An error: the checkpoint stage is gone; the pipeline reports why.
-            recorded = confirmed.wait_for(|b| matches!(b, Some(CommitBoundary::Batch(done)) if *done >= batch)) => Ok(if recorded.is_ok() { Round::Sent { rows: take, full } } else { Round::Stopped }),
+            recorded = confirmed.wait_for(|b| matches!(b, Some(CommitBoundary::Batch(done)) if *done >= batch)) => Ok(if recorded.is_ok() { Round::Sent { rows: take } } else { Round::Stopped }),
         }
     }
 }
@@ -265,11 +267,9 @@ impl PollSource {
             };
             match round.send(PollBatch(batch + 1), &out, &mut confirmed, &mut stop).await? {
                 Round::Stopped => return Ok(()),
-                Round::Sent { full, .. } => {
+                Round::Sent { .. } => {
                     batch += 1;
-                    if full {
-                        continue;
-                    }
+                    continue;
                 }
                 Round::Empty => {}
             }

@@ -122,15 +122,20 @@ impl PublishStateStore for PgPublishState {
     }
 
     async fn in_progress(&self, xids: &[u32]) -> Result<HashSet<u32>, StoreError> {
-        // xid8 values of the snapshot, compared by their low 32 bits (the
-        // xid pgoutput sends); a decoded transaction is far younger than
-        // any wraparound.
+        // A transaction waiting for a synchronous standby is committed in
+        // the commit log but not yet completed for snapshots: it is in the
+        // snapshot's xip list or at/above its xmax. pg_visible_in_snapshot
+        // answers both; the 32-bit xid pgoutput sends gets the epoch of the
+        // snapshot's xmax (the previous one if it lies far above xmax).
         let xids: Vec<i64> = xids.iter().map(|&x| i64::from(x)).collect();
         let rows = self
             .client
             .query(
-                "SELECT x FROM unnest($1::bigint[]) AS x WHERE x IN \
-                 (SELECT xip::text::bigint % 4294967296 FROM pg_snapshot_xip(pg_current_snapshot()) AS xip)",
+                "WITH s AS (SELECT snap, pg_snapshot_xmax(snap)::text::bigint AS xmax \
+                    FROM (SELECT pg_current_snapshot() AS snap) AS c) \
+                 SELECT x FROM unnest($1::bigint[]) AS x, s \
+                 WHERE NOT pg_visible_in_snapshot(((((s.xmax >> 32) \
+                     - CASE WHEN x > (s.xmax & 4294967295) + 2147483648 THEN 1 ELSE 0 END) << 32) | x)::text::xid8, s.snap)",
                 &[&xids],
             )
             .await?;

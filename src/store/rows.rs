@@ -97,13 +97,26 @@ impl RowQuery {
         Self::pending(sql, columns, condition)
     }
 
+    /// Pending rows in id order: at most `$1` rows, cut where the payloads'
+    /// stored size passes `$2` bytes (at least one row). The cut is made in
+    /// Postgres on `pg_column_size` (no detoasting), and only the rows that
+    /// pass are turned into text and sent, so a batch of very large rows
+    /// costs memory by bytes, not by `batch_rows` x row size. Stored size
+    /// is the compressed size for a compressed payload: the text can be a
+    /// few times larger, a constant factor, not a multiple of the batch.
     fn pending(sql: &OutboxSql, columns: &[String], condition: &str) -> String {
         format!(
-            "SELECT {} FROM {} AS o WHERE o.published_at IS NULL AND o.last_error IS NULL AND ({condition}) \
-             ORDER BY o.{id} LIMIT $1",
-            select_list(&sql.names, columns),
-            sql.table,
+            "SELECT {list} FROM (\
+               SELECT l.*, row_number() OVER (ORDER BY l.{id}) AS relay_n, \
+                 sum(pg_column_size(l.{payload})) OVER (ORDER BY l.{id}) AS relay_upto \
+               FROM (SELECT * FROM {table} AS o \
+                 WHERE o.published_at IS NULL AND o.last_error IS NULL AND ({condition}) \
+                 ORDER BY o.{id} LIMIT $1) AS l\
+             ) AS o WHERE o.relay_n = 1 OR o.relay_upto <= $2 ORDER BY o.{id}",
+            list = select_list(&sql.names, columns),
+            table = sql.table,
             id = sql.id,
+            payload = ident(&sql.names.payload),
         )
     }
 
@@ -235,6 +248,7 @@ mod tests {
             sql.contains("WHERE o.published_at IS NULL AND o.last_error IS NULL AND (true) ORDER BY o.\"id\" LIMIT $1"),
             "{sql}"
         );
+        assert!(sql.contains("pg_column_size(l.\"payload\")") && sql.contains("o.relay_upto <= $2"), "{sql}");
         assert!(!sql.contains('>'), "no cursor: {sql}");
         assert!(sql.contains("AT TIME ZONE 'UTC'"), "{sql}");
     }
