@@ -6,16 +6,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// Peak resident memory of a process, in KiB (Linux VmHWM).
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM")
-}
-
 async fn insert_one_transaction(client: &tokio_postgres::Client, rows: i64, offset: i64) {
     client
         .execute(

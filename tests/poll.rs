@@ -316,25 +316,13 @@ async fn notify_trigger_exists_only_in_poll_mode() {
     db.cleanup().await;
 }
 
-/// Peak resident memory of a process, in KiB (Linux VmHWM).
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn very_large_rows_are_read_by_bytes_not_by_batch_rows() {
     let stack = Stack::from_env();
     let db = TestDb::new(&stack).await;
     // 8 MB records: the topic and the producer accept them; source.batch_rows
     // is the default (1,000), source.batch_max_bytes the default (1 MiB).
-    let config = db.write_config(
-        "source.mode = \"poll\"\nkafka.librdkafka.\"message.max.bytes\" = \"16000000\"\nrouting.topic_partitions = 1",
-    );
+    let config = db.write_config("source.mode = \"poll\"\nkafka.librdkafka.\"message.max.bytes\" = \"16000000\"");
     db.migrate(&config);
     let client = db.client().await;
     const ROWS: i64 = 40;

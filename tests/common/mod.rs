@@ -616,3 +616,13 @@ pub async fn wait_slot_confirmed_past(client: &Client, slot: &str, lsn: &str, wh
     })
     .await
 }
+
+/// Peak resident memory of a process, in KiB (Linux VmHWM).
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
