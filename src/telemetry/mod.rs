@@ -26,7 +26,18 @@ pub fn init_tracing(format: LogFormat) {
     };
 }
 
+/// How often the recorder's upkeep runs (see [`install_metrics`]).
+pub const METRICS_UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Installs the Prometheus recorder once per process and returns its handle.
+///
+/// Histogram observations (one per published row) pile up in the recorder
+/// until something drains them into the fixed buckets. A scrape of
+/// `/metrics` does, but nothing guarantees a scrape: a relay nobody scrapes
+/// would grow by every row it ever published. So a thread of its own runs
+/// the recorder's upkeep every [`METRICS_UPKEEP_INTERVAL`] for the life of
+/// the process (the recorder is process-wide, like this thread), whether or
+/// not anyone scrapes and whichever runtime is running.
 pub fn install_metrics() -> PrometheusHandle {
     static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
     HANDLE
@@ -39,6 +50,14 @@ pub fn install_metrics() -> PrometheusHandle {
                 .and_then(|r| r)
                 .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle());
             metrics::describe();
+            let upkeep = handle.clone();
+            let spawned = std::thread::Builder::new().name("metrics-upkeep".into()).spawn(move || loop {
+                std::thread::sleep(METRICS_UPKEEP_INTERVAL);
+                upkeep.run_upkeep();
+            });
+            if let Err(err) = spawned {
+                tracing::warn!(error = %err, "cannot start the metrics upkeep thread; histograms are drained only by scrapes of /metrics");
+            }
             handle
         })
         .clone()
