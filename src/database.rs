@@ -1,16 +1,18 @@
-//! Connections to Postgres and the single-active-relay lock.
+//! Connections to Postgres.
 
 use std::time::Duration;
 
 use std::sync::Arc;
 
+use futures::StreamExt;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use secrecy::ExposeSecret;
-use tokio_postgres::Client;
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, Client};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use crate::config::{Config, PostgresConfig};
+use crate::config::PostgresConfig;
 
 /// Why Postgres could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -95,15 +97,29 @@ impl rustls::client::danger::ServerCertVerifier for EncryptOnly {
     }
 }
 
-/// Opens a regular (non-replication) connection and drives it in a task.
-pub async fn connect(config: &PostgresConfig) -> Result<Client, DatabaseError> {
+/// The connection settings of `postgres.url`; `application_name` is the
+/// URL's (or `outbox-relay`), with `-{role}` appended when given, so a
+/// session's purpose shows in `pg_stat_activity`.
+fn settings(config: &PostgresConfig, role: Option<&str>) -> Result<tokio_postgres::Config, DatabaseError> {
     let mut pg: tokio_postgres::Config =
         config.url.expose_secret().parse().map_err(|e: tokio_postgres::Error| DatabaseError::Url(e.to_string()))?;
     pg.connect_timeout(Duration::from_millis(config.connect_timeout_ms));
-    if pg.get_application_name().is_none() {
-        pg.application_name("outbox-relay");
-    }
-    let (client, connection) = pg.connect(tls(config)?).await.map_err(DatabaseError::Connect)?;
+    let base = pg.get_application_name().unwrap_or("outbox-relay").to_string();
+    match role {
+        Some(role) => pg.application_name(format!("{base}-{role}")),
+        None => pg.application_name(base),
+    };
+    Ok(pg)
+}
+
+/// Opens a regular (non-replication) connection and drives it in a task.
+pub async fn connect(config: &PostgresConfig) -> Result<Client, DatabaseError> {
+    connect_as(config, None).await
+}
+
+/// [`connect`], with `-{role}` appended to the session's `application_name`.
+pub async fn connect_as(config: &PostgresConfig, role: Option<&str>) -> Result<Client, DatabaseError> {
+    let (client, connection) = settings(config, role)?.connect(tls(config)?).await.map_err(DatabaseError::Connect)?;
     tokio::spawn(async move {
         if let Err(err) = connection.await {
             tracing::debug!(error = %err, "postgres connection closed");
@@ -112,24 +128,33 @@ pub async fn connect(config: &PostgresConfig) -> Result<Client, DatabaseError> {
     Ok(client)
 }
 
-/// Key of the advisory lock that elects the active relay among sidecars
-/// sharing one outbox: derived from the table and slot, so relays of
-/// different outboxes in one database do not exclude each other.
-pub fn leader_lock_key(config: &Config) -> i64 {
-    // FNV-1a: stable across versions and platforms, unlike std's hasher.
-    let text = format!("outbox-relay:{}:{}", config.outbox_table_sql(), config.source.slot_name);
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in text.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash as i64
-}
-
-/// Tries to become the active relay. The lock lives as long as `client`'s
-/// session: a crashed relay's lock is released when Postgres notices the
-/// connection is gone, and a standby takes over.
-pub async fn try_lead(client: &Client, key: i64) -> Result<bool, DatabaseError> {
-    let row = client.query_one("SELECT pg_try_advisory_lock($1)", &[&key]).await?;
-    Ok(row.try_get(0)?)
+/// Opens a regular connection (named as by [`connect_as`]) that listens on
+/// `channel`. The receiver yields once per wake-up (notifications coalesce)
+/// and ends when the connection closes.
+pub async fn listen(
+    config: &PostgresConfig,
+    role: Option<&str>,
+    channel: &str,
+) -> Result<(Client, mpsc::Receiver<()>), DatabaseError> {
+    let pg = settings(config, role)?;
+    let (client, mut connection) = pg.connect(tls(config)?).await.map_err(DatabaseError::Connect)?;
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message {
+                // Full means a wake-up is pending already.
+                Ok(AsyncMessage::Notification(_)) => {
+                    let _ = tx.try_send(());
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::debug!(error = %err, "postgres connection closed");
+                    break;
+                }
+            }
+        }
+    });
+    client.batch_execute(&format!("LISTEN \"{}\"", channel.replace('"', "\"\""))).await?;
+    Ok((client, rx))
 }

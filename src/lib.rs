@@ -5,7 +5,8 @@
 //! [`checkpoint`] (publish state, commit boundary confirmation), wired by
 //! [`pipeline`]. Around it: [`config`], [`outbox`] and [`delivery`] (the
 //! types the stages pass on), [`routing`], [`database`], [`store`] (every
-//! statement on the outbox and the relay's tables) and [`telemetry`].
+//! statement on the outbox and the relay's tables), [`telemetry`] and
+//! [`leader`] (the lease that makes one relay of a group active).
 //! Imports flow one way; the graph is in [`outbox`]'s module doc.
 //! [`run`] is what the `relay` binary calls.
 
@@ -15,6 +16,7 @@ pub mod codec;
 pub mod config;
 pub mod database;
 pub mod delivery;
+pub mod leader;
 pub mod migrate;
 pub mod outbox;
 pub mod pipeline;

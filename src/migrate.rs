@@ -12,6 +12,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("0003_held", include_str!("../migrations/0003_held.sql")),
     ("0004_catchup", include_str!("../migrations/0004_catchup.sql")),
     ("0005_waiting", include_str!("../migrations/0005_waiting.sql")),
+    ("0006_leader", include_str!("../migrations/0006_leader.sql")),
 ];
 
 /// Why migrating failed.

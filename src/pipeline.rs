@@ -1,6 +1,6 @@
-//! Wires source -> sink -> checkpoint, elects the active relay, and restarts
-//! the pipeline from its last confirmed commit boundary after any failure
-//! that a retry can cure. A failure that only an operator can cure (role
+//! Wires source -> sink -> checkpoint, runs it while this relay holds the
+//! leader lease ([`leader`]), and restarts the pipeline from its last
+//! confirmed commit boundary after any failure that a retry can cure. A failure that only an operator can cure (role
 //! lacks a privilege, table missing, authentication or TLS misconfigured,
 //! publication covers the wrong table) stops the relay with a one-line
 //! message naming the fix, so a sidecar shows the reason in CrashLoopBackOff
@@ -16,13 +16,14 @@ use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::codec::{Codec, SchemaError};
 use crate::config::{Config, SourceMode};
 use crate::database::{self, DatabaseError};
+use crate::leader::{Candidate, LeaderError, Lost, Term};
 use crate::outbox::CommitBoundary;
 use crate::sink::{HeldEntities, KafkaSink, SinkError, TooManyHeld};
 use crate::source::catchup;
 use crate::source::logical::{LogicalError, LogicalSource};
 use crate::source::poll::{PollError, PollSource};
 use crate::source::slot::{self, SlotError, SlotHealth};
-use crate::store::{CatchUpReason, PgPublishState, Store, StoreError};
+use crate::store::{CatchUpReason, Fence, PgPublishState, Store, StoreError};
 use crate::telemetry::{metrics, ErrorChain, Health};
 
 /// Why one run of the pipeline ended.
@@ -48,6 +49,8 @@ pub enum PipelineError {
     Slot(#[from] SlotError),
     #[error(transparent)]
     TooManyHeld(#[from] TooManyHeld),
+    #[error(transparent)]
+    Leader(#[from] LeaderError),
     /// Retrying cannot help: the relay stops and says what to fix.
     #[error("stopped until an operator acts: {fix}")]
     NeedsOperator {
@@ -67,6 +70,16 @@ pub enum ErrorPolicy {
 }
 
 impl PipelineError {
+    /// A publish-state write was refused because another relay took the
+    /// lease over: the run ends and the relay steps down, it does not retry.
+    pub fn is_fenced(&self) -> bool {
+        matches!(
+            self,
+            Self::Store(StoreError::Fenced { .. })
+                | Self::Checkpoint(CheckpointError::Record(StoreError::Fenced { .. }))
+        )
+    }
+
     fn component(&self) -> &'static str {
         match self {
             Self::Database(_)
@@ -74,7 +87,8 @@ impl PipelineError {
             | Self::Store(_)
             | Self::Source(_)
             | Self::Poll(_)
-            | Self::Slot(_) => "postgres",
+            | Self::Slot(_)
+            | Self::Leader(_) => "postgres",
             Self::Sink(_) | Self::TooManyHeld(_) | Self::Checkpoint(CheckpointError::TooManyHeld(_)) => "kafka",
             Self::Schema(_) => "registry",
             Self::Checkpoint(CheckpointError::Delivery(_)) => "kafka",
@@ -87,10 +101,14 @@ impl PipelineError {
     /// typed replication errors and slot state, never by message text.
     pub fn policy(&self) -> ErrorPolicy {
         let postgres = match self {
-            Self::Database(DatabaseError::Url(_) | DatabaseError::Tls(_)) => {
+            Self::Database(DatabaseError::Url(_) | DatabaseError::Tls(_))
+            | Self::Leader(LeaderError::Database(DatabaseError::Url(_) | DatabaseError::Tls(_))) => {
                 return ErrorPolicy::Operator("correct postgres.url / postgres.tls_ca_file".into())
             }
-            Self::Database(DatabaseError::Connect(e) | DatabaseError::Query(e)) | Self::Postgres(e) => e.code(),
+            Self::Database(DatabaseError::Connect(e) | DatabaseError::Query(e))
+            | Self::Leader(LeaderError::Database(DatabaseError::Connect(e) | DatabaseError::Query(e)))
+            | Self::Postgres(e) => e.code(),
+            Self::Leader(LeaderError::Store(e)) => e.sql_state(),
             Self::Store(StoreError::NoTable(table)) => {
                 return ErrorPolicy::Operator(format!("outbox table {table} does not exist: run `relay migrate`"))
             }
@@ -200,52 +218,25 @@ fn stop_for_operator(err: PipelineError) -> Result<PipelineError, PipelineError>
     }
 }
 
-/// How an election attempt ended.
-enum Election {
-    Leader(tokio_postgres::Client),
-    Standby,
-    Failed(PipelineError),
-}
-
-/// Tries to become the active relay (a Postgres advisory lock on a session
-/// of its own; the other sidecars stay standby).
-async fn elect(config: &Config) -> Election {
-    let lock_client = match database::connect(&config.postgres).await {
-        Ok(client) => client,
-        Err(err) => return Election::Failed(err.into()),
-    };
-    match database::try_lead(&lock_client, database::leader_lock_key(config)).await {
-        Ok(true) => Election::Leader(lock_client),
-        Ok(false) => Election::Standby,
-        Err(err) => Election::Failed(err.into()),
-    }
-}
-
-/// Runs the relay until `stop` turns true: waits to become the active
-/// relay, then streams, restarting with backoff after failures a retry can
-/// cure. Returns an error only for a failure an operator must fix.
+/// Runs the relay until `stop` turns true: stands by until this relay holds
+/// the leader lease, then runs the pipeline while it does, restarting with
+/// backoff after failures a retry can cure. Returns an error only for a
+/// failure an operator must fix.
 pub async fn run(config: Config, mut stop: watch::Receiver<bool>, health: Health) -> Result<(), PipelineError> {
     let mut delays = backoff();
     // Resolved once, then kept across restarts: a registry outage after
     // start-up cannot stop publishing.
     let mut codec: Option<Codec> = None;
+    let candidate = Candidate::new(&config);
+    health.set_instance(candidate.id());
+    tracing::info!(instance = candidate.id(), "relay instance");
     while !*stop.borrow() {
-        let lock_client = match elect(&config).await {
-            Election::Leader(client) => client,
-            Election::Standby => {
-                if health.active() || !health.ready() {
-                    tracing::info!("another relay is active for this outbox; standing by");
-                }
-                health.set_active(false);
-                health.set_ready(true);
-                if pause(Duration::from_secs(2), &mut stop).await {
-                    return Ok(());
-                }
-                continue;
-            }
-            Election::Failed(err) => {
-                let err = stop_for_operator(err)?;
-                tracing::warn!(error = %ErrorChain(&err), "cannot take the leader lock; retrying");
+        let term = match candidate.campaign(&mut stop, &health).await {
+            Ok(Some(term)) => term,
+            Ok(None) => return Ok(()),
+            Err(err) => {
+                let err = stop_for_operator(err.into())?;
+                tracing::warn!(error = %ErrorChain(&err), "cannot read or take the leader lease; retrying");
                 health.set_ready(false);
                 metrics::restart("postgres");
                 if pause(delays.next().unwrap_or(Duration::from_secs(10)), &mut stop).await {
@@ -254,45 +245,74 @@ pub async fn run(config: Config, mut stop: watch::Receiver<bool>, health: Health
                 continue;
             }
         };
-        tracing::info!("this relay is active");
         health.set_active(true);
-        if lead(&config, &lock_client, &mut codec, &mut delays, &mut stop, &health).await? {
-            return Ok(());
-        }
+        let end = lead(&config, &term, &mut codec, &mut delays, &mut stop, &health).await;
         health.set_active(false);
+        health.set_epoch(None);
+        let epoch = term.epoch();
+        match end {
+            Ok(LeadEnd::Stopped) => {
+                let released = term.release().await;
+                tracing::info!(epoch, released, "stopped; leader lease released for a standby to take over");
+                return Ok(());
+            }
+            Ok(LeadEnd::Lost(lost)) => {
+                metrics::leader_lost(lost.as_str());
+                tracing::warn!(epoch, reason = lost.as_str(), "lost the leader lease: stopped producing and dropped the producer; nothing more is recorded in this term; standing by");
+                term.release().await;
+            }
+            Err(err) => {
+                term.release().await;
+                return Err(err);
+            }
+        }
     }
     Ok(())
 }
 
-/// Runs the pipeline while this relay holds the lock on `lock_client`'s
-/// session. Returns `true` when stopped, `false` when the lock session is
-/// gone and the relay must be elected again.
+/// How leading ended.
+enum LeadEnd {
+    /// `stop` turned true; everything is recorded and confirmed.
+    Stopped,
+    /// The term is over; the run was dropped.
+    Lost(Lost),
+}
+
+/// Runs the pipeline while `term` lasts.
+///
+/// Safety: `term.lost()` is polled first (`biased`) on every poll, and
+/// resolving it drops the run: the source stops reading, the sink's
+/// producer is dropped (librdkafka purges its queue) and the checkpoint
+/// stage records nothing more. See [`Term::lost`] for why the
+/// relay stops producing before a standby can take over, and
+/// [`crate::store::PreparedFence::begin`] for why nothing of an ended term
+/// is recorded even when it is not noticed here (a pause): a refused write
+/// ([`PipelineError::is_fenced`]) ends leading the same way, never a retry.
 async fn lead(
     config: &Config,
-    lock_client: &tokio_postgres::Client,
+    term: &Term,
     codec: &mut Option<Codec>,
     delays: &mut Backoff,
     stop: &mut watch::Receiver<bool>,
     health: &Health,
-) -> Result<bool, PipelineError> {
+) -> Result<LeadEnd, PipelineError> {
     loop {
         let started = std::time::Instant::now();
-        let result = match codec.as_ref() {
-            Some(prepared) => run_once(config, prepared, stop.clone(), health).await,
-            None => match Codec::prepare(config).await {
-                Ok(prepared) => {
-                    *codec = Some(prepared);
-                    continue;
-                }
-                Err(err) => Err(err.into()),
-            },
+        let result = tokio::select! {
+            biased;
+            lost = term.lost() => return Ok(LeadEnd::Lost(lost)),
+            result = run_with_codec(config, codec, term.fence(), stop.clone(), health) => result,
         };
         match result {
-            Ok(RunEnd::Stopped) => return Ok(true),
+            Ok(RunEnd::Stopped) => return Ok(LeadEnd::Stopped),
             // Not a failure: the run ended to recover the slot or to
             // publish released held rows; the next one starts at once.
-            Ok(RunEnd::Restart) if *stop.borrow() => return Ok(true),
+            Ok(RunEnd::Restart) if *stop.borrow() => return Ok(LeadEnd::Stopped),
             Ok(RunEnd::Restart) => {}
+            Err(err) if err.is_fenced() => {
+                tracing::warn!(error = %ErrorChain(&err), "a publish-state write was refused");
+                return Ok(LeadEnd::Lost(Lost::TakenOver));
+            }
             Err(err) => {
                 health.set_ready(false);
                 let err = stop_for_operator(err)?;
@@ -304,15 +324,34 @@ async fn lead(
                 metrics::in_flight_reset();
                 let delay = delays.next().unwrap_or(Duration::from_secs(10));
                 tracing::error!(error = %ErrorChain(&err), component = err.component(), retry_in_ms = delay.as_millis() as u64, "pipeline stopped; restarting from the last confirmed commit boundary");
-                if pause(delay, stop).await {
-                    return Ok(true);
-                }
-                if lock_client.is_closed() {
-                    return Ok(false);
+                tokio::select! {
+                    biased;
+                    lost = term.lost() => return Ok(LeadEnd::Lost(lost)),
+                    stopped = pause(delay, stop) => {
+                        if stopped {
+                            return Ok(LeadEnd::Stopped);
+                        }
+                    }
                 }
             }
         }
     }
+}
+
+/// Prepares the codec once (kept across runs), then runs the pipeline.
+async fn run_with_codec(
+    config: &Config,
+    codec: &mut Option<Codec>,
+    fence: Fence,
+    stop: watch::Receiver<bool>,
+    health: &Health,
+) -> Result<RunEnd, PipelineError> {
+    let prepared = match codec.take() {
+        Some(prepared) => prepared,
+        None => Codec::prepare(config).await?,
+    };
+    let prepared = codec.insert(prepared);
+    run_once(config, prepared, fence, stop, health).await
 }
 
 /// How a run that did not fail ended.
@@ -387,11 +426,13 @@ struct Prepared {
     control: tokio_postgres::Client,
 }
 
-/// Recovers a lost slot (logical mode), releases orphaned waiting rows and
-/// loads the held entities.
-async fn prepare(config: &Config) -> Result<Prepared, PipelineError> {
+/// Frees the slot from a stream of an earlier term, recovers a lost slot
+/// (logical mode), releases orphaned waiting rows and loads the held
+/// entities. Publish-state writes go through `fence`.
+async fn prepare(config: &Config, fence: Fence) -> Result<Prepared, PipelineError> {
     let client = database::connect(&config.postgres).await?;
     let plan = if config.source.mode == SourceMode::Logical {
+        slot::take_over(&client, &config.source.slot_name).await.map_err(SlotError::from)?;
         // Recovers a missing, invalidated or over-budget slot first, so a
         // slot is never created without its catch-up marker.
         let plan = catchup::prepare(&client, config).await?;
@@ -405,13 +446,14 @@ async fn prepare(config: &Config) -> Result<Prepared, PipelineError> {
         None
     };
     let store = Store::new(config);
-    let released = store.release_orphaned_waiters(&client).await?;
+    let control = database::connect(&config.postgres).await?;
+    let publish_state = PgPublishState::new(client, store.sql(), fence).await?;
+    let released = publish_state.release_orphaned_waiters(&store).await?;
     if released > 0 {
         tracing::info!(rows = released, "released rows that waited behind a row no longer held");
     }
-    let held = HeldEntities::from_rows(store.held_entities(&client).await?, config.routing.max_held_entities)?;
-    let control = database::connect(&config.postgres).await?;
-    Ok(Prepared { plan, held, store: PgPublishState::new(client, store.sql()).await?, control })
+    let held = HeldEntities::from_rows(store.held_entities(&control).await?, config.routing.max_held_entities)?;
+    Ok(Prepared { plan, held, store: publish_state, control })
 }
 
 /// One run of the pipeline, from the last confirmed commit boundary until
@@ -420,10 +462,11 @@ async fn prepare(config: &Config) -> Result<Prepared, PipelineError> {
 async fn run_once(
     config: &Config,
     codec: &Codec,
+    fence: Fence,
     mut stop: watch::Receiver<bool>,
     health: &Health,
 ) -> Result<RunEnd, PipelineError> {
-    let Prepared { plan, held, store, control } = prepare(config).await?;
+    let Prepared { plan, held, store, control } = prepare(config, fence).await?;
     let sink = KafkaSink::new(config, held.clone(), codec.clone())?;
     let (source_tx, source_rx) = mpsc::channel(config.source.batch_rows);
     let (flight_tx, flight_rx) = mpsc::channel(config.checkpoint.max_in_flight);
@@ -482,14 +525,26 @@ async fn run_once(
     if let Some(CommitBoundary::Wal(lsn)) = boundary {
         slot::persist_confirmed(&control, &config.source.slot_name, lsn).await;
     }
+    let stopped = *stop.borrow();
+    run_end(config, &control, ended_by, stopped, boundary).await
+}
+
+/// How a run whose stages all finished ends.
+async fn run_end(
+    config: &Config,
+    control: &tokio_postgres::Client,
+    ended_by: Option<WatchEnd>,
+    stopped: bool,
+    boundary: Option<CommitBoundary>,
+) -> Result<RunEnd, PipelineError> {
     match ended_by {
         Some(WatchEnd::WalBudget) => {
-            slot::abandon(&control, config, CatchUpReason::WalBudget).await?;
+            slot::abandon(control, config, CatchUpReason::WalBudget).await?;
             tracing::warn!(slot = %config.source.slot_name, "replication slot dropped over its WAL budget; recovering");
             Ok(RunEnd::Restart)
         }
         Some(WatchEnd::Released) => Ok(RunEnd::Restart),
-        None if *stop.borrow() => {
+        None if stopped => {
             tracing::info!(?boundary, "stopped; publish state recorded and commit boundary confirmed");
             Ok(RunEnd::Stopped)
         }

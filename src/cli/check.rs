@@ -19,14 +19,21 @@ pub struct Verdict {
     /// `None` when healthy, else what is wrong and how to fix it.
     pub problem: Option<String>,
     pub detail: String,
+    /// Works, but something will not (printed as a second `WARN` line; the
+    /// exit code stays 0).
+    pub warning: Option<String>,
 }
 
 impl std::fmt::Display for Verdict {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.problem {
-            None => write!(f, "{:<9} ok    {}", self.component, self.detail),
-            Some(problem) => write!(f, "{:<9} FAIL  {}", self.component, problem),
+            None => write!(f, "{:<9} ok    {}", self.component, self.detail)?,
+            Some(problem) => write!(f, "{:<9} FAIL  {}", self.component, problem)?,
         }
+        if let Some(warning) = &self.warning {
+            write!(f, "\n{:<9} WARN  {}", self.component, warning)?;
+        }
+        Ok(())
     }
 }
 
@@ -72,7 +79,12 @@ pub async fn warnings(config: &Config) -> Vec<String> {
 }
 
 async fn check_postgres(config: &Config) -> Verdict {
-    let fail = |problem: String| Verdict { component: "postgres", problem: Some(problem), detail: String::new() };
+    let fail = |problem: String| Verdict {
+        component: "postgres",
+        problem: Some(problem),
+        detail: String::new(),
+        warning: None,
+    };
     let client = match database::connect(&config.postgres).await {
         Ok(client) => client,
         Err(err) => return fail(format!("{}; check postgres.url and that Postgres is running", ErrorChain(&err))),
@@ -90,11 +102,13 @@ async fn check_postgres(config: &Config) -> Verdict {
         ));
     }
     let table = config.outbox_table_sql();
+    let warning = pooling_warning(config, &client).await;
     match Store::new(config).status(&client, false).await {
         Ok(status) => Verdict {
             component: "postgres",
             problem: None,
             detail: format!("wal_level={wal_level}, {table} has {} pending rows", status.pending),
+            warning,
         },
         Err(err) => {
             let hint = match err.sql_state() {
@@ -105,6 +119,48 @@ async fn check_postgres(config: &Config) -> Verdict {
             };
             fail(format!("cannot read {table}: {}; {hint}", ErrorChain(&err)))
         }
+    }
+}
+
+/// A warning when `postgres.url` seems to go through a pooling proxy, which
+/// breaks what the relay needs from a session: LISTEN (a released lease
+/// wakes the standbys at once; poll mode's wake-ups), session settings (the
+/// publish-state session's `idle_in_transaction_session_timeout`, see
+/// README "Leadership and fencing"), prepared statements, and replication.
+/// A transaction-pooling proxy (PgBouncer's `pool_mode = transaction`) shows
+/// as statements of one connection running on different server sessions; any
+/// proxy shows, possibly, as a server port that is not the one connected to.
+async fn pooling_warning(config: &Config, client: &tokio_postgres::Client) -> Option<String> {
+    let mut pids = std::collections::BTreeSet::new();
+    let mut server_port = None;
+    for _ in 0..5 {
+        let row = client.query_one("SELECT pg_backend_pid(), inet_server_port()", &[]).await.ok()?;
+        pids.insert(row.try_get::<_, i32>(0).ok()?);
+        server_port = row.try_get::<_, Option<i32>>(1).ok()?;
+    }
+    let url: tokio_postgres::Config = secrecy::ExposeSecret::expose_secret(&config.postgres.url).parse().ok()?;
+    let url_port = match url.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(_)) => Some(url.get_ports().first().copied().unwrap_or(5432)),
+        _ => None,
+    };
+    pooling_verdict(pids.len(), server_port, url_port)
+}
+
+/// The judgement of [`pooling_warning`]: `sessions` distinct server sessions
+/// answered five consecutive statements; the server listens on
+/// `server_port` (`None` over a Unix socket); the URL names `url_port`.
+fn pooling_verdict(sessions: usize, server_port: Option<i32>, url_port: Option<u16>) -> Option<String> {
+    const WHY: &str = "LISTEN, session settings and prepared statements do not work through one, and the lease fence relies on them; point postgres.url at Postgres itself or at a session-pooling port (see README, Leadership and fencing)";
+    if sessions > 1 {
+        return Some(format!(
+            "postgres.url goes through a transaction-pooling proxy: 5 consecutive statements ran on {sessions} server sessions; {WHY}"
+        ));
+    }
+    match (server_port, url_port) {
+        (Some(server), Some(url)) if server != i32::from(url) => Some(format!(
+            "postgres.url may go through a proxy (connected to port {url}, the server listens on {server}); if it pools by transaction, {WHY}"
+        )),
+        _ => None,
     }
 }
 
@@ -125,6 +181,7 @@ async fn check_kafka(config: &Config) -> Verdict {
             component: "kafka",
             problem: None,
             detail: format!("{servers}: {brokers} broker(s), {topics} topic(s)"),
+            warning: None,
         },
         Ok(Err(err)) => Verdict {
             component: "kafka",
@@ -132,8 +189,9 @@ async fn check_kafka(config: &Config) -> Verdict {
                 "Kafka at {servers} is unreachable ({err}); check kafka.bootstrap_servers and that the broker is running"
             )),
             detail: String::new(),
+            warning: None,
         },
-        Err(err) => Verdict { component: "kafka", problem: Some(err.to_string()), detail: String::new() },
+        Err(err) => Verdict { component: "kafka", problem: Some(err.to_string()), detail: String::new(), warning: None },
     }
 }
 
@@ -142,11 +200,23 @@ async fn check_registry(config: &Config) -> Verdict {
     if url.is_empty() {
         let problem = (config.codec.format == PayloadFormat::Avro)
             .then(|| "codec.format = \"avro\" needs registry.url".to_string());
-        return Verdict { component: "registry", problem, detail: "not used (codec.format = \"json\")".into() };
+        return Verdict {
+            component: "registry",
+            problem,
+            detail: "not used (codec.format = \"json\")".into(),
+            warning: None,
+        };
     }
     let client = match reqwest::Client::builder().timeout(Duration::from_secs(5)).build() {
         Ok(client) => client,
-        Err(err) => return Verdict { component: "registry", problem: Some(err.to_string()), detail: String::new() },
+        Err(err) => {
+            return Verdict {
+                component: "registry",
+                problem: Some(err.to_string()),
+                detail: String::new(),
+                warning: None,
+            }
+        }
     };
     let mut request = client.get(format!("{url}/subjects"));
     if let Some(user) = &config.registry.username {
@@ -156,7 +226,12 @@ async fn check_registry(config: &Config) -> Verdict {
     match request.send().await {
         Ok(response) if response.status().is_success() => {
             let subjects = response.json::<Vec<String>>().await.map(|s| s.len()).unwrap_or(0);
-            Verdict { component: "registry", problem: None, detail: format!("{url}: {subjects} subject(s)") }
+            Verdict {
+                component: "registry",
+                problem: None,
+                detail: format!("{url}: {subjects} subject(s)"),
+                warning: None,
+            }
         }
         Ok(response) => Verdict {
             component: "registry",
@@ -165,6 +240,7 @@ async fn check_registry(config: &Config) -> Verdict {
                 response.status()
             )),
             detail: String::new(),
+            warning: None,
         },
         Err(err) => Verdict {
             component: "registry",
@@ -172,6 +248,22 @@ async fn check_registry(config: &Config) -> Verdict {
                 "schema registry at {url} is unreachable ({err}); check registry.url and that it is running"
             )),
             detail: String::new(),
+            warning: None,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pooling_is_told_by_sessions_and_ports() {
+        assert_eq!(pooling_verdict(1, Some(5432), Some(5432)), None);
+        assert_eq!(pooling_verdict(1, None, None), None);
+        let pooled = pooling_verdict(3, Some(5432), Some(6432)).expect("a warning");
+        assert!(pooled.contains("transaction-pooling proxy") && pooled.contains("3 server sessions"), "{pooled}");
+        let proxied = pooling_verdict(1, Some(5432), Some(6432)).expect("a warning");
+        assert!(proxied.contains("port 6432") && proxied.contains("5432"), "{proxied}");
     }
 }

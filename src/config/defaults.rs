@@ -1,8 +1,8 @@
 //! Every default of the configuration, written once.
 
 use super::{
-    CheckpointConfig, CodecConfig, ColumnNames, KeyFormat, LogFormat, OutboxConfig, PayloadFormat, Readiness,
-    RetentionConfig, RoutingConfig, SourceConfig, SourceMode, SubjectStrategy, TelemetryConfig,
+    CheckpointConfig, CodecConfig, ColumnNames, KeyFormat, LeaderConfig, LogFormat, OutboxConfig, PayloadFormat,
+    Readiness, RetentionConfig, RoutingConfig, SourceConfig, SourceMode, SubjectStrategy, TelemetryConfig,
 };
 
 pub fn shutdown_timeout_ms() -> u64 {
@@ -122,6 +122,12 @@ pub fn retention_batch_rows() -> i64 {
 pub fn retention_interval_secs() -> u64 {
     60
 }
+pub fn renew_interval_ms() -> u64 {
+    1_000
+}
+pub fn lease_timeout_ms() -> u64 {
+    5_000
+}
 
 impl Default for SourceConfig {
     fn default() -> Self {
@@ -220,5 +226,11 @@ impl Default for RetentionConfig {
             batch_rows: retention_batch_rows(),
             interval_secs: retention_interval_secs(),
         }
+    }
+}
+
+impl Default for LeaderConfig {
+    fn default() -> Self {
+        Self { renew_interval_ms: renew_interval_ms(), lease_timeout_ms: lease_timeout_ms() }
     }
 }

@@ -57,6 +57,8 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     #[serde(default)]
     pub retention: RetentionConfig,
+    #[serde(default)]
+    pub leader: LeaderConfig,
     /// How long a graceful shutdown may take before the relay exits anyway
     /// (keep it below the pod's termination grace period).
     #[serde(default = "defaults::shutdown_timeout_ms")]
@@ -375,6 +377,24 @@ pub struct RetentionConfig {
     pub interval_secs: u64,
 }
 
+/// The lease that makes one relay of a group (the sidecars sharing an
+/// outbox and `source.slot_name`) the active one.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaderConfig {
+    /// How often the active relay renews its lease, in milliseconds; a
+    /// standby looks for an expired lease this often too (a released one
+    /// wakes it at once).
+    #[serde(default = "defaults::renew_interval_ms")]
+    pub renew_interval_ms: u64,
+    /// How long a lease lasts from its last renewal, in milliseconds. The
+    /// active relay stops producing when it could not renew within this
+    /// time; a standby takes over only once it ran out. Failover after a
+    /// crash or a pause takes about this long.
+    #[serde(default = "defaults::lease_timeout_ms")]
+    pub lease_timeout_ms: u64,
+}
+
 impl Config {
     /// Reads `path`, applies `RELAY__*` environment overrides and validates.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -403,7 +423,27 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_connections()?;
         self.validate_routing()?;
-        self.validate_codec_and_limits()
+        self.validate_codec_and_limits()?;
+        self.validate_leader()
+    }
+
+    /// leader.*.
+    fn validate_leader(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| Err(ConfigError::Invalid { key: key.to_string(), message });
+        let leader = &self.leader;
+        if leader.renew_interval_ms < 10 {
+            return invalid("leader.renew_interval_ms", "must be at least 10".into());
+        }
+        if leader.lease_timeout_ms < 2 * leader.renew_interval_ms {
+            return invalid(
+                "leader.lease_timeout_ms",
+                format!(
+                    "must be at least twice leader.renew_interval_ms ({} ms), so one late renewal does not cost the lease",
+                    leader.renew_interval_ms
+                ),
+            );
+        }
+        Ok(())
     }
 
     /// postgres.*, kafka.*.
@@ -659,6 +699,18 @@ mod tests {
         let toml = format!("{MINIMAL}\n[codec]\nformat = \"avro\"\n[registry]\nurl = \"http://127.0.0.1:1\"");
         let err = Config::from_toml_str(&toml).expect_err("must fail").to_string();
         assert!(err.contains("codec.schemas"), "{err}");
+    }
+
+    #[test]
+    fn lease_shorter_than_two_renewals_is_refused() {
+        let config = Config::from_toml_str(MINIMAL).expect("minimal config");
+        assert_eq!((config.leader.renew_interval_ms, config.leader.lease_timeout_ms), (1_000, 5_000));
+        let toml = format!("{MINIMAL}\n[leader]\nrenew_interval_ms = 1000\nlease_timeout_ms = 1500");
+        let err = Config::from_toml_str(&toml).expect_err("must fail").to_string();
+        assert!(err.contains("leader.lease_timeout_ms") && err.contains("twice"), "{err}");
+        let toml = format!("{MINIMAL}\n[leader]\nrenew_interval = 1000");
+        let err = Config::from_toml_str(&toml).expect_err("must fail").to_string();
+        assert!(err.contains("leader.renew_interval") && err.contains("lease_timeout_ms"), "{err}");
     }
 
     #[test]

@@ -172,6 +172,29 @@ pub async fn drop_slot(client: &Client, slot: &str) -> Result<(), tokio_postgres
     }
 }
 
+/// Ends the session that still streams from the slot for an earlier term
+/// (a paused or partitioned relay keeps its walsender, and the slot, for as
+/// long as its TCP connection lives), and waits until the slot is free, for
+/// up to 5 s (then `START_REPLICATION` reports it). Only the lease holder
+/// calls this, and it took the lease only after the previous one ran out or
+/// was released, so whoever streams from the slot now is not the leader.
+pub async fn take_over(client: &Client, slot: &str) -> Result<(), tokio_postgres::Error> {
+    let started = std::time::Instant::now();
+    let mut ended = None;
+    while started.elapsed() < Duration::from_secs(5) {
+        let row =
+            client.query_opt("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", &[&slot]).await?;
+        let Some(pid) = row.map(|r| r.try_get::<_, Option<i32>>(0)).transpose()?.flatten() else { return Ok(()) };
+        if ended != Some(pid) {
+            tracing::warn!(slot, pid, "a stream of an earlier leader term still holds the slot: ending its session");
+            client.execute("SELECT pg_terminate_backend($1)", &[&pid]).await?;
+            ended = Some(pid);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
 /// Recreates the slot and leaves a catch-up marker with `reason`; counts it.
 pub async fn recover(client: &Client, config: &Config, reason: CatchUpReason) -> Result<(), SlotError> {
     let slot = &config.source.slot_name;

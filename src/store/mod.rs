@@ -1,7 +1,8 @@
 //! The one owner of the SQL against the outbox table and the relay's own
 //! tables: publish state (published, held, waiting), the reads of the poll
 //! path and of `relay replay`, held-row decisions, status and lag,
-//! retention, and the catch-up marker.
+//! retention, the catch-up marker, and the leader lease with the fence of
+//! publish-state writes.
 //!
 //! The words, used the same way in code, metrics, CLI output and docs:
 //! - **pending**: not published, no `last_error`: the relay will publish it.
@@ -17,12 +18,14 @@
 
 mod catchup;
 mod held;
+mod leader;
 mod publish;
 mod rows;
 mod status;
 
 pub use catchup::{CatchUpMarker, CatchUpReason};
 pub use held::{HeldRow, Released};
+pub use leader::{Acquired, Fence, LeaseState, LeaseStore, PreparedFence, Previous};
 pub use publish::{HeldState, PgPublishState, PublishStateStore, Published};
 pub use rows::{rows_within, select_list, text_values, RowQuery, TableLayout};
 pub use status::Status;
@@ -55,6 +58,10 @@ pub enum StoreError {
     NotHeld { id: i64, state: &'static str },
     #[error("row {id} waits behind held row {blocker} of the same entity: retry or skip row {blocker} first")]
     Behind { id: i64, blocker: i64 },
+    /// The lease term that made this write is over: another relay took
+    /// over. Nothing was written; the run must end and the relay step down.
+    #[error("the lease of this relay (epoch {epoch}) is over: another relay took over; nothing was written")]
+    Fenced { epoch: i64 },
 }
 
 impl StoreError {
@@ -84,6 +91,8 @@ pub struct OutboxSql {
     pub table: String,
     /// `"schema"."table_relay_catchup"`.
     pub catchup_table: String,
+    /// `"schema"."table_relay_leader"`.
+    pub leader_table: String,
     pub id: String,
     pub aggregate_type: String,
     pub aggregate_id: String,
@@ -101,6 +110,7 @@ impl OutboxSql {
         Self {
             table: format!("{}.{}", ident(schema), ident(table)),
             catchup_table: format!("{}.{}", ident(schema), ident(&format!("{table}_relay_catchup"))),
+            leader_table: format!("{}.{}", ident(schema), ident(&format!("{table}_relay_leader"))),
             id: ident(&c.id),
             aggregate_type: ident(&c.aggregate_type),
             aggregate_id: ident(&c.aggregate_id),
@@ -116,11 +126,17 @@ impl OutboxSql {
 pub struct Store {
     sql: OutboxSql,
     slot_name: String,
+    /// The unquoted table name, for notification channels.
+    table_name: String,
 }
 
 impl Store {
     pub fn new(config: &Config) -> Self {
-        Self { sql: OutboxSql::new(config), slot_name: config.source.slot_name.clone() }
+        Self {
+            sql: OutboxSql::new(config),
+            slot_name: config.source.slot_name.clone(),
+            table_name: config.outbox.table.clone(),
+        }
     }
 
     /// The quoted names of the outbox table.

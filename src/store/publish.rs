@@ -6,7 +6,7 @@ use std::future::Future;
 
 use tokio_postgres::{Client, Statement};
 
-use super::{get, OutboxSql, StoreError};
+use super::{get, Fence, OutboxSql, PreparedFence, Store, StoreError};
 
 /// A row Kafka acknowledged.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,16 +62,20 @@ impl super::Store {
 }
 
 /// [`PublishStateStore`] on Postgres: one `UPDATE ... FROM unnest(...)
-/// RETURNING id` round trip per batch, statements prepared once.
+/// RETURNING id` per batch, statements prepared once. Every write runs in a
+/// transaction behind the fence of the lease term that makes it
+/// ([`PreparedFence::begin`]): once another relay took over, nothing is
+/// written and the write fails with [`StoreError::Fenced`].
 pub struct PgPublishState {
     client: Client,
     publish: Statement,
     hold: Statement,
     id_column: String,
+    fence: PreparedFence,
 }
 
 impl PgPublishState {
-    pub async fn new(client: Client, sql: &OutboxSql) -> Result<Self, StoreError> {
+    pub async fn new(client: Client, sql: &OutboxSql, fence: Fence) -> Result<Self, StoreError> {
         let (table, id) = (&sql.table, &sql.id);
         let publish = client
             .prepare(&format!(
@@ -94,7 +98,35 @@ impl PgPublishState {
                  WHERE o.{id} = u.id RETURNING o.{id}"
             ))
             .await?;
-        Ok(Self { client, publish, hold, id_column: sql.names.id.clone() })
+        let fence = fence.prepare(&client).await?;
+        Ok(Self { client, publish, hold, id_column: sql.names.id.clone(), fence })
+    }
+
+    /// Runs `write` (statements on this connection) in a transaction behind
+    /// the fence: it commits only if the term is still the current one.
+    async fn fenced<T>(&self, write: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+        self.fence.begin(&self.client).await?;
+        match write.await {
+            Ok(value) => {
+                self.fence.commit(&self.client).await?;
+                Ok(value)
+            }
+            Err(err) => {
+                self.fence.rollback(&self.client).await;
+                Err(err)
+            }
+        }
+    }
+
+    /// Releases rows that wait behind a row no longer held (see
+    /// [`Store::release_orphaned_waiters`]), behind the fence.
+    pub async fn release_orphaned_waiters(&self, store: &Store) -> Result<u64, StoreError> {
+        self.fenced(store.release_orphaned_waiters(&self.client)).await
+    }
+
+    /// The lease epoch whose writes this store makes.
+    pub fn epoch(&self) -> i64 {
+        self.fence.epoch()
     }
 
     fn ids(&self, rows: Vec<tokio_postgres::Row>) -> Result<Vec<i64>, StoreError> {
@@ -108,7 +140,8 @@ impl PublishStateStore for PgPublishState {
         let topics: Vec<&str> = rows.iter().map(|r| r.topic.as_str()).collect();
         let partitions: Vec<i32> = rows.iter().map(|r| r.partition).collect();
         let offsets: Vec<i64> = rows.iter().map(|r| r.offset).collect();
-        let matched = self.client.query(&self.publish, &[&ids, &topics, &partitions, &offsets]).await?;
+        let update = async { Ok(self.client.query(&self.publish, &[&ids, &topics, &partitions, &offsets]).await?) };
+        let matched = self.fenced(update).await?;
         self.ids(matched)
     }
 
@@ -117,7 +150,8 @@ impl PublishStateStore for PgPublishState {
         let errors: Vec<&str> = rows.iter().map(|r| r.error.as_str()).collect();
         let tried: Vec<i32> = rows.iter().map(|r| i32::from(r.attempted)).collect();
         let behind: Vec<Option<i64>> = rows.iter().map(|r| r.waiting_for).collect();
-        let matched = self.client.query(&self.hold, &[&ids, &errors, &tried, &behind]).await?;
+        let update = async { Ok(self.client.query(&self.hold, &[&ids, &errors, &tried, &behind]).await?) };
+        let matched = self.fenced(update).await?;
         self.ids(matched)
     }
 

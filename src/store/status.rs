@@ -4,7 +4,7 @@
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use super::{get, Store, StoreError};
+use super::{get, LeaseState, Store, StoreError};
 
 /// The outbox's publish state.
 #[derive(Debug, Clone, Serialize)]
@@ -28,6 +28,9 @@ pub struct Status {
     pub slot_retained_wal_bytes: Option<i64>,
     /// Logical mode: whether a relay is streaming from the slot.
     pub slot_active: Option<bool>,
+    /// The leader lease: who is active, since when, lease age, epoch.
+    /// `None` when no relay has led yet.
+    pub leader: Option<LeaseState>,
 }
 
 impl Store {
@@ -68,6 +71,7 @@ impl Store {
             }
         }
         let held = get(&row, 2, "last_error", "bigint")?;
+        let leader = self.lease().read(client).await?;
         Ok(Status {
             pending: get(&row, 0, "published_at", "bigint")?,
             oldest_pending_age_seconds: get(&row, 1, &self.sql.names.occurred_at, "float8")?,
@@ -78,6 +82,7 @@ impl Store {
             last_published_at: last.map(|t| t.to_rfc3339()),
             slot_retained_wal_bytes: retained,
             slot_active: active,
+            leader,
         })
     }
 }
@@ -99,6 +104,34 @@ impl std::fmt::Display for Status {
         }
         if let Some(active) = self.slot_active {
             writeln!(f, "slot active:             {active}")?;
+        }
+        match &self.leader {
+            None => writeln!(f, "active relay:            none yet (no relay has held the lease)")?,
+            Some(lease) => {
+                let holder = &lease.holder;
+                if lease.active {
+                    writeln!(f, "active relay:            {holder} (epoch {})", lease.epoch)?;
+                } else if lease.released {
+                    writeln!(f, "active relay:            none: {holder} released the lease (epoch {})", lease.epoch)?;
+                } else {
+                    writeln!(
+                        f,
+                        "active relay:            none: the lease of {holder} ran out (epoch {})",
+                        lease.epoch
+                    )?;
+                }
+                writeln!(f, "active since:            {}", lease.since)?;
+                writeln!(
+                    f,
+                    "lease:                   renewed {:.1} s ago, {}",
+                    lease.lease_age_seconds,
+                    if lease.lease_remaining_seconds > 0.0 {
+                        format!("runs out in {:.1} s", lease.lease_remaining_seconds)
+                    } else {
+                        format!("ran out {:.1} s ago", -lease.lease_remaining_seconds)
+                    }
+                )?;
+            }
         }
         Ok(())
     }

@@ -48,6 +48,8 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::
         "ready": ready,
         "connected": state.health.connected(),
         "role": if state.health.active() { "active" } else { "standby" },
+        "instance": state.health.instance(),
+        "epoch": state.health.epoch(),
     });
     (if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body))
 }

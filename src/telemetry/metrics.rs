@@ -30,6 +30,9 @@ pub const RETENTION_DELETED_ROWS_TOTAL: &str = "outbox_relay_retention_deleted_r
 pub const SLOT_RECOVERIES_TOTAL: &str = "outbox_relay_slot_recoveries_total";
 pub const RESEND_SKIPPED_TOTAL: &str = "outbox_relay_resend_skipped_total";
 pub const UNRECORDED_ROWS: &str = "outbox_relay_unrecorded_rows";
+pub const LEADER: &str = "outbox_relay_leader";
+pub const LEADER_TAKEOVERS_TOTAL: &str = "outbox_relay_leader_takeovers_total";
+pub const LEADER_LOST_TOTAL: &str = "outbox_relay_leader_lost_total";
 
 /// Registers descriptions and units with the installed recorder.
 pub fn describe() {
@@ -73,6 +76,15 @@ pub fn describe() {
     describe_counter!(
         RESEND_SKIPPED_TOTAL,
         "Rows the slot streamed again after a restart that were recorded as published already, so not sent again."
+    );
+    describe_gauge!(LEADER, "1 while this instance holds the leader lease, 0 otherwise.");
+    describe_counter!(
+        LEADER_TAKEOVERS_TOTAL,
+        "Leases this instance acquired, by what came before (first, released, expired, own)."
+    );
+    describe_counter!(
+        LEADER_LOST_TOTAL,
+        "Terms this instance lost without releasing them, by reason (taken_over, not_renewed); each time it stopped producing at once."
     );
     describe_counter!(SLOT_RECOVERIES_TOTAL, "Replication slots recreated and caught up through the poll path, by reason (missing, invalidated, wal_budget).");
 }
@@ -174,4 +186,21 @@ pub fn resend_skipped(rows: usize) {
 /// Rows acknowledged but not recordable yet (their transaction is not visible).
 pub fn unrecorded_rows(rows: usize) {
     gauge!(UNRECORDED_ROWS).set(rows as f64);
+}
+
+/// Whether this instance holds the leader lease.
+pub fn leader(holds: bool) {
+    gauge!(LEADER).set(if holds { 1.0 } else { 0.0 });
+}
+
+/// This instance acquired the lease; `reason` says what came before
+/// (first | released | expired | own).
+pub fn leader_takeover(reason: &'static str) {
+    counter!(LEADER_TAKEOVERS_TOTAL, "reason" => reason).increment(1);
+}
+
+/// This instance lost its term without releasing it (`reason` =
+/// taken_over | not_renewed) and stopped producing.
+pub fn leader_lost(reason: &'static str) {
+    counter!(LEADER_LOST_TOTAL, "reason" => reason).increment(1);
 }

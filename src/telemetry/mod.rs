@@ -4,8 +4,8 @@ pub mod http;
 pub mod lag;
 pub mod metrics;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
@@ -92,6 +92,10 @@ struct HealthInner {
     connected: AtomicBool,
     active: AtomicBool,
     progressing: AtomicBool,
+    /// The lease epoch this instance holds; 0 when standby.
+    epoch: AtomicI64,
+    /// This relay's instance id, as the lease row names its holder.
+    instance: OnceLock<String>,
 }
 
 impl Health {
@@ -102,6 +106,8 @@ impl Health {
             connected: AtomicBool::new(false),
             active: AtomicBool::new(false),
             progressing: AtomicBool::new(true),
+            epoch: AtomicI64::new(0),
+            instance: OnceLock::new(),
         }))
     }
 
@@ -126,10 +132,30 @@ impl Health {
         self.0.connected.load(Ordering::Relaxed)
     }
 
-    /// This instance holds the leader lock and streams.
+    /// This instance holds the lease and streams.
     pub fn set_active(&self, active: bool) {
         self.0.active.store(active, Ordering::Relaxed);
         metrics::active(active);
+    }
+
+    /// The lease epoch this instance holds (`None`: standby), for `/readyz`
+    /// and the `outbox_relay_leader` gauge.
+    pub fn set_epoch(&self, epoch: Option<i64>) {
+        self.0.epoch.store(epoch.unwrap_or(0), Ordering::Relaxed);
+        metrics::leader(epoch.is_some());
+    }
+
+    pub fn epoch(&self) -> Option<i64> {
+        Some(self.0.epoch.load(Ordering::Relaxed)).filter(|e| *e > 0)
+    }
+
+    /// This relay's instance id (set once).
+    pub fn set_instance(&self, id: &str) {
+        let _ = self.0.instance.set(id.to_string());
+    }
+
+    pub fn instance(&self) -> Option<&str> {
+        self.0.instance.get().map(String::as_str)
     }
 
     pub fn active(&self) -> bool {
