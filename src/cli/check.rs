@@ -5,8 +5,6 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 
-use secrecy::ExposeSecret;
-
 use crate::config::{Config, PayloadFormat, SourceMode};
 use crate::database;
 use crate::store::Store;
@@ -43,8 +41,9 @@ pub async fn check(config: &Config) -> Vec<Verdict> {
     vec![postgres, kafka, registry]
 }
 
-/// Deployment conditions the guarantees need that can be seen from here
-/// and are not met: one line each, for operators (they do not fail the check).
+/// Deployment conditions of poll mode that can be seen from here and are
+/// not met: one line each, for operators (they do not fail the check). A
+/// pooling proxy is told in the postgres verdict's warning.
 pub async fn warnings(config: &Config) -> Vec<String> {
     let mut warnings = Vec::new();
     let Ok(client) = database::connect(&config.postgres).await else { return warnings };
@@ -53,24 +52,6 @@ pub async fn warnings(config: &Config) -> Vec<String> {
             if cache > 1 {
                 warnings.push(format!(
                     "the outbox id sequence has CACHE {cache}: poll mode needs ids taken in commit order per entity; ALTER SEQUENCE ... CACHE 1"
-                ));
-            }
-        }
-    }
-    // A pooler in between answers on its own port and gives each
-    // transaction any server session: advisory locks and LISTEN break.
-    let url_port = config
-        .postgres
-        .url
-        .expose_secret()
-        .parse::<tokio_postgres::Config>()
-        .ok()
-        .and_then(|pg| pg.get_ports().first().copied());
-    if let (Some(url_port), Ok(row)) = (url_port, client.query_one("SELECT inet_server_port()", &[]).await) {
-        if let Ok(Some(server_port)) = row.try_get::<_, Option<i32>>(0) {
-            if i32::from(url_port) != server_port {
-                warnings.push(format!(
-                    "postgres.url names port {url_port} but the server listens on {server_port}: a connection pooler in between? The relay needs session semantics (no transaction pooling)"
                 ));
             }
         }
