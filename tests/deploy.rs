@@ -1,7 +1,8 @@
 //! Validates `deploy/`: every YAML and JSON file parses, the alerting rules
 //! are the documented ones, every metric the dashboard and the rules use is
-//! listed in METRICS.md, and the Kubernetes example wires the probes to the
-//! right endpoints and mounts a relay.toml the relay itself accepts.
+//! listed in METRICS.md, the Kubernetes example wires the probes to the
+//! right endpoints and mounts a relay.toml the relay itself accepts, and the
+//! READMEs state the example's memory limit.
 //! No services needed: `cargo test --test deploy`.
 
 use std::collections::BTreeSet;
@@ -471,6 +472,27 @@ fn pod_wires_probes_and_a_config_the_relay_accepts() {
         "terminationGracePeriodSeconds ({grace}s) must exceed shutdown_timeout_ms ({} ms)",
         config.shutdown_timeout_ms
     );
+}
+
+#[test]
+fn readme_and_deploy_readme_state_the_example_memory_limit() {
+    // The memory figures and the limit stated next to the README's
+    // Kubernetes example must be the example's own.
+    let docs = yaml_docs(&pod_path());
+    let deployment = docs_of_kind(&docs, "Deployment")[0];
+    let containers = deployment["spec"]["template"]["spec"]["containers"].as_sequence().expect("containers");
+    let relay = containers.iter().find(|c| s(c, "name") == Some("outbox-relay")).expect("the relay container");
+    let limit = relay["resources"]["limits"]["memory"].as_str().expect("limits.memory");
+    let request = relay["resources"]["requests"]["memory"].as_str().expect("requests.memory");
+    let readme = read(&root().join("README.md"));
+    assert!(readme.contains(&format!("memory: {limit} }}")), "the README's example sets limits.memory {limit}");
+    assert!(readme.contains(&format!("memory: {request} }}")), "the README's example sets requests.memory {request}");
+    assert!(
+        readme.contains(&format!("`resources.limits.memory: {limit}`")),
+        "the README states the relay's memory use next to the example's limit {limit}"
+    );
+    let deploy_readme = read(&deploy_dir().join("README.md"));
+    assert!(deploy_readme.contains(&format!("`limits.memory: {limit}`")), "deploy/README.md names the limit {limit}");
 }
 
 #[test]
