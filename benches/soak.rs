@@ -3,7 +3,7 @@
 //! scraping `/metrics` and once with a scrape every 15 s (issue 17: memory
 //! must stay flat either way).
 //!
-//! Run: `scripts/bench soak [--quick] [--duration 30m] [--rate 1000] [--no-docs]`
+//! Run: `scripts/bench soak [--quick] [--duration 30m] [--rate 1000] [--variant nothing|scraped] [--no-docs]`
 //! (the stack up, then `cargo bench --bench soak -- ARGS`). Defaults: 1,000
 //! rows/s for 30 minutes per variant; `--quick` makes it 5 minutes.
 //!
@@ -38,6 +38,8 @@ struct Options {
     rate: f64,
     quick: bool,
     docs: bool,
+    /// Only the variant whose name starts with this (`nothing`, `scraped`).
+    only: Option<String>,
 }
 
 fn parse_duration(text: &str) -> Duration {
@@ -52,7 +54,8 @@ fn parse_duration(text: &str) -> Duration {
 }
 
 fn options() -> Options {
-    let mut options = Options { duration: Duration::from_secs(30 * 60), rate: 1_000.0, quick: false, docs: true };
+    let mut options =
+        Options { duration: Duration::from_secs(30 * 60), rate: 1_000.0, quick: false, docs: true, only: None };
     let mut explicit_duration = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -61,9 +64,10 @@ fn options() -> Options {
             "--duration" => explicit_duration = Some(parse_duration(&args.next().expect("--duration VALUE"))),
             "--rate" => options.rate = args.next().and_then(|v| v.parse().ok()).expect("--rate ROWS_PER_SEC"),
             "--no-docs" => options.docs = false,
+            "--variant" => options.only = Some(args.next().expect("--variant nothing|scraped")),
             // What cargo bench passes to every bench binary.
             "--bench" => {}
-            other => panic!("unknown argument {other:?}: --quick, --duration D, --rate R, --no-docs"),
+            other => panic!("unknown argument {other:?}: --quick, --duration D, --rate R, --variant V, --no-docs"),
         }
     }
     if options.quick {
@@ -91,6 +95,13 @@ fn sample_process(pid: u32) -> Option<(u64, u64)> {
     Some((rss, utime + stime))
 }
 
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(f64::NAN)
+}
+
 fn clock_ticks_per_sec() -> f64 {
     Command::new("getconf")
         .arg("CLK_TCK")
@@ -109,6 +120,8 @@ struct Sample {
     /// Rows written so far and rows not yet published.
     written: i64,
     pending: i64,
+    /// The machine's 1-minute load average (other work on the same cores).
+    load: f64,
 }
 
 struct Run {
@@ -156,6 +169,9 @@ impl Run {
     fn cpu_mean(&self) -> f64 {
         let after: Vec<f64> = self.samples.iter().skip(1).map(|s| s.cpu_percent).collect();
         after.iter().sum::<f64>() / after.len().max(1) as f64
+    }
+    fn load_mean(&self) -> f64 {
+        self.samples.iter().map(|s| s.load).sum::<f64>() / self.samples.len().max(1) as f64
     }
     fn passed(&self) -> bool {
         self.max_rise_kib() <= BOUND_KIB as i64
@@ -220,10 +236,11 @@ async fn soak(stack: &Stack, options: &Options, name: &'static str, scrape: bool
             cpu_percent,
             written: row.get(0),
             pending: row.get(1),
+            load: load_average(),
         };
         eprintln!(
-            "soak {name}: {:>5.0} s  RSS {:>6} KiB  CPU {:>5.1} %  written {:>8}  pending {:>6}",
-            sample.secs, sample.rss_kib, sample.cpu_percent, sample.written, sample.pending
+            "soak {name}: {:>5.0} s  RSS {:>6} KiB  CPU {:>5.1} %  written {:>8}  pending {:>6}  load {:.1}",
+            sample.secs, sample.rss_kib, sample.cpu_percent, sample.written, sample.pending, sample.load
         );
         samples.push(sample);
         if workload.is_finished() {
@@ -246,12 +263,12 @@ async fn soak(stack: &Stack, options: &Options, name: &'static str, scrape: bool
 }
 
 fn write_csv(runs: &[Run], path: &Path) {
-    let mut csv = String::from("variant,seconds,rss_kib,cpu_percent,written,pending\n");
+    let mut csv = String::from("variant,seconds,rss_kib,cpu_percent,written,pending,load\n");
     for run in runs {
         for s in &run.samples {
             csv.push_str(&format!(
-                "{},{:.1},{},{:.2},{},{}\n",
-                run.name, s.secs, s.rss_kib, s.cpu_percent, s.written, s.pending
+                "{},{:.1},{},{:.2},{},{},{:.2}\n",
+                run.name, s.secs, s.rss_kib, s.cpu_percent, s.written, s.pending, s.load
             ));
         }
     }
@@ -301,7 +318,7 @@ fn report(runs: &[Run], options: &Options, plot_ref: &str) -> String {
         let peak = run.samples.iter().map(|s| s.rss_kib).max().unwrap_or(0);
         let max_pending = run.samples.iter().map(|s| s.pending).max().unwrap_or(0);
         rows.push_str(&format!(
-            "| {} | {:.0} rows/s ({} rows in {:.0} s) | {:.1} / {:.1} / {:.1} / {:.1} MiB | {:+} KiB / {:+} KiB | {:+.1} KiB/min | {:.1} % | {} | {} | {} |\n",
+            "| {} | {:.0} rows/s ({} rows in {:.0} s) | {:.1} / {:.1} / {:.1} / {:.1} MiB | {:+} KiB / {:+} KiB | {:+.1} KiB/min | {:.1} % | {} | {:.1} | {} | {} |\n",
             run.name,
             run.rows as f64 / run.elapsed.as_secs_f64(),
             run.rows,
@@ -315,6 +332,7 @@ fn report(runs: &[Run], options: &Options, plot_ref: &str) -> String {
             run.slope_kib_per_min(),
             run.cpu_mean(),
             max_pending,
+            run.load_mean(),
             run.trouble,
             if run.passed() { "**pass**" } else { "**FAIL**" },
         ));
@@ -325,8 +343,8 @@ fn report(runs: &[Run], options: &Options, plot_ref: &str) -> String {
         "Soak{quick}: {rate:.0} rows/s of single-row transactions ({WRITERS} writers, {ENTITIES} entities) for {minutes:.0} min \
          per variant, release build, logical mode, JSON; RSS and CPU of the relay sampled every {sample} s{scrapes}. \
          Bound: the RSS may rise at most {BOUND_KIB} KiB above its value at the end of the first minute.\n\n\
-         | variant | achieved write rate | RSS first sample / after 1 min / last / peak | rise after 1 min, max / at the end | RSS trend after 1 min | relay CPU (mean, of one core) | most rows pending at a sample | WARN/ERROR lines in the relay's log | verdict |\n\
-         |---|---|---|---|---|---|---|---|---|\n{rows}\n{plot_ref}\n",
+         | variant | achieved write rate | RSS first sample / after 1 min / last / peak | rise after 1 min, max / at the end | RSS trend after 1 min | relay CPU (mean, of one core) | most rows pending at a sample | machine load average (mean) | WARN/ERROR lines in the relay's log | verdict |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n{rows}\n{plot_ref}\n",
         quick = if options.quick { " (quick mode)" } else { "" },
         rate = options.rate,
         sample = SAMPLE_EVERY.as_secs(),
@@ -352,6 +370,9 @@ async fn main() {
     let started = chrono::Utc::now();
     let mut runs = Vec::new();
     for (name, scrape) in [("nothing scraping /metrics", false), ("scraped every 15 s", true)] {
+        if options.only.as_deref().is_some_and(|only| !name.starts_with(only)) {
+            continue;
+        }
         eprintln!("soak: {name}, {:.0} rows/s for {:?}", options.rate, options.duration);
         runs.push(soak(&stack, &options, name, scrape).await);
     }
