@@ -24,7 +24,7 @@ use tokio_postgres::Client;
 
 use super::pgoutput::{self, Message};
 use crate::config::{Config, OutboxConfig};
-use crate::outbox::{pg_epoch_micros_to_utc, CommitBoundary, Lsn, OutboxRow, RowError, RowLayout, SourceEvent};
+use crate::outbox::{pg_epoch_micros_to_utc, CommitBoundary, Lsn, RowError, RowLayout, SourceEvent};
 use crate::store::{Store, StoreError};
 use crate::telemetry::metrics;
 
@@ -171,24 +171,27 @@ impl LogicalSource {
                 event = client.recv() => {
                     let event = event?.ok_or(LogicalError::StreamEnded)?;
                     let Some(event) = decoder.decode(event, &self.config.outbox)? else { continue };
-                    let event = match event {
-                        SourceEvent::Row(row) if decoder.final_lsn <= resent.until => {
-                            resent.rows.push(row);
-                            if resent.rows.len() < resent.chunk {
-                                continue;
-                            }
-                            None
-                        }
-                        other => Some(other),
+                    let position = match &event {
+                        SourceEvent::Row(_) => decoder.final_lsn,
+                        SourceEvent::Boundary(CommitBoundary::Wal(lsn)) => *lsn,
+                        SourceEvent::Boundary(CommitBoundary::Batch(_)) => Lsn(u64::MAX),
                     };
-                    // Rows streamed again go out, checked, before anything after them.
-                    if !resent.rows.is_empty() && !resent.flush(out).await? {
-                        return Ok(());
-                    }
-                    if let Some(event) = event {
-                        if out.send(event).await.is_err() {
+                    if position <= resent.until {
+                        resent.queue(event);
+                        if resent.is_full() && !resent.flush(out).await? {
                             return Ok(());
                         }
+                        continue;
+                    }
+                    // Past the window: what was queued goes first, checked.
+                    if !resent.flush(out).await? || out.send(event).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                // The stream paused inside the window: do not hold rows back.
+                _ = tokio::time::sleep(RESENT_IDLE), if resent.is_pending() => {
+                    if !resent.flush(out).await? {
+                        return Ok(());
                     }
                 }
             }
@@ -284,8 +287,14 @@ struct Resent<'a> {
     store: Store,
     until: Lsn,
     chunk: usize,
-    rows: Vec<OutboxRow>,
+    /// Rows and commit boundaries of the window, in stream order, not sent
+    /// yet: one lookup covers many single-row transactions.
+    queued: Vec<SourceEvent>,
+    rows: usize,
 }
+
+/// How long queued events of the window wait when the stream pauses.
+const RESENT_IDLE: Duration = Duration::from_millis(20);
 
 impl<'a> Resent<'a> {
     async fn start(client: &'a Client, config: &Config) -> Result<Self, LogicalError> {
@@ -296,21 +305,46 @@ impl<'a> Resent<'a> {
             store: Store::new(config),
             until: Lsn(u64::try_from(until).unwrap_or(0)),
             chunk: config.source.batch_rows.max(1),
-            rows: Vec::new(),
+            queued: Vec::new(),
+            rows: 0,
         })
     }
 
-    /// Sends the buffered rows that are not recorded as published yet, in
-    /// order. Returns false when the downstream stages are gone.
+    fn queue(&mut self, event: SourceEvent) {
+        self.rows += usize::from(matches!(event, SourceEvent::Row(_)));
+        self.queued.push(event);
+    }
+
+    /// A chunk is due: as many rows, or events, as `source.batch_rows`.
+    fn is_full(&self) -> bool {
+        self.rows >= self.chunk || self.queued.len() >= 2 * self.chunk
+    }
+
+    fn is_pending(&self) -> bool {
+        !self.queued.is_empty()
+    }
+
+    /// Sends the queued events in order, leaving out rows already recorded
+    /// as published. Returns false when the downstream stages are gone.
     async fn flush(&mut self, out: &mpsc::Sender<SourceEvent>) -> Result<bool, LogicalError> {
-        let ids: Vec<i64> = self.rows.iter().map(|r| r.id).collect();
-        let published = self.store.published_among(self.client, &ids).await?;
+        let ids: Vec<i64> = self
+            .queued
+            .iter()
+            .filter_map(|e| match e {
+                SourceEvent::Row(row) => Some(row.id),
+                SourceEvent::Boundary(_) => None,
+            })
+            .collect();
+        let published =
+            if ids.is_empty() { Default::default() } else { self.store.published_among(self.client, &ids).await? };
         if !published.is_empty() {
             metrics::resend_skipped(published.len());
             tracing::debug!(skipped = published.len(), of = ids.len(), "rows streamed again are published already");
         }
-        for row in self.rows.drain(..) {
-            if !published.contains(&row.id) && out.send(SourceEvent::Row(row)).await.is_err() {
+        self.rows = 0;
+        for event in self.queued.drain(..) {
+            let skip = matches!(&event, SourceEvent::Row(row) if published.contains(&row.id));
+            if !skip && out.send(event).await.is_err() {
                 return Ok(false);
             }
         }
