@@ -4,9 +4,10 @@
 //! The pipeline and its imports (kept true by `shared/tools/module_cycles.py`):
 //!
 //! ```text
-//! config  <-  outbox, routing, database  <-  store  <-  telemetry
+//! config  <-  outbox, routing, database  <-  store  <-  telemetry  <-  leader
 //!    source -> codec -> sink -> checkpoint        (each imports only leftwards
-//!    and the modules above; `pipeline` wires them, `cli` and `migrate` use them)
+//!    and the modules above but `leader`; `pipeline` wires them with the
+//!    lease from `leader`, `cli` and `migrate` use them)
 //! ```
 
 use bytes::Bytes;

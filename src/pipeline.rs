@@ -1,10 +1,11 @@
 //! Wires source -> sink -> checkpoint, runs it while this relay holds the
-//! leader lease ([`leader`]), and restarts the pipeline from its last
-//! confirmed commit boundary after any failure that a retry can cure. A failure that only an operator can cure (role
-//! lacks a privilege, table missing, authentication or TLS misconfigured,
-//! publication covers the wrong table) stops the relay with a one-line
-//! message naming the fix, so a sidecar shows the reason in CrashLoopBackOff
-//! instead of retrying in silence.
+//! leader lease ([`crate::leader`]), and restarts the pipeline from its last
+//! confirmed commit boundary after any failure that a retry can cure. A
+//! failure that only an operator can cure (role lacks a privilege, table
+//! missing, authentication or TLS misconfigured, publication covers the
+//! wrong table) stops the relay with a one-line message naming the fix, so
+//! a sidecar shows the reason in CrashLoopBackOff instead of retrying in
+//! silence.
 
 use std::time::Duration;
 

@@ -108,13 +108,14 @@ fn every_yaml_and_json_file_under_deploy_parses() {
 // ---------------------------------------------------------------- rules
 
 /// (alert, a metric or function its expression must use, its `for`).
-const ALERTS: [(&str, &str, &str); 6] = [
+const ALERTS: [(&str, &str, &str); 7] = [
     ("OutboxRelayLagHigh", "outbox_relay_oldest_unpublished_age_seconds", "5m"),
     ("OutboxRelayDown", "up{job=\"outbox-relay\"}", "5m"),
     ("OutboxRelaySlotRetainingWal", "outbox_relay_slot_retained_wal_bytes", "5m"),
     ("OutboxRelayNoPublishWhilePending", "outbox_relay_last_publish_timestamp_seconds", "10m"),
     ("OutboxRelayHeldRows", "outbox_relay_held_rows", "1m"),
-    ("OutboxRelayNoActiveInstance", "outbox_relay_active", "5m"),
+    ("OutboxRelayNoActiveInstance", "outbox_relay_leader", "1m"),
+    ("OutboxRelayMoreThanOneActive", "outbox_relay_leader", "1m"),
 ];
 
 fn alert_rules() -> Vec<Yaml> {
@@ -228,6 +229,8 @@ fn rules_file_has_the_documented_alerts() {
     assert!(expr_of("OutboxRelayHeldRows").contains("> 0"));
     let active = expr_of("OutboxRelayNoActiveInstance");
     assert!(active.contains("sum") && active.contains("== 0"), "{active}");
+    let several = expr_of("OutboxRelayMoreThanOneActive");
+    assert!(several.contains("sum") && several.contains("> 1"), "{several}");
 }
 
 // ---------------------------------------------------------------- metric names

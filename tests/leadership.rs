@@ -33,6 +33,10 @@ const RATE: f64 = 300.0;
 const POLL_BATCH: usize = 200;
 /// Logical mode's in-flight window: deliveries awaiting acknowledgement.
 const MAX_IN_FLIGHT: usize = 1_000;
+/// How long a wait may take before the test fails. Generous: tests of other
+/// binaries share the cluster, and some stall every commit for a while
+/// (an absent synchronous standby).
+const PATIENCE: Duration = Duration::from_secs(180);
 
 const AUDIT: &str = "
 CREATE TABLE publish_audit (
@@ -155,7 +159,7 @@ impl Group {
     /// Waits until a relay holds a live lease with an epoch above `after`,
     /// and reports `active` on `/readyz`; returns its number and the lease.
     async fn wait_leader(&self, what: &str, after: i64) -> (usize, Lease) {
-        wait_for(what, Duration::from_secs(90), || async {
+        wait_for(what, PATIENCE, || async {
             let lease = self.lease().await.filter(|l| l.epoch > after)?;
             let n = self.relay_of(&lease.holder)?;
             let ready = readyz(&self.relays[n]).await?;
@@ -175,7 +179,7 @@ impl Group {
     /// Waits until `more` rows more than now are published (or all `total`).
     async fn wait_progress(&self, more: i64, total: usize) {
         let before = self.published().await;
-        wait_for("more rows to be published", Duration::from_secs(90), || async {
+        wait_for("more rows to be published", PATIENCE, || async {
             let now = self.published().await;
             (now >= before + more || now == total as i64).then_some(())
         })
@@ -184,7 +188,7 @@ impl Group {
 
     /// The first publish-state write of relay `n` as `holder`.
     async fn first_write_by(&self, n: usize, holder: &str) -> DateTime<Utc> {
-        wait_for("the new leader's first publish-state write", Duration::from_secs(90), || async {
+        wait_for("the new leader's first publish-state write", PATIENCE, || async {
             let row = self
                 .client
                 .query_one(
@@ -325,7 +329,7 @@ async fn ending_the_lease_session_never_makes_two_actives() {
     let waiting = std::time::Instant::now();
     while let Some(now) = group.lease().await.filter(|now| now.epoch == lease.epoch) {
         last_renewal = now.renewed_at;
-        assert!(waiting.elapsed() < Duration::from_secs(90), "timed out waiting for a standby to take over");
+        assert!(waiting.elapsed() < PATIENCE, "timed out waiting for a standby to take over");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let (next, taken) = group.wait_leader("the new leader to be active", lease.epoch).await;
