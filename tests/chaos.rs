@@ -262,13 +262,20 @@ async fn a_commit_not_visible_yet_is_waited_for_never_confirmed_past() {
     let config = db.write_config("");
     db.migrate(&config);
     let client = db.client().await;
+    // Only the test's writer waits for the standby: the relay's own writes
+    // (lease renewals, publish state) commit locally, as they would where
+    // just the application's transactions are synchronous.
+    let admin = connect(&stack.postgres_url).await;
+    admin
+        .batch_execute(&format!("ALTER DATABASE {} SET synchronous_commit = local", db.name))
+        .await
+        .expect("relay sessions commit locally");
     let mut relay = RelayProcess::start(&config);
     insert_row(&client, "order", "before", 1).await;
     wait_all_published(&client, Duration::from_secs(60)).await;
 
     // A synchronous standby that does not exist: a commit is written to the
     // WAL (and decoded) but stays invisible until the standby confirms it.
-    let admin = connect(&stack.postgres_url).await;
     let guard = NoSyncStandby(&stack);
     // One statement per call: ALTER SYSTEM cannot run in a transaction block.
     admin
@@ -276,9 +283,32 @@ async fn a_commit_not_visible_yet_is_waited_for_never_confirmed_past() {
         .await
         .expect("require a synchronous standby");
     admin.batch_execute("SELECT pg_reload_conf()").await.expect("reload");
+    // The reload reaches the server processes asynchronously: wait until a
+    // probe commit (on a table of its own) really waits for the standby.
+    client.batch_execute("CREATE TABLE sync_probe (n int)").await.expect("probe table");
+    wait_for("commits to wait for the absent standby", Duration::from_secs(30), || async {
+        let url = db.url.clone();
+        // Each probe commits once the standby is no longer required.
+        tokio::spawn(async move {
+            let probe = connect(&url).await;
+            let _ = probe.batch_execute("SET synchronous_commit = on; INSERT INTO sync_probe VALUES (1)").await;
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let waiting: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep' AND query LIKE '%INSERT INTO sync_probe%'",
+                &[],
+            )
+            .await
+            .ok()?
+            .get(0);
+        (waiting > 0).then_some(())
+    })
+    .await;
     let writer_url = db.url.clone();
     let writer = tokio::spawn(async move {
         let writer = connect(&writer_url).await;
+        writer.batch_execute("SET synchronous_commit = on").await.expect("the writer waits for the standby");
         insert_row(&writer, "order", "invisible", 1).await
     });
     let invisible = consume(&stack.bootstrap, &[&db.topic("order")], 2, Duration::from_secs(60));
