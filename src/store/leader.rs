@@ -64,6 +64,8 @@ pub struct LeaseState {
     pub epoch: i64,
     /// When this epoch began (RFC 3339).
     pub since: String,
+    /// Seconds since this epoch began.
+    pub held_for_seconds: f64,
     /// Seconds since the last renewal.
     pub lease_age_seconds: f64,
     /// Seconds until the lease runs out; negative once it has.
@@ -178,7 +180,8 @@ impl LeaseStore {
         let sql = format!(
             "SELECT holder, holder_pid, epoch, acquired_at, released_at IS NOT NULL, \
              extract(epoch FROM clock_timestamp() - renewed_at)::float8, \
-             extract(epoch FROM lease_until - clock_timestamp())::float8 \
+             extract(epoch FROM lease_until - clock_timestamp())::float8, \
+             extract(epoch FROM clock_timestamp() - acquired_at)::float8 \
              FROM {} WHERE slot_name = $1",
             self.table
         );
@@ -195,7 +198,8 @@ impl LeaseStore {
             holder: get(&row, 0, "holder", "text")?,
             holder_pid: get(&row, 1, "holder_pid", "integer")?,
             epoch: get(&row, 2, "epoch", "bigint")?,
-            since: since.to_rfc3339(),
+            since: since.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            held_for_seconds: get(&row, 7, "acquired_at", "float8")?,
             lease_age_seconds: get(&row, 5, "renewed_at", "float8")?,
             lease_remaining_seconds: remaining,
             released,
