@@ -47,6 +47,15 @@ impl Previous {
     }
 }
 
+/// A lease another relay holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeldLease {
+    pub holder: String,
+    pub epoch: i64,
+    /// Until it runs out, by the server's clock, unless renewed.
+    pub remaining_seconds: f64,
+}
+
 /// A lease this relay just acquired.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Acquired {
@@ -92,18 +101,23 @@ impl LeaseStore {
         &self.channel
     }
 
-    /// The holder and epoch of a lease that another relay than `holder`
-    /// holds now; `None` when it can be taken (none yet, run out, released,
-    /// or `holder`'s own). A plain read: standbys ask this on every round
-    /// without locking the row that the active relay's writes lock.
-    pub async fn holder_other_than(&self, client: &Client, holder: &str) -> Result<Option<(String, i64)>, StoreError> {
+    /// The lease another relay than `holder` holds now; `None` when it can
+    /// be taken (none yet, run out, released, or `holder`'s own). A plain
+    /// read: standbys ask this on every round without locking the row that
+    /// the active relay's writes lock.
+    pub async fn held_by_other(&self, client: &Client, holder: &str) -> Result<Option<HeldLease>, StoreError> {
         let sql = format!(
-            "SELECT holder, epoch FROM {} WHERE slot_name = $1 AND lease_until > clock_timestamp() AND holder <> $2",
+            "SELECT holder, epoch, extract(epoch FROM lease_until - clock_timestamp())::float8 FROM {} \
+             WHERE slot_name = $1 AND lease_until > clock_timestamp() AND holder <> $2",
             self.table
         );
         match client.query_opt(&sql, &[&self.slot_name, &holder]).await? {
             None => Ok(None),
-            Some(row) => Ok(Some((get(&row, 0, "holder", "text")?, get(&row, 1, "epoch", "bigint")?))),
+            Some(row) => Ok(Some(HeldLease {
+                holder: get(&row, 0, "holder", "text")?,
+                epoch: get(&row, 1, "epoch", "bigint")?,
+                remaining_seconds: get(&row, 2, "lease_until", "float8")?,
+            })),
         }
     }
 
