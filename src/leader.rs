@@ -7,8 +7,8 @@
 //!
 //! - A standby takes the lease only once it ran out or was released, with
 //!   the next epoch ([`LeaseStore::try_acquire`]). It looks every
-//!   `leader.renew_interval_ms`, and at once when the holder notifies a
-//!   release (graceful stop).
+//!   `leader.renew_interval_ms`, right when the lease it saw runs out, and
+//!   at once when the holder notifies a release (graceful stop).
 //! - The active relay renews it every `leader.renew_interval_ms`. A renewal
 //!   sent at local time t proves leadership until t +
 //!   `leader.lease_timeout_ms`: the server received it after t and set
@@ -46,6 +46,10 @@ use crate::telemetry::{metrics, ErrorChain, Health};
 /// Appended to the `application_name` of the session that reads, takes and
 /// renews the lease (`outbox-relay-lease` by default).
 pub const LEASE_SESSION: &str = "lease";
+
+/// How long after a lease runs out (by the server's reckoning) a standby
+/// asks again: the time its question takes to arrive.
+const RUN_OUT_MARGIN: Duration = Duration::from_millis(5);
 
 /// Why the lease could not be read or taken.
 #[derive(Debug, thiserror::Error)]
@@ -118,8 +122,8 @@ impl Candidate {
         let mut announced = false;
         loop {
             let round = async {
-                if let Some((holder, epoch)) = self.lease.holder_other_than(&client, &self.id).await? {
-                    return Ok::<_, LeaderError>(Err((holder, epoch)));
+                if let Some(held) = self.lease.held_by_other(&client, &self.id).await? {
+                    return Ok::<_, LeaderError>(Err(held));
                 }
                 let sent = Instant::now();
                 Ok(Ok(self.lease.try_acquire(&client, &self.id, self.lease_ms()).await?.map(|a| (a, sent))))
@@ -128,14 +132,20 @@ impl Candidate {
                 outcome = round => outcome?,
                 _ = stop.wait_for(|s| *s) => return Ok(None),
             };
+            // Look again after a round, or when the lease runs out if sooner
+            // (a dead leader's lease is taken as soon as it can be).
+            let mut wait = interval;
             match outcome {
                 Ok(Some((acquired, sent))) => return Ok(Some(self.begin_term(acquired, sent, client, health))),
                 Ok(None) => {}
-                Err((holder, epoch)) if !announced => {
-                    tracing::info!(%holder, epoch, "another relay holds the lease; standing by");
-                    announced = true;
+                Err(held) => {
+                    if !announced {
+                        tracing::info!(holder = %held.holder, epoch = held.epoch, "another relay holds the lease; standing by");
+                        announced = true;
+                    }
+                    let runs_out = Duration::try_from_secs_f64(held.remaining_seconds).unwrap_or_default();
+                    wait = wait.min(runs_out + RUN_OUT_MARGIN);
                 }
-                Err(_) => {}
             }
             health.set_active(false);
             health.set_ready(true);
@@ -146,7 +156,7 @@ impl Candidate {
                         return Err(LeaderError::ListenerClosed);
                     }
                 }
-                _ = tokio::time::sleep(interval) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
         }
     }

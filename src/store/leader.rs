@@ -47,6 +47,15 @@ impl Previous {
     }
 }
 
+/// A lease another relay holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeldLease {
+    pub holder: String,
+    pub epoch: i64,
+    /// Until it runs out, by the server's clock, unless renewed.
+    pub remaining_seconds: f64,
+}
+
 /// A lease this relay just acquired.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Acquired {
@@ -64,6 +73,8 @@ pub struct LeaseState {
     pub epoch: i64,
     /// When this epoch began (RFC 3339).
     pub since: String,
+    /// Seconds since this epoch began.
+    pub held_for_seconds: f64,
     /// Seconds since the last renewal.
     pub lease_age_seconds: f64,
     /// Seconds until the lease runs out; negative once it has.
@@ -90,18 +101,23 @@ impl LeaseStore {
         &self.channel
     }
 
-    /// The holder and epoch of a lease that another relay than `holder`
-    /// holds now; `None` when it can be taken (none yet, run out, released,
-    /// or `holder`'s own). A plain read: standbys ask this on every round
-    /// without locking the row that the active relay's writes lock.
-    pub async fn holder_other_than(&self, client: &Client, holder: &str) -> Result<Option<(String, i64)>, StoreError> {
+    /// The lease another relay than `holder` holds now; `None` when it can
+    /// be taken (none yet, run out, released, or `holder`'s own). A plain
+    /// read: standbys ask this on every round without locking the row that
+    /// the active relay's writes lock.
+    pub async fn held_by_other(&self, client: &Client, holder: &str) -> Result<Option<HeldLease>, StoreError> {
         let sql = format!(
-            "SELECT holder, epoch FROM {} WHERE slot_name = $1 AND lease_until > clock_timestamp() AND holder <> $2",
+            "SELECT holder, epoch, extract(epoch FROM lease_until - clock_timestamp())::float8 FROM {} \
+             WHERE slot_name = $1 AND lease_until > clock_timestamp() AND holder <> $2",
             self.table
         );
         match client.query_opt(&sql, &[&self.slot_name, &holder]).await? {
             None => Ok(None),
-            Some(row) => Ok(Some((get(&row, 0, "holder", "text")?, get(&row, 1, "epoch", "bigint")?))),
+            Some(row) => Ok(Some(HeldLease {
+                holder: get(&row, 0, "holder", "text")?,
+                epoch: get(&row, 1, "epoch", "bigint")?,
+                remaining_seconds: get(&row, 2, "lease_until", "float8")?,
+            })),
         }
     }
 
@@ -178,7 +194,8 @@ impl LeaseStore {
         let sql = format!(
             "SELECT holder, holder_pid, epoch, acquired_at, released_at IS NOT NULL, \
              extract(epoch FROM clock_timestamp() - renewed_at)::float8, \
-             extract(epoch FROM lease_until - clock_timestamp())::float8 \
+             extract(epoch FROM lease_until - clock_timestamp())::float8, \
+             extract(epoch FROM clock_timestamp() - acquired_at)::float8 \
              FROM {} WHERE slot_name = $1",
             self.table
         );
@@ -195,7 +212,8 @@ impl LeaseStore {
             holder: get(&row, 0, "holder", "text")?,
             holder_pid: get(&row, 1, "holder_pid", "integer")?,
             epoch: get(&row, 2, "epoch", "bigint")?,
-            since: since.to_rfc3339(),
+            since: since.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            held_for_seconds: get(&row, 7, "acquired_at", "float8")?,
             lease_age_seconds: get(&row, 5, "renewed_at", "float8")?,
             lease_remaining_seconds: remaining,
             released,

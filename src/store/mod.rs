@@ -25,7 +25,7 @@ mod status;
 
 pub use catchup::{CatchUpMarker, CatchUpReason};
 pub use held::{HeldRow, Released};
-pub use leader::{Acquired, Fence, LeaseState, LeaseStore, PreparedFence, Previous};
+pub use leader::{Acquired, Fence, HeldLease, LeaseState, LeaseStore, PreparedFence, Previous};
 pub use publish::{HeldState, PgPublishState, PublishStateStore, Published};
 pub use rows::{rows_within, select_list, text_values, RowQuery, TableLayout};
 pub use status::Status;

@@ -107,30 +107,33 @@ impl std::fmt::Display for Status {
         }
         match &self.leader {
             None => writeln!(f, "active relay:            none yet (no relay has held the lease)")?,
+            Some(lease) if lease.active => {
+                writeln!(
+                    f,
+                    "active relay:            {} (epoch {}), since {} ({:.1} s)",
+                    lease.holder, lease.epoch, lease.since, lease.held_for_seconds
+                )?;
+                writeln!(
+                    f,
+                    "lease:                   renewed {:.1} s ago, runs out in {:.1} s",
+                    lease.lease_age_seconds, lease.lease_remaining_seconds
+                )?;
+            }
             Some(lease) => {
-                let holder = &lease.holder;
-                if lease.active {
-                    writeln!(f, "active relay:            {holder} (epoch {})", lease.epoch)?;
-                } else if lease.released {
-                    writeln!(f, "active relay:            none: {holder} released the lease (epoch {})", lease.epoch)?;
+                let (holder, ago) = (&lease.holder, -lease.lease_remaining_seconds);
+                if lease.released {
+                    writeln!(
+                        f,
+                        "active relay:            none: {holder} released the lease {ago:.1} s ago (epoch {})",
+                        lease.epoch
+                    )?;
                 } else {
                     writeln!(
                         f,
-                        "active relay:            none: the lease of {holder} ran out (epoch {})",
+                        "active relay:            none: the lease of {holder} ran out {ago:.1} s ago (epoch {})",
                         lease.epoch
                     )?;
                 }
-                writeln!(f, "active since:            {}", lease.since)?;
-                writeln!(
-                    f,
-                    "lease:                   renewed {:.1} s ago, {}",
-                    lease.lease_age_seconds,
-                    if lease.lease_remaining_seconds > 0.0 {
-                        format!("runs out in {:.1} s", lease.lease_remaining_seconds)
-                    } else {
-                        format!("ran out {:.1} s ago", -lease.lease_remaining_seconds)
-                    }
-                )?;
             }
         }
         Ok(())
