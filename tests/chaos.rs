@@ -274,6 +274,8 @@ async fn a_commit_not_visible_yet_is_waited_for_never_confirmed_past() {
     insert_row(&client, "order", "before", 1).await;
     wait_all_published(&client, Duration::from_secs(60)).await;
 
+    // Before any commit may wait: the table the probes below write to.
+    client.batch_execute("CREATE TABLE sync_probe (n int)").await.expect("probe table");
     // A synchronous standby that does not exist: a commit is written to the
     // WAL (and decoded) but stays invisible until the standby confirms it.
     let guard = NoSyncStandby(&stack);
@@ -285,7 +287,6 @@ async fn a_commit_not_visible_yet_is_waited_for_never_confirmed_past() {
     admin.batch_execute("SELECT pg_reload_conf()").await.expect("reload");
     // The reload reaches the server processes asynchronously: wait until a
     // probe commit (on a table of its own) really waits for the standby.
-    client.batch_execute("CREATE TABLE sync_probe (n int)").await.expect("probe table");
     wait_for("commits to wait for the absent standby", Duration::from_secs(30), || async {
         let url = db.url.clone();
         // Each probe commits once the standby is no longer required.
