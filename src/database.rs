@@ -139,6 +139,7 @@ pub async fn listen(
     let pg = settings(config, role)?;
     let (client, mut connection) = pg.connect(tls(config)?).await.map_err(DatabaseError::Connect)?;
     let (tx, rx) = mpsc::channel(1);
+    let name = channel.to_string();
     tokio::spawn(async move {
         let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(message) = messages.next().await {
@@ -149,7 +150,7 @@ pub async fn listen(
                 }
                 Ok(_) => {}
                 Err(err) => {
-                    tracing::debug!(error = %err, "postgres connection closed");
+                    tracing::warn!(error = %err, channel = %name, "LISTEN connection failed");
                     break;
                 }
             }

@@ -95,10 +95,8 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
-use secrecy::ExposeSecret;
 use tokio::sync::{mpsc, watch};
-use tokio_postgres::{AsyncMessage, Client};
+use tokio_postgres::Client;
 
 use crate::config::Config;
 use crate::database::{self, DatabaseError};
@@ -295,38 +293,9 @@ impl PollSource {
         Ok((client.prepare(&sql).await?, table.layout))
     }
 
-    /// Opens the LISTEN connection. The receiver yields once per wake-up
-    /// (notifications coalesce) and ends when the connection closes.
+    /// Opens the LISTEN connection (`database::listen`, shared with the
+    /// lease's release notifications).
     async fn listen(&self) -> Result<(Client, mpsc::Receiver<()>), PollError> {
-        let postgres = &self.config.postgres;
-        let mut pg: tokio_postgres::Config = postgres
-            .url
-            .expose_secret()
-            .parse()
-            .map_err(|e: tokio_postgres::Error| DatabaseError::Url(e.to_string()))?;
-        pg.connect_timeout(Duration::from_millis(postgres.connect_timeout_ms));
-        if pg.get_application_name().is_none() {
-            pg.application_name("outbox-relay-listen");
-        }
-        let (client, mut connection) = pg.connect(database::tls(postgres)?).await.map_err(DatabaseError::Connect)?;
-        let (tx, rx) = mpsc::channel(1);
-        tokio::spawn(async move {
-            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-            while let Some(message) = messages.next().await {
-                match message {
-                    Ok(AsyncMessage::Notification(_)) => {
-                        // Full means a wake-up is pending already.
-                        let _ = tx.try_send(());
-                    }
-                    Ok(_) => {}
-                    Err(err) => {
-                        tracing::warn!(error = %err, "LISTEN connection failed");
-                        break;
-                    }
-                }
-            }
-        });
-        client.batch_execute(&format!("LISTEN \"{}\"", channel_name(&self.config))).await?;
-        Ok((client, rx))
+        Ok(database::listen(&self.config.postgres, Some("listen"), &channel_name(&self.config)).await?)
     }
 }
