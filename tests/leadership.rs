@@ -370,7 +370,7 @@ async fn a_paused_active_relay_records_nothing_after_a_standby_took_over() {
     let workload = spawn_paced_workload(&group.db.url, TOTAL, 50, 4, Some(RATE));
     group.wait_progress(1_000, TOTAL).await;
 
-    const PAUSE: Duration = Duration::from_secs(12);
+    const PAUSE: Duration = Duration::from_secs(30);
     let stopped = Utc::now();
     signal(&group.relays[first], "STOP");
     let (next, taken) = group.wait_leader("a standby to take over from the paused relay", lease.epoch).await;
