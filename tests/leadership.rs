@@ -268,7 +268,9 @@ impl Group {
         let outside = self.writes_outside_their_term().await;
         assert!(outside.is_empty(), "publish-state writes outside their term: {outside:?}");
         let duplicates = records.len() - total;
-        eprintln!("{duplicates} duplicates of {total} rows, {interruptions} interruption(s), window {window}");
+        figure(&format!(
+            "  duplicates: {duplicates} of {total} rows over {interruptions} takeover(s), in-flight window {window} rows"
+        ));
         assert!(
             duplicates <= window * interruptions.max(1),
             "{duplicates} duplicates: more than one in-flight window ({window}) per interruption ({interruptions})"
