@@ -36,7 +36,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             relay::run(config, shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Migrate => {
+        Command::Migrate { print_grants: Some(role) } => {
+            print!("{}", relay::store::grants::grants_sql(&config, &role));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate { print_grants: None } => {
             let mut client = relay::database::connect(&config.postgres).await?;
             let applied = relay::migrate::migrate(&mut client, &config).await?;
             if applied.is_empty() {

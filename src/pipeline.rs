@@ -152,9 +152,9 @@ fn sql_state_policy(code: &SqlState) -> ErrorPolicy {
     let fix = if *code == SqlState::INVALID_PASSWORD || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION {
         "check the user and password in postgres.url, and pg_hba.conf"
     } else if *code == SqlState::INSUFFICIENT_PRIVILEGE {
-        "grant the relay's role what it needs (see README, Security); logical mode needs REPLICATION"
+        "grant the relay's role what it needs: `relay check` names each missing privilege, `relay migrate --print-grants ROLE` prints the GRANTs (README, Security)"
     } else if *code == SqlState::UNDEFINED_TABLE {
-        "a table the relay needs does not exist: run `relay migrate`"
+        "a table the relay needs does not exist: run `relay migrate` as the outbox table's owner"
     } else if *code == SqlState::UNDEFINED_COLUMN {
         "a configured column does not exist: run `relay migrate` or correct outbox.columns"
     } else if *code == SqlState::INVALID_CATALOG_NAME {

@@ -7,6 +7,7 @@ use rdkafka::ClientConfig;
 
 use crate::config::{Config, PayloadFormat, SourceMode};
 use crate::database;
+use crate::store::grants::{self, PrivilegeReport};
 use crate::store::Store;
 use crate::telemetry::ErrorChain;
 
@@ -82,6 +83,11 @@ async fn check_postgres(config: &Config) -> Verdict {
             "wal_level is `{wal_level}`; logical mode needs wal_level=logical (or set source.mode = \"poll\")"
         ));
     }
+    match grants::check(&client, config).await {
+        Ok(PrivilegeReport::Complete) => {}
+        Ok(report) => return fail(privilege_problem(&report)),
+        Err(err) => return fail(format!("cannot check the role's privileges: {}", ErrorChain(&err))),
+    }
     let table = config.outbox_table_sql();
     let warning = pooling_warning(config, &client).await;
     match Store::new(config).status(&client, false).await {
@@ -91,14 +97,33 @@ async fn check_postgres(config: &Config) -> Verdict {
             detail: format!("wal_level={wal_level}, {table} has {} pending rows", status.pending),
             warning,
         },
-        Err(err) => {
-            let hint = match err.sql_state() {
-                Some(code) if *code == tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE => {
-                    "grant the relay's role SELECT and UPDATE on it (see README, Security)"
-                }
-                _ => "run `relay migrate`",
-            };
-            fail(format!("cannot read {table}: {}; {hint}", ErrorChain(&err)))
+        Err(err) => fail(format!("cannot read {table}: {}", ErrorChain(&err))),
+    }
+}
+
+/// The problem line(s) of a privilege report that is not complete: tables
+/// that do not exist (run `relay migrate`), else one line per missing
+/// grant, which a migration never gives.
+fn privilege_problem(report: &PrivilegeReport) -> String {
+    match report {
+        PrivilegeReport::Complete => String::new(),
+        PrivilegeReport::MissingTables(tables) => {
+            format!("table(s) {} do not exist; run `relay migrate` as the outbox table's owner", tables.join(", "))
+        }
+        PrivilegeReport::Missing { role, missing } => {
+            let mut text = format!(
+                "role \"{role}\" lacks {} privilege(s) the relay needs; as the table's owner run (all of them: `relay migrate --print-grants {role}`):",
+                missing.len()
+            );
+            for privilege in missing {
+                text.push_str(&format!(
+                    "\n{:<9}       missing {}: {}",
+                    "",
+                    privilege.describe(),
+                    privilege.grant(role)
+                ));
+            }
+            text
         }
     }
 }

@@ -32,8 +32,14 @@ pub struct Cli {
 pub enum Command {
     /// Run the relay (the default when no subcommand is given).
     Run,
-    /// Apply migrations/ (idempotent) and create the publication and slot.
-    Migrate,
+    /// Apply migrations/ (idempotent) and create the publication and slot,
+    /// as the outbox table's owner.
+    Migrate {
+        /// Print, instead, the GRANTs the running relay's role ROLE needs
+        /// with this config (least privilege; nothing is run).
+        #[arg(long, value_name = "ROLE")]
+        print_grants: Option<String>,
+    },
     /// Validate the config and reach Postgres, Kafka and the schema registry.
     Check,
     /// Print the outbox lag picture straight from Postgres.

@@ -17,6 +17,7 @@
 //! type is a [`StoreError`], never a panic.
 
 mod catchup;
+pub mod grants;
 mod held;
 mod leader;
 mod publish;
