@@ -60,10 +60,11 @@ impl SchemaError {
         }
     }
 
-    /// The operator's fix of a fatal error, for the relay's last line.
+    /// The operator's fix of a fatal error, for the relay's last line (the
+    /// error itself follows it, with the detailed fix of a certificate).
     pub fn operator_fix(&self) -> &'static str {
         match self {
-            Self::Registry(RegistryError::Certificate { fix, .. }) => fix,
+            Self::Registry(RegistryError::Certificate { .. }) => "correct the registry's TLS trust",
             Self::Registry(RegistryError::CaFile(_)) => "correct registry.tls_ca_file",
             _ => "correct the schemas or codec.schemas",
         }

@@ -51,7 +51,9 @@ impl RegistryError {
     /// typed rustls error in the source chain; else unreachable.
     pub fn from_http(err: &(dyn std::error::Error + 'static)) -> Self {
         match certificate_error(err) {
-            Some(cert) => Self::Certificate { reason: cert.to_string(), fix: certificate_fix(cert) },
+            Some(cert) => {
+                Self::Certificate { reason: format!("invalid peer certificate: {cert}"), fix: certificate_fix(cert) }
+            }
             None => Self::Unreachable(ErrorChain(err).to_string()),
         }
     }
@@ -68,20 +70,18 @@ impl RegistryError {
 
 /// The rustls certificate error somewhere in `err`'s source chain. TLS
 /// streams report handshake failures as an `io::Error` wrapping the rustls
-/// error, and `io::Error::source` skips the wrapped error, so each
-/// `io::Error` is opened with `get_ref`.
+/// error (reqwest wraps that in another `io::Error`), and `io::Error::source`
+/// skips the error it wraps, so an `io::Error` is opened with `get_ref`.
 fn certificate_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::CertificateError> {
     let mut next = Some(err);
     while let Some(e) = next {
-        let tls = e.downcast_ref::<rustls::Error>().or_else(|| {
-            e.downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        });
-        if let Some(rustls::Error::InvalidCertificate(cert)) = tls {
+        if let Some(rustls::Error::InvalidCertificate(cert)) = e.downcast_ref::<rustls::Error>() {
             return Some(cert);
         }
-        next = e.source();
+        next = match e.downcast_ref::<std::io::Error>() {
+            Some(io) => io.get_ref().map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
     }
     None
 }
@@ -272,6 +272,23 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The shape reqwest reports a rejected certificate in: an `io::Error`
+    /// around the TLS stream's `io::Error` around the rustls error.
+    fn handshake_error(cert: rustls::CertificateError) -> std::io::Error {
+        let tls = std::io::Error::new(std::io::ErrorKind::InvalidData, rustls::Error::InvalidCertificate(cert));
+        std::io::Error::other(tls)
+    }
+
+    #[test]
+    fn a_rejected_certificate_is_told_from_an_outage() {
+        let unknown = RegistryError::from_http(&handshake_error(rustls::CertificateError::UnknownIssuer));
+        assert!(unknown.needs_operator() && unknown.to_string().contains("registry.tls_ca_file"), "{unknown}");
+        let name = RegistryError::from_http(&handshake_error(rustls::CertificateError::NotValidForName));
+        assert!(name.to_string().contains("registry.url must use a host name"), "{name}");
+        let refused = RegistryError::from_http(&std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(matches!(refused, RegistryError::Unreachable(_)) && !refused.needs_operator(), "{refused}");
+    }
 
     #[test]
     fn subject_names_by_strategy() {
