@@ -6,7 +6,8 @@
 //! [`pipeline`]. Around it: [`config`], [`outbox`] and [`delivery`] (the
 //! types the stages pass on), [`routing`], [`database`], [`store`] (every
 //! statement on the outbox and the relay's tables), [`telemetry`] and
-//! [`leader`] (the lease that makes one relay of a group active).
+//! [`leader`] (the lease that makes one relay of a group active); [`tls`]
+//! reads CA files.
 //! Imports flow one way; the graph is in [`outbox`]'s module doc.
 //! [`run`] is what the `relay` binary calls.
 
@@ -25,6 +26,7 @@ pub mod sink;
 pub mod source;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 
 use std::future::Future;
 use std::time::Duration;

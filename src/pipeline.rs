@@ -129,9 +129,7 @@ impl PipelineError {
             Self::Slot(SlotError::Postgres(e)) => e.code(),
             Self::Slot(SlotError::Store(e)) => e.sql_state(),
             Self::Source(LogicalError::Replication(e)) => return replication_policy(e),
-            Self::Schema(e) if e.is_fatal() => {
-                return ErrorPolicy::Operator("correct the schemas or codec.schemas".into())
-            }
+            Self::Schema(e) if e.is_fatal() => return ErrorPolicy::Operator(e.operator_fix().into()),
             Self::NeedsOperator { fix, .. } => return ErrorPolicy::Operator(fix.clone()),
             Self::TooManyHeld(_)
             | Self::Sink(SinkError::TooManyHeld(_))

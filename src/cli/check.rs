@@ -5,6 +5,7 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 
+use crate::codec::registry::{self, RegistryError};
 use crate::config::{Config, PayloadFormat, SourceMode};
 use crate::database;
 use crate::store::grants::{self, PrivilegeReport};
@@ -213,16 +214,18 @@ async fn check_registry(config: &Config) -> Verdict {
             warning: None,
         };
     }
-    let client = match reqwest::Client::builder().timeout(Duration::from_secs(5)).build() {
+    let fail = |problem: String| Verdict {
+        component: "registry",
+        problem: Some(problem),
+        detail: String::new(),
+        warning: None,
+    };
+    // The relay's own client set-up, so registry.tls_ca_file is checked too.
+    let client = match registry::client_builder(&config.registry)
+        .and_then(|b| b.timeout(Duration::from_secs(5)).build().map_err(|e| RegistryError::from_http(&e)))
+    {
         Ok(client) => client,
-        Err(err) => {
-            return Verdict {
-                component: "registry",
-                problem: Some(err.to_string()),
-                detail: String::new(),
-                warning: None,
-            }
-        }
+        Err(err) => return fail(err.to_string()),
     };
     let mut request = client.get(format!("{url}/subjects"));
     if let Some(user) = &config.registry.username {
@@ -248,13 +251,13 @@ async fn check_registry(config: &Config) -> Verdict {
             detail: String::new(),
             warning: None,
         },
-        Err(err) => Verdict {
-            component: "registry",
-            problem: Some(format!(
-                "schema registry at {url} is unreachable ({err}); check registry.url and that it is running"
+        Err(err) => match RegistryError::from_http(&err) {
+            // A rejected certificate is not an outage: name the key that fixes it.
+            certificate @ RegistryError::Certificate { .. } => fail(format!("{url}: {certificate}")),
+            _ => fail(format!(
+                "schema registry at {url} is unreachable ({}); check registry.url and that it is running",
+                ErrorChain(&err)
             )),
-            detail: String::new(),
-            warning: None,
         },
     }
 }

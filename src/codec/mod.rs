@@ -50,10 +50,24 @@ pub enum SchemaError {
 }
 
 impl SchemaError {
-    /// A broken schema file needs an operator and a restart; registry
-    /// trouble (unreachable, not yet registered) may clear by itself.
+    /// A broken schema file or a rejected registry certificate needs an
+    /// operator and a restart; other registry trouble (unreachable, not yet
+    /// registered) may clear by itself.
     pub fn is_fatal(&self) -> bool {
-        !matches!(self, Self::Registry(_))
+        match self {
+            Self::Registry(err) => err.needs_operator(),
+            _ => true,
+        }
+    }
+
+    /// The operator's fix of a fatal error, for the relay's last line (the
+    /// error itself follows it, with the detailed fix of a certificate).
+    pub fn operator_fix(&self) -> &'static str {
+        match self {
+            Self::Registry(RegistryError::Certificate { .. }) => "correct the registry's TLS trust",
+            Self::Registry(RegistryError::CaFile(_)) => "correct registry.tls_ca_file",
+            _ => "correct the schemas or codec.schemas",
+        }
     }
 }
 

@@ -3,16 +3,18 @@
 //! Registration and compatibility go through `schema_registry_converter`;
 //! the two calls it lacks (look up a schema's id under a subject without
 //! registering it, and set a subject's compatibility level) are plain HTTP
-//! calls of the same API.
+//! calls of the same API. Both go through clients made by
+//! [`client_builder`], so `registry.tls_ca_file` applies to every call.
 
 use std::time::Duration;
 
 use schema_registry_converter::async_impl::schema_registry::{is_compatible_schema, post_schema, SrSettings};
+use schema_registry_converter::error::SRCError;
 use schema_registry_converter::schema_registry_common::{SchemaType, SuppliedSchema};
 use secrecy::ExposeSecret;
 
 use crate::config::{RegistryConfig, SubjectStrategy};
-use crate::telemetry::metrics;
+use crate::telemetry::{metrics, ErrorChain};
 
 /// Why a registry call failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -27,6 +29,90 @@ pub enum RegistryError {
     /// The registry refused the request (incompatible, invalid schema).
     #[error("schema registry refused {what}: {reason}")]
     Refused { what: String, reason: String },
+    /// `registry.tls_ca_file` cannot be used (validated at start, so only
+    /// if it changed since).
+    #[error("registry.tls_ca_file: {0}")]
+    CaFile(String),
+    /// The registry's TLS certificate was rejected (unknown CA, wrong host
+    /// name, expired): an operator must fix the configuration or the
+    /// certificate; retrying cannot help.
+    #[error("the schema registry's TLS certificate is not accepted ({reason}); {fix}")]
+    Certificate { reason: String, fix: &'static str },
+}
+
+impl RegistryError {
+    /// Whether only an operator can cure this (a retry cannot).
+    pub fn needs_operator(&self) -> bool {
+        matches!(self, Self::CaFile(_) | Self::Certificate { .. })
+    }
+
+    /// The error of a failed HTTP call: [`RegistryError::Certificate`] when
+    /// the TLS handshake rejected the registry's certificate, decided by the
+    /// typed rustls error in the source chain; else unreachable.
+    pub fn from_http(err: &(dyn std::error::Error + 'static)) -> Self {
+        match certificate_error(err) {
+            Some(cert) => {
+                Self::Certificate { reason: format!("invalid peer certificate: {cert}"), fix: certificate_fix(cert) }
+            }
+            None => Self::Unreachable(ErrorChain(err).to_string()),
+        }
+    }
+
+    /// The error of a failed `schema_registry_converter` call, which keeps
+    /// the HTTP error as its source (its own text already names the cause).
+    fn from_converter(err: &SRCError) -> Self {
+        match Self::from_http(err) {
+            Self::Unreachable(_) => Self::Unreachable(err.to_string()),
+            certificate => certificate,
+        }
+    }
+}
+
+/// The rustls certificate error somewhere in `err`'s source chain. TLS
+/// streams report handshake failures as an `io::Error` wrapping the rustls
+/// error (reqwest wraps that in another `io::Error`), and `io::Error::source`
+/// skips the error it wraps, so an `io::Error` is opened with `get_ref`.
+fn certificate_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::CertificateError> {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if let Some(rustls::Error::InvalidCertificate(cert)) = e.downcast_ref::<rustls::Error>() {
+            return Some(cert);
+        }
+        next = match e.downcast_ref::<std::io::Error>() {
+            Some(io) => io.get_ref().map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
+    }
+    None
+}
+
+/// What to do about a rejected certificate.
+fn certificate_fix(err: &rustls::CertificateError) -> &'static str {
+    use rustls::CertificateError as E;
+    match err {
+        E::NotValidForName | E::NotValidForNameContext { .. } => {
+            "registry.url must use a host name the certificate holds (its subjectAltName)"
+        }
+        E::Expired | E::ExpiredContext { .. } | E::NotValidYet | E::NotValidYetContext { .. } => {
+            "the registry's certificate is outside its validity period: renew it (or check the clock)"
+        }
+        _ => "set registry.tls_ca_file to the PEM file of the CA that signs the registry's certificate",
+    }
+}
+
+/// A client builder for the registry with the configured trust: only the
+/// CAs of `registry.tls_ca_file` when set (as `postgres.tls_ca_file`), else
+/// the system's roots. Every HTTP client of the registry starts from here.
+pub fn client_builder(config: &RegistryConfig) -> Result<reqwest::ClientBuilder, RegistryError> {
+    let builder = reqwest::Client::builder();
+    let Some(path) = &config.tls_ca_file else { return Ok(builder) };
+    let certs = crate::tls::ca_certificates(path).map_err(|e| RegistryError::CaFile(e.to_string()))?;
+    let roots = certs
+        .iter()
+        .map(|der| reqwest::Certificate::from_der(der))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| RegistryError::CaFile(format!("{}: {}", path.display(), ErrorChain(&e))))?;
+    Ok(builder.tls_certs_only(roots))
 }
 
 /// The subject a schema is registered under, by strategy.
@@ -59,8 +145,9 @@ impl Registry {
         if let Some((user, password)) = &auth {
             builder.set_basic_authorization(user, password.as_deref());
         }
-        let settings = builder.build().map_err(|e| RegistryError::Unreachable(e.to_string()))?;
-        let http = reqwest::Client::builder()
+        let settings =
+            builder.build_with(client_builder(config)?).map_err(|e| RegistryError::Unreachable(e.to_string()))?;
+        let http = client_builder(config)?
             .timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| RegistryError::Unreachable(e.to_string()))?;
@@ -83,10 +170,11 @@ impl Registry {
         let supplied = SuppliedSchema::new(Some(full_name.to_string()), SchemaType::Avro, schema.to_string());
         post_schema(&self.settings, subject.to_string(), supplied).await.map(|r| r.id).map_err(|e| {
             metrics::registry_error();
-            if e.retriable {
-                RegistryError::Unreachable(e.to_string())
-            } else {
-                RegistryError::Refused { what: format!("registering under `{subject}`"), reason: e.to_string() }
+            match RegistryError::from_converter(&e) {
+                RegistryError::Unreachable(_) if !e.retriable => {
+                    RegistryError::Refused { what: format!("registering under `{subject}`"), reason: e.to_string() }
+                }
+                err => err,
             }
         })
     }
@@ -98,7 +186,7 @@ impl Registry {
             self.request(reqwest::Method::POST, &format!("/subjects/{subject}")).json(&body).send().await.map_err(
                 |e| {
                     metrics::registry_error();
-                    RegistryError::Unreachable(e.to_string())
+                    RegistryError::from_http(&e)
                 },
             )?;
         let status = response.status();
@@ -123,7 +211,7 @@ impl Registry {
             .json(&serde_json::json!({ "compatibility": level }))
             .send()
             .await
-            .map_err(|e| RegistryError::Unreachable(e.to_string()))?;
+            .map_err(|e| RegistryError::from_http(&e))?;
         if response.status().is_success() {
             Ok(())
         } else {
@@ -142,7 +230,7 @@ impl Registry {
             .request(reqwest::Method::GET, &format!("/subjects/{subject}/versions"))
             .send()
             .await
-            .map_err(|e| RegistryError::Unreachable(e.to_string()))?;
+            .map_err(|e| RegistryError::from_http(&e))?;
         Ok(response.status().is_success())
     }
 
@@ -152,7 +240,7 @@ impl Registry {
         let supplied = SuppliedSchema::new(Some(full_name.to_string()), SchemaType::Avro, schema.to_string());
         let compatible = is_compatible_schema(&self.settings, subject.to_string(), supplied)
             .await
-            .map_err(|e| RegistryError::Unreachable(e.to_string()))?;
+            .map_err(|e| RegistryError::from_converter(&e))?;
         if compatible {
             return Ok(None);
         }
@@ -184,6 +272,23 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The shape reqwest reports a rejected certificate in: an `io::Error`
+    /// around the TLS stream's `io::Error` around the rustls error.
+    fn handshake_error(cert: rustls::CertificateError) -> std::io::Error {
+        let tls = std::io::Error::new(std::io::ErrorKind::InvalidData, rustls::Error::InvalidCertificate(cert));
+        std::io::Error::other(tls)
+    }
+
+    #[test]
+    fn a_rejected_certificate_is_told_from_an_outage() {
+        let unknown = RegistryError::from_http(&handshake_error(rustls::CertificateError::UnknownIssuer));
+        assert!(unknown.needs_operator() && unknown.to_string().contains("registry.tls_ca_file"), "{unknown}");
+        let name = RegistryError::from_http(&handshake_error(rustls::CertificateError::NotValidForName));
+        assert!(name.to_string().contains("registry.url must use a host name"), "{name}");
+        let refused = RegistryError::from_http(&std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(matches!(refused, RegistryError::Unreachable(_)) && !refused.needs_operator(), "{refused}");
+    }
 
     #[test]
     fn subject_names_by_strategy() {

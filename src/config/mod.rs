@@ -125,6 +125,13 @@ pub struct RegistryConfig {
     /// Basic-auth password; a secret, never logged.
     #[serde(default)]
     pub password: Option<SecretString>,
+    /// PEM file of the CA(s) that sign an `https://` registry's certificate.
+    /// When set, only these CAs are trusted (as `postgres.tls_ca_file`: the
+    /// file pins trust, the system's roots no longer count); when not, the
+    /// system's roots are. The certificate and host name are verified
+    /// either way.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 /// How outbox rows are read.
@@ -548,6 +555,11 @@ impl Config {
                 "codec.format = \"avro\" needs at least one schema, e.g. order = \"order/OrderPlaced.avsc\"".into(),
             );
         }
+        if let Some(ca) = &self.registry.tls_ca_file {
+            if let Err(err) = crate::tls::ca_certificates(ca) {
+                return invalid("registry.tls_ca_file", err.to_string());
+            }
+        }
         if self.codec.format == PayloadFormat::Avro && self.registry.url.is_empty() {
             return invalid(
                 "registry.url",
@@ -699,6 +711,17 @@ mod tests {
         let toml = format!("{MINIMAL}\n[codec]\nformat = \"avro\"\n[registry]\nurl = \"http://127.0.0.1:1\"");
         let err = Config::from_toml_str(&toml).expect_err("must fail").to_string();
         assert!(err.contains("codec.schemas"), "{err}");
+    }
+
+    #[test]
+    fn registry_ca_file_is_read_at_start() {
+        let toml = format!("{MINIMAL}\n[registry]\ntls_ca_file = \"/nonexistent/registry-ca.pem\"");
+        let err = Config::from_toml_str(&toml).expect_err("must fail").to_string();
+        assert!(err.contains("registry.tls_ca_file") && err.contains("/nonexistent/registry-ca.pem"), "{err}");
+        let not_pem = tempfile::NamedTempFile::new().expect("temp file");
+        let toml = format!("{MINIMAL}\n[registry]\ntls_ca_file = \"{}\"", not_pem.path().display());
+        let err = Config::from_toml_str(&toml).expect_err("must fail").to_string();
+        assert!(err.contains("registry.tls_ca_file") && err.contains("no PEM certificate"), "{err}");
     }
 
     #[test]

@@ -2,11 +2,13 @@
 schema-registry AvroDeserializer, and prints each as a JSON line.
 
 Usage: consume_avro.py BOOTSTRAP REGISTRY_URL COUNT TOPIC [TOPIC...]
-Exits non-zero if COUNT records do not arrive within 60 s.
+Exits non-zero if COUNT records do not arrive within 60 s. An https
+REGISTRY_URL is verified against the CA file in REGISTRY_CA_FILE if set.
 """
 import datetime
 import decimal
 import json
+import os
 import sys
 import time
 import uuid
@@ -37,7 +39,10 @@ def main():
         "auto.offset.reset": "earliest",
         "enable.auto.commit": False,
     })
-    deserializer = AvroDeserializer(SchemaRegistryClient({"url": registry_url}))
+    registry = {"url": registry_url}
+    if os.environ.get("REGISTRY_CA_FILE"):
+        registry["ssl.ca.location"] = os.environ["REGISTRY_CA_FILE"]
+    deserializer = AvroDeserializer(SchemaRegistryClient(registry))
     consumer.subscribe(topics)
     seen = 0
     deadline = time.monotonic() + 60
