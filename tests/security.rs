@@ -1,4 +1,4 @@
-//! Least privilege against the real stack: the relay runs as a
+//! Security against the real stack. Least privilege: the relay runs as a
 //! `NOSUPERUSER` role that has exactly the grants `relay migrate
 //! --print-grants ROLE` prints, in logical and in poll mode; `relay check`
 //! names each grant taken away, one line each, and tells a table that does
@@ -6,16 +6,21 @@
 //! operator error that says which command prints the grants.
 //!
 //! `relay migrate` runs as the stack's superuser (the table's owner here).
+//! Secrets: known passwords never appear in any output, log or endpoint.
 
 mod common;
 
 use std::path::PathBuf;
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
 use relay::store::grants::{self, Privilege};
 
-const PASSWORD: &str = "rt-role-secret";
+const PASSWORD: &str = "pg-Secret-7f3a9c";
+/// The registry's basic-auth password (the stack's registry ignores it;
+/// the relay sends it with every request).
+const REGISTRY_PASSWORD: &str = "reg-Secret-91bd2e";
 
 /// A login role with nothing but the printed grants, in one test database.
 struct RuntimeRole {
@@ -190,6 +195,93 @@ async fn a_missing_grant_at_run_time_is_an_operator_error() {
     let mut relay = RelayProcess::start(&config);
     assert_eq!(wait_all_published(&client, Duration::from_secs(60)).await, 1, "{}", relay.log_text());
     assert_eq!(relay.terminate(Duration::from_secs(20)), Some(0));
+    role.drop(&db).await;
+    db.cleanup().await;
+}
+
+/// Runs the relay binary with `args` and logs at debug level for every
+/// target: stdout and stderr together.
+fn run_at_debug(config: &PathBuf, args: &[&str]) -> String {
+    let output = relay_command(config).args(args).env("RUST_LOG", "debug").env("NO_COLOR", "1").output().expect("run");
+    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+}
+
+/// The relay running with logs at debug level for every target, text or
+/// JSON.
+fn start_at_debug(config: &PathBuf, json: bool) -> RelayProcess {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("relay-logs");
+    std::fs::create_dir_all(&dir).expect("log dir");
+    let log = dir.join(format!("secrets-{}-{}.log", json, uuid::Uuid::new_v4().simple()));
+    let mut command = relay_command(config);
+    if json {
+        command.arg("--log-json");
+    }
+    let child = command
+        .env("RUST_LOG", "debug")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("start relay");
+    RelayProcess { child, log }
+}
+
+/// Known passwords (in `postgres.url` and `registry.password`) never show:
+/// not in `relay check` (also when Postgres is unreachable or the URL is
+/// malformed), `status`, the HTTP endpoints, nor in text or JSON logs at
+/// debug level of a relay that published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_appear_in_output_logs_or_endpoints() {
+    let stack = Stack::from_env();
+    let db = TestDb::new(&stack).await;
+    let extra = format!("registry.username = \"reg-user\"\nregistry.password = \"{REGISTRY_PASSWORD}\"");
+    let owner = db.write_config(&extra);
+    db.migrate(&owner);
+    let role = RuntimeRole::create(&db, &owner).await;
+    let client = db.client().await;
+    let config = role.config(&db, &extra);
+    let mut seen: Vec<(String, String)> = Vec::new();
+    for args in [&["check"][..], &["status"], &["status", "--json"], &["--log-json", "check"], &["held", "list"]] {
+        seen.push((format!("relay {}", args.join(" ")), run_at_debug(&config, args)));
+    }
+    // Error paths echo what failed: an unreachable port, a malformed URL.
+    let port = db.url.rsplit_once(':').and_then(|(_, rest)| rest.split_once('/')).map(|(p, _)| p.to_string());
+    let port = port.expect("the URL names a port");
+    for (what, bad) in [("unreachable", "1"), ("malformed", "no-port")] {
+        let path = db.dir.path().join(format!("{what}.toml"));
+        let text = std::fs::read_to_string(&config).expect("config").replace(&format!(":{port}/"), &format!(":{bad}/"));
+        std::fs::write(&path, text).expect("write config");
+        seen.push((format!("relay check, Postgres {what}"), run_at_debug(&path, &["check"])));
+        seen.push((format!("relay migrate, Postgres {what}"), run_at_debug(&path, &["migrate"])));
+    }
+
+    for json in [false, true] {
+        let mut relay = start_at_debug(&config, json);
+        let id = insert_row(&client, "entity", "s", i64::from(json) + 1).await;
+        wait_for("the row to be published", Duration::from_secs(60), || async {
+            let row =
+                client.query_one("SELECT published_at IS NOT NULL FROM outbox WHERE id = $1", &[&id]).await.ok()?;
+            row.get::<_, bool>(0).then_some(())
+        })
+        .await;
+        if !json {
+            let base = relay.http_base().await;
+            for path in ["/metrics", "/healthz", "/readyz"] {
+                let body = reqwest::get(format!("{base}{path}")).await.expect("get").text().await.expect("body");
+                seen.push((format!("GET {path}"), body));
+            }
+        }
+        assert_eq!(relay.terminate(Duration::from_secs(20)), Some(0), "{}", relay.log_text());
+        let log = relay.log_text();
+        assert!(log.contains("DEBUG") || log.contains("\"DEBUG\""), "logs at debug level: {log}");
+        seen.push((format!("relay log (json: {json})"), log));
+    }
+    for (what, text) in &seen {
+        assert!(!text.trim().is_empty(), "{what} printed nothing");
+        for secret in [PASSWORD, REGISTRY_PASSWORD] {
+            assert!(!text.contains(secret), "{what} shows a password:\n{text}");
+        }
+    }
     role.drop(&db).await;
     db.cleanup().await;
 }
