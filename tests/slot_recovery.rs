@@ -220,3 +220,64 @@ async fn a_slot_over_the_relays_wal_budget_is_dropped_and_recovered() {
     assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0), "{}", relay.log_text());
     db.cleanup().await;
 }
+
+/// Starts a stopped component again when dropped, also when the test fails.
+struct Restart<'a> {
+    stack: &'a Stack,
+    component: &'static str,
+}
+
+impl Drop for Restart<'_> {
+    fn drop(&mut self) {
+        self.stack.script(&["start", self.component]);
+    }
+}
+
+/// The budget holds during the catch-up phase too, when the new slot does
+/// not move at all: with the broker down the phase cannot finish, the slot
+/// grows past the budget, and the run drops it (not only the next start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_budget_holds_during_the_catch_up_phase() {
+    let _serial = SERIAL.lock().await;
+    let stack = Stack::from_env();
+    let db = TestDb::new(&stack).await;
+    let budget: i64 = 16 << 20;
+    let config = db.write_config(&format!("source.max_slot_wal_bytes = {budget}"));
+    db.migrate(&config);
+    let client = db.client().await;
+    run_then_stop(&db, &config, 200).await;
+    // The slot is lost while the relay is down: its next start recreates it
+    // and publishes the rows in between through the catch-up phase.
+    client.query_one("SELECT pg_drop_replication_slot($1)", &[&db.slot]).await.expect("drop slot");
+    spawn_workload(&db.url, 300, 6, 3).await.expect("workload while down");
+
+    let mut relay = {
+        stack.script(&["stop", "kafka"]);
+        let _restart = Restart { stack: &stack, component: "kafka" };
+        let relay = RelayProcess::start(&config);
+        wait_for("the catch-up phase to begin", Duration::from_secs(60), || async {
+            relay.log_text().contains("catch-up phase due").then_some(())
+        })
+        .await;
+        let started = std::time::Instant::now();
+        while !relay.log_text().contains("stopping the stream and dropping the slot") {
+            generate_wal(&client).await;
+            assert!(
+                started.elapsed() < Duration::from_secs(180),
+                "the run never enforced the budget: {}",
+                relay.log_text()
+            );
+        }
+        let log = relay.log_text();
+        assert!(!log.contains("catch-up phase done"), "the phase could not finish without a broker: {log}");
+        relay
+    };
+    // Broker back: the next run recovers the slot again and publishes all.
+    assert_eq!(wait_all_published(&client, Duration::from_secs(180)).await, 500, "{}", relay.log_text());
+    let records = consume(&stack.bootstrap, &[&db.topic("entity")], 500, Duration::from_secs(60));
+    assert_all_present(&client, &records).await;
+    assert_per_key_order(&records);
+    assert!(recoveries(&relay, "wal_budget").await >= 1.0, "{}", relay.log_text());
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0), "{}", relay.log_text());
+    db.cleanup().await;
+}
