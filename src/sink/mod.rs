@@ -28,7 +28,7 @@ pub use topics::Topics;
 
 use crate::codec::Codec;
 use crate::config::{Config, KafkaConfig};
-use crate::delivery::{classify, Ack, InFlight, PendingDelivery, PublishError, RoutedRow};
+use crate::delivery::{classify_for_topic, Ack, InFlight, PendingDelivery, PublishError, RoutedRow};
 use crate::outbox::{OutboxRow, SourceEvent};
 use crate::routing::TopicRouter;
 use crate::telemetry::metrics;
@@ -42,14 +42,33 @@ pub enum SinkError {
     TooManyHeld(#[from] TooManyHeld),
 }
 
-/// The producer properties for `config`.
-pub fn producer_config(config: &KafkaConfig) -> ClientConfig {
+/// The connection properties every client of the relay shares (producer,
+/// admin client, `relay check`): the raw map, then the typed options, which
+/// the raw map may not set (see `config::owned_librdkafka_key`).
+pub fn client_config(config: &KafkaConfig) -> ClientConfig {
     let mut client = ClientConfig::new();
     for (key, value) in &config.librdkafka {
         client.set(key, value);
     }
     client
         .set("bootstrap.servers", &config.bootstrap_servers)
+        .set("security.protocol", config.security_protocol.librdkafka_name());
+    if let Some(ca) = &config.tls_ca_file {
+        client.set("ssl.ca.location", ca.to_string_lossy());
+    }
+    if let Some(sasl) = config.sasl.as_ref().filter(|_| config.security_protocol.uses_sasl()) {
+        client.set("sasl.mechanisms", sasl.mechanism.librdkafka_name()).set("sasl.username", &sasl.username);
+        if let Some(password) = &sasl.password {
+            client.set("sasl.password", secrecy::ExposeSecret::expose_secret(password));
+        }
+    }
+    client
+}
+
+/// The producer properties for `config`.
+pub fn producer_config(config: &KafkaConfig) -> ClientConfig {
+    let mut client = client_config(config);
+    client
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("partitioner", "murmur2_random")
@@ -61,19 +80,11 @@ pub fn producer_config(config: &KafkaConfig) -> ClientConfig {
     client
 }
 
-/// The admin client properties for `config` (same connection settings).
-fn admin_config(config: &KafkaConfig) -> ClientConfig {
-    let mut admin = ClientConfig::new();
-    for (key, value) in &config.librdkafka {
-        admin.set(key, value);
-    }
-    admin.set("bootstrap.servers", &config.bootstrap_servers);
-    admin
-}
-
 /// Produces rows to Kafka.
 pub struct KafkaSink {
     producer: FutureProducer,
+    /// Who the ACLs must name, for held-row messages.
+    principal: String,
     topics: Topics,
     builder: RecordBuilder,
     holder: Holder,
@@ -84,13 +95,14 @@ impl KafkaSink {
     /// over `held`, with the dead-letter topic if one is configured.
     pub fn new(config: &Config, held: HeldEntities, codec: Codec) -> Result<Self, SinkError> {
         let producer: FutureProducer = producer_config(&config.kafka).create().map_err(SinkError::Client)?;
-        let admin = admin_config(&config.kafka).create().map_err(SinkError::Client)?;
-        let topics = Topics::new(admin, producer.clone(), config.routing.clone());
+        let admin = client_config(&config.kafka).create().map_err(SinkError::Client)?;
+        let principal = config.kafka.principal();
+        let topics = Topics::new(admin, producer.clone(), config.routing.clone(), principal.clone());
         let mut holder = Holder::new(held);
         if let Some(topic) = config.routing.dead_letter_topic.clone() {
             holder = holder.with_dead_letter(topic, producer.clone(), topics.clone());
         }
-        Ok(Self { producer, topics, builder: RecordBuilder::new(TopicRouter::new(&config.routing), codec), holder })
+        Ok(Self { producer, principal, topics, builder: RecordBuilder::new(TopicRouter::new(&config.routing), codec), holder })
     }
 
     /// The holder the checkpoint stage uses for rows held from their
@@ -156,14 +168,15 @@ impl KafkaSink {
                     // Only a dead-letter copy needs it after this point.
                     routed.row.payload = bytes::Bytes::new();
                 }
-                let pending: PendingDelivery = Box::pin(delivery.map(|outcome| match outcome {
+                let (topic, principal) = (routed.topic.clone(), self.principal.clone());
+                let pending: PendingDelivery = Box::pin(delivery.map(move |outcome| match outcome {
                     Ok(Ok(delivery)) => Ok(Ack { partition: delivery.partition, offset: delivery.offset }),
-                    Ok(Err((err, _))) => Err(classify(&err)),
+                    Ok(Err((err, _))) => Err(classify_for_topic(&err, &topic, &principal)),
                     Err(_canceled) => Err(PublishError::Retriable("producer closed before delivery".into())),
                 }));
                 Ok(InFlight::Sent { row: routed, delivery: pending })
             }
-            Err(err) => match classify(&err) {
+            Err(err) => match classify_for_topic(&err, &routed.topic, &self.principal) {
                 PublishError::Permanent(error) => self.hold(routed, error).await,
                 retriable => Ok(failed(routed, retriable)),
             },
