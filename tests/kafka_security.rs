@@ -121,7 +121,13 @@ async fn publishes_over_sasl_ssl_with_the_documented_acls_and_holds_an_unwritabl
     let sasl = Sasl::from_env();
     let db = TestDb::new(&stack).await;
     let denied = format!("{}-denied", db.topic_prefix);
-    grant(&stack, &sasl.user, &["Write", "Describe", "Create", "DescribeConfigs"], &format!("{}.", db.topic_prefix), "prefixed");
+    grant(
+        &stack,
+        &sasl.user,
+        &["Write", "Describe", "Create", "DescribeConfigs"],
+        &format!("{}.", db.topic_prefix),
+        "prefixed",
+    );
     create_topic(&stack, &denied).await;
     grant(&stack, &sasl.user, &["Describe"], &denied, "literal");
 

@@ -4,8 +4,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use rdkafka::client::ClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::DeliveryResult;
+use rdkafka::producer::{BaseProducer, Producer, ProducerContext};
 
 use crate::config::{Config, PayloadFormat, SourceMode};
 use crate::database;
@@ -150,8 +151,9 @@ fn pooling_verdict(sessions: usize, server_port: Option<i32>, url_port: Option<u
 
 /// The errors librdkafka reports while `relay check` connects. A failed
 /// metadata request only says "transport failure"; the cause (SASL
-/// authentication, TLS handshake, connection refused) arrives through the
-/// error callback, as a code.
+/// authentication, TLS handshake, connection refused) arrives as an error
+/// event, with a code, which only polling the client's queue delivers
+/// (hence a producer, which polls that queue and sends nothing).
 #[derive(Default)]
 struct CheckContext {
     errors: Mutex<Vec<(RDKafkaErrorCode, String)>>,
@@ -165,19 +167,27 @@ impl ClientContext for CheckContext {
     }
 }
 
-impl ConsumerContext for CheckContext {}
+impl ProducerContext for CheckContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &DeliveryResult<'_>, _: Self::DeliveryOpaque) {}
+}
 
 async fn check_kafka(config: &Config) -> Verdict {
     let servers = config.kafka.bootstrap_servers.clone();
     let client_config = sink::client_config(&config.kafka);
     let result = tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer<CheckContext> = client_config.create_with_context(CheckContext::default())?;
-        let metadata = consumer.fetch_metadata(None, Duration::from_secs(5));
-        let causes = consumer.context().errors.lock().map(|e| e.clone()).unwrap_or_default();
+        let client: BaseProducer<CheckContext> = client_config.create_with_context(CheckContext::default())?;
+        let metadata = client.client().fetch_metadata(None, Duration::from_secs(5));
+        if metadata.is_err() {
+            // The error events queued while the request waited.
+            client.poll(Duration::from_millis(200));
+        }
+        let causes = client.context().errors.lock().map(|e| e.clone()).unwrap_or_default();
         Ok::<_, KafkaError>((metadata.map(|md| (md.brokers().len(), md.topics().len())), causes))
     })
     .await;
-    let fail = |problem: String| Verdict { component: "kafka", problem: Some(problem), detail: String::new(), warning: None };
+    let fail =
+        |problem: String| Verdict { component: "kafka", problem: Some(problem), detail: String::new(), warning: None };
     match result {
         Ok(Ok((Ok((brokers, topics)), _))) => {
             // With ACLs the metadata lists only the topics the principal may describe.

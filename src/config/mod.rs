@@ -876,7 +876,10 @@ mod tests {
             (SASL.replace("\"sasl_ssl\"", "\"plaintext\""), "kafka.sasl"),
             (SASL.replace("username = \"relay\"", ""), "kafka.sasl.username"),
             (SASL.replace("password = \"kafka-secret-in-config\"", ""), "kafka.sasl.password"),
-            (MINIMAL.replace("bootstrap_servers", "security_protocol = \"sasl_ssl\"\nbootstrap_servers"), "kafka.sasl.username"),
+            (
+                MINIMAL.replace("bootstrap_servers", "security_protocol = \"sasl_ssl\"\nbootstrap_servers"),
+                "kafka.sasl.username",
+            ),
             (format!("{MINIMAL}\ntls_ca_file = \"/etc/hosts\""), "kafka.tls_ca_file"),
             (SASL.replace("[kafka.sasl]", "tls_ca_file = \"/nonexistent/ca.pem\"\n[kafka.sasl]"), "kafka.tls_ca_file"),
             (SASL.replace("username", "mechanism = \"GSSAPI\"\nusername"), "kafka.sasl.mechanism"),

@@ -102,7 +102,13 @@ impl KafkaSink {
         if let Some(topic) = config.routing.dead_letter_topic.clone() {
             holder = holder.with_dead_letter(topic, producer.clone(), topics.clone());
         }
-        Ok(Self { producer, principal, topics, builder: RecordBuilder::new(TopicRouter::new(&config.routing), codec), holder })
+        Ok(Self {
+            producer,
+            principal,
+            topics,
+            builder: RecordBuilder::new(TopicRouter::new(&config.routing), codec),
+            holder,
+        })
     }
 
     /// The holder the checkpoint stage uses for rows held from their
