@@ -112,18 +112,18 @@ impl Topics {
         let mut limit = None;
         for result in results {
             match result {
+                // rdkafka 0.39 drops the per-resource error code: a topic the
+                // principal may not DESCRIBE_CONFIGS comes back with no entries
+                // (a readable topic always has them, defaults included).
+                Ok(resource) if resource.entries.is_empty() => tracing::warn!(
+                    topic,
+                    "cannot read the topic's configuration (max.message.bytes); records too large for it are held only when the broker refuses them; grant DESCRIBE_CONFIGS on TOPIC {topic} to {} to hold them before they are sent",
+                    self.principal
+                ),
                 Ok(resource) => {
                     limit = limit.or_else(|| {
                         resource.get("max.message.bytes").and_then(|entry| entry.value.as_deref()?.parse().ok())
                     })
-                }
-                Err(RDKafkaErrorCode::TopicAuthorizationFailed | RDKafkaErrorCode::ClusterAuthorizationFailed) => {
-                    tracing::warn!(
-                        topic,
-                        principal = %self.principal,
-                        "not authorized to read the topic's max.message.bytes; records too large for it are held only when the broker refuses them; grant DESCRIBE_CONFIGS on TOPIC {topic} to {} to hold them before they are sent",
-                        self.principal
-                    );
                 }
                 Err(code) => tracing::debug!(topic, error = %code, "cannot read the topic's max.message.bytes"),
             }
