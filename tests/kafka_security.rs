@@ -233,3 +233,32 @@ async fn check_tells_refused_credentials_and_unknown_ca_from_an_unreachable_brok
     assert!(!line.contains("authentication"), "{line}");
     db.cleanup().await;
 }
+
+/// The running relay does not retry refused credentials forever (librdkafka
+/// would, with rows piling up in its queue): it stops with exit code 1 and
+/// one line naming the keys to fix, and never prints the password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_password_stops_the_relay_with_the_keys_to_fix() {
+    let stack = Stack::from_env();
+    let sasl = Sasl::from_env();
+    let db = TestDb::new(&stack).await;
+    let config = write_config(&db, &sasl.bootstrap, &sasl.keys("not-the-password", &sasl.ca_file));
+    db.migrate(&config);
+    insert_row(&db.client().await, "order", "o-1", 1).await;
+    let mut relay = RelayProcess::start(&config);
+    let started = std::time::Instant::now();
+    let code = loop {
+        if let Some(status) = relay.child.try_wait().expect("relay status") {
+            break status.code();
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the relay kept running: {}", relay.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let log = relay.log_text();
+    assert_eq!(code, Some(1), "{log}");
+    let last = log.lines().last().unwrap_or_default();
+    assert!(last.starts_with("error: stopped until an operator acts"), "{log}");
+    assert!(last.contains("authentication to Kafka") && last.contains("kafka.sasl.password"), "{log}");
+    assert!(!log.contains("not-the-password"), "the password appears in the log");
+    db.cleanup().await;
+}

@@ -1,12 +1,6 @@
 //! `relay check`: one line per component, non-zero exit if any fails.
 
-use std::sync::Mutex;
 use std::time::Duration;
-
-use rdkafka::client::ClientContext;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::DeliveryResult;
-use rdkafka::producer::{BaseProducer, Producer, ProducerContext};
 
 use crate::config::{Config, PayloadFormat, SourceMode};
 use crate::database;
@@ -149,47 +143,10 @@ fn pooling_verdict(sessions: usize, server_port: Option<i32>, url_port: Option<u
     }
 }
 
-/// The errors librdkafka reports while `relay check` connects. A failed
-/// metadata request only says "transport failure"; the cause (SASL
-/// authentication, TLS handshake, connection refused) arrives as an error
-/// event, with a code, which only polling the client's queue delivers
-/// (hence a producer, which polls that queue and sends nothing).
-#[derive(Default)]
-struct CheckContext {
-    errors: Mutex<Vec<(RDKafkaErrorCode, String)>>,
-}
-
-impl ClientContext for CheckContext {
-    fn error(&self, error: KafkaError, reason: &str) {
-        if let (Some(code), Ok(mut errors)) = (error.rdkafka_error_code(), self.errors.lock()) {
-            errors.push((code, reason.to_string()));
-        }
-    }
-}
-
-impl ProducerContext for CheckContext {
-    type DeliveryOpaque = ();
-    fn delivery(&self, _: &DeliveryResult<'_>, _: Self::DeliveryOpaque) {}
-}
-
 async fn check_kafka(config: &Config) -> Verdict {
-    let servers = config.kafka.bootstrap_servers.clone();
-    let client_config = sink::client_config(&config.kafka);
-    let result = tokio::task::spawn_blocking(move || {
-        let client: BaseProducer<CheckContext> = client_config.create_with_context(CheckContext::default())?;
-        let metadata = client.client().fetch_metadata(None, Duration::from_secs(5));
-        if metadata.is_err() {
-            // The error events queued while the request waited.
-            client.poll(Duration::from_millis(200));
-        }
-        let causes = client.context().errors.lock().map(|e| e.clone()).unwrap_or_default();
-        Ok::<_, KafkaError>((metadata.map(|md| (md.brokers().len(), md.topics().len())), causes))
-    })
-    .await;
-    let fail =
-        |problem: String| Verdict { component: "kafka", problem: Some(problem), detail: String::new(), warning: None };
-    match result {
-        Ok(Ok((Ok((brokers, topics)), _))) => {
+    let servers = &config.kafka.bootstrap_servers;
+    match sink::probe(&config.kafka, Duration::from_secs(5)).await {
+        Ok(reached) => {
             // With ACLs the metadata lists only the topics the principal may describe.
             let whose = match config.kafka.security_protocol.uses_sasl() {
                 true => format!(" visible to {}", config.kafka.principal()),
@@ -198,39 +155,17 @@ async fn check_kafka(config: &Config) -> Verdict {
             Verdict {
                 component: "kafka",
                 problem: None,
-                detail: format!("{servers}: {brokers} broker(s), {topics} topic(s){whose}"),
+                detail: format!("{servers}: {} broker(s), {} topic(s){whose}", reached.brokers, reached.topics),
                 warning: None,
             }
         }
-        Ok(Ok((Err(err), causes))) => fail(kafka_problem(&servers, &err, &causes)),
-        Ok(Err(err)) => fail(format!("cannot create a Kafka client ({err}); check the kafka.* settings")),
-        Err(err) => fail(err.to_string()),
+        Err(err) => Verdict {
+            component: "kafka",
+            problem: Some(format!("{}; {}", ErrorChain(&err), err.fix())),
+            detail: String::new(),
+            warning: None,
+        },
     }
-}
-
-/// Tells why the brokers could not be asked for metadata, by librdkafka's
-/// error codes (never by message text): the credentials were refused, the
-/// TLS handshake failed, or the brokers could not be reached. Each names
-/// the keys to check, since the fixes differ.
-fn kafka_problem(servers: &str, err: &KafkaError, causes: &[(RDKafkaErrorCode, String)]) -> String {
-    let cause = |code: RDKafkaErrorCode| causes.iter().find(|(c, _)| *c == code).map(|(_, reason)| reason.as_str());
-    if let Some(reason) = cause(RDKafkaErrorCode::Authentication) {
-        return format!(
-            "authentication to Kafka at {servers} failed ({reason}); check kafka.sasl.username, kafka.sasl.password and kafka.sasl.mechanism against the broker's SASL users"
-        );
-    }
-    if let Some(reason) = cause(RDKafkaErrorCode::SSL) {
-        return format!(
-            "TLS handshake with Kafka at {servers} failed ({reason}); check kafka.tls_ca_file (the CA that signed the broker's certificate) and kafka.security_protocol (the listener's protocol)"
-        );
-    }
-    let reason = causes
-        .iter()
-        .find(|(c, _)| *c == RDKafkaErrorCode::BrokerTransportFailure)
-        .map_or_else(|| err.to_string(), |(_, reason)| reason.clone());
-    format!(
-        "Kafka at {servers} is unreachable ({reason}); check kafka.bootstrap_servers, kafka.security_protocol (the listener's protocol) and that the broker is running"
-    )
 }
 
 async fn check_registry(config: &Config) -> Verdict {
@@ -294,26 +229,6 @@ async fn check_registry(config: &Config) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn kafka_failures_are_told_apart_by_code() {
-        let err = KafkaError::MetadataFetch(RDKafkaErrorCode::BrokerTransportFailure);
-        let refused = [(RDKafkaErrorCode::BrokerTransportFailure, "Connection refused".to_string())];
-        let auth = [
-            (RDKafkaErrorCode::AllBrokersDown, "1/1 brokers are down".to_string()),
-            (RDKafkaErrorCode::Authentication, "SASL authentication error".to_string()),
-        ];
-        let tls = [(RDKafkaErrorCode::SSL, "certificate verify failed".to_string())];
-        let text = kafka_problem("b:1", &err, &refused);
-        assert!(text.contains("unreachable") && text.contains("Connection refused"), "{text}");
-        let text = kafka_problem("b:1", &err, &auth);
-        assert!(text.contains("authentication") && text.contains("kafka.sasl.password"), "{text}");
-        assert!(!text.contains("unreachable"), "{text}");
-        let text = kafka_problem("b:1", &err, &tls);
-        assert!(text.contains("TLS handshake") && text.contains("kafka.tls_ca_file"), "{text}");
-        let text = kafka_problem("b:1", &err, &[]);
-        assert!(text.contains("unreachable"), "{text}");
-    }
 
     #[test]
     fn pooling_is_told_by_sessions_and_ports() {

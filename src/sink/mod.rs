@@ -12,6 +12,7 @@
 //! Backpressure: when librdkafka's queue is full, the sink waits and stops
 //! taking rows from the source, which stops reading Postgres.
 
+pub mod connection;
 pub mod held;
 pub mod record;
 pub mod topics;
@@ -22,6 +23,7 @@ use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::ClientConfig;
 use tokio::sync::mpsc;
 
+pub use connection::{client_config, probe, ConnectError};
 pub use held::{HeldAt, HeldEntities, Holder, TooManyHeld};
 pub use record::{Outbound, RecordBuilder};
 pub use topics::Topics;
@@ -40,29 +42,10 @@ pub enum SinkError {
     Client(#[source] KafkaError),
     #[error(transparent)]
     TooManyHeld(#[from] TooManyHeld),
-}
-
-/// The connection properties every client of the relay shares (producer,
-/// admin client, `relay check`): the raw map, then the typed options, which
-/// the raw map may not set (see `config::owned_librdkafka_key`).
-pub fn client_config(config: &KafkaConfig) -> ClientConfig {
-    let mut client = ClientConfig::new();
-    for (key, value) in &config.librdkafka {
-        client.set(key, value);
-    }
-    client
-        .set("bootstrap.servers", &config.bootstrap_servers)
-        .set("security.protocol", config.security_protocol.librdkafka_name());
-    if let Some(ca) = &config.tls_ca_file {
-        client.set("ssl.ca.location", ca.to_string_lossy());
-    }
-    if let Some(sasl) = config.sasl.as_ref().filter(|_| config.security_protocol.uses_sasl()) {
-        client.set("sasl.mechanisms", sasl.mechanism.librdkafka_name()).set("sasl.username", &sasl.username);
-        if let Some(password) = &sasl.password {
-            client.set("sasl.password", secrecy::ExposeSecret::expose_secret(password));
-        }
-    }
-    client
+    /// The brokers refused the relay's credentials or certificate checks:
+    /// only an operator can fix that.
+    #[error(transparent)]
+    Refused(ConnectError),
 }
 
 /// The producer properties for `config`.
