@@ -67,7 +67,7 @@ pub fn producer_config(config: &KafkaConfig) -> ClientConfig {
 pub struct KafkaSink {
     producer: FutureProducer,
     /// Who the ACLs must name, for held-row messages.
-    principal: String,
+    principal: std::sync::Arc<str>,
     topics: Topics,
     builder: RecordBuilder,
     holder: Holder,
@@ -79,8 +79,8 @@ impl KafkaSink {
     pub fn new(config: &Config, held: HeldEntities, codec: Codec) -> Result<Self, SinkError> {
         let producer: FutureProducer = producer_config(&config.kafka).create().map_err(SinkError::Client)?;
         let admin = client_config(&config.kafka).create().map_err(SinkError::Client)?;
-        let principal = config.kafka.principal();
-        let topics = Topics::new(admin, producer.clone(), config.routing.clone(), principal.clone());
+        let principal: std::sync::Arc<str> = config.kafka.principal().into();
+        let topics = Topics::new(admin, producer.clone(), config.routing.clone(), principal.to_string());
         let mut holder = Holder::new(held);
         if let Some(topic) = config.routing.dead_letter_topic.clone() {
             holder = holder.with_dead_letter(topic, producer.clone(), topics.clone());
@@ -157,7 +157,8 @@ impl KafkaSink {
                     // Only a dead-letter copy needs it after this point.
                     routed.row.payload = bytes::Bytes::new();
                 }
-                let (topic, principal) = (routed.topic.clone(), self.principal.clone());
+                // Cloned per row for the error message of a refused delivery.
+                let (topic, principal) = (routed.topic.clone(), std::sync::Arc::clone(&self.principal));
                 let pending: PendingDelivery = Box::pin(delivery.map(move |outcome| match outcome {
                     Ok(Ok(delivery)) => Ok(Ack { partition: delivery.partition, offset: delivery.offset }),
                     Ok(Err((err, _))) => Err(classify_for_topic(&err, &topic, &principal)),
