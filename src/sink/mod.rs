@@ -17,6 +17,8 @@ pub mod held;
 pub mod record;
 pub mod topics;
 
+use std::sync::Arc;
+
 use futures::FutureExt;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, Producer};
@@ -67,7 +69,7 @@ pub fn producer_config(config: &KafkaConfig) -> ClientConfig {
 pub struct KafkaSink {
     producer: FutureProducer,
     /// Who the ACLs must name, for held-row messages.
-    principal: std::sync::Arc<str>,
+    principal: Arc<str>,
     topics: Topics,
     builder: RecordBuilder,
     holder: Holder,
@@ -79,8 +81,8 @@ impl KafkaSink {
     pub fn new(config: &Config, held: HeldEntities, codec: Codec) -> Result<Self, SinkError> {
         let producer: FutureProducer = producer_config(&config.kafka).create().map_err(SinkError::Client)?;
         let admin = client_config(&config.kafka).create().map_err(SinkError::Client)?;
-        let principal: std::sync::Arc<str> = config.kafka.principal().into();
-        let topics = Topics::new(admin, producer.clone(), config.routing.clone(), principal.to_string());
+        let principal: Arc<str> = config.kafka.principal().into();
+        let topics = Topics::new(admin, producer.clone(), config.routing.clone(), Arc::clone(&principal));
         let mut holder = Holder::new(held);
         if let Some(topic) = config.routing.dead_letter_topic.clone() {
             holder = holder.with_dead_letter(topic, producer.clone(), topics.clone());
@@ -158,7 +160,7 @@ impl KafkaSink {
                     routed.row.payload = bytes::Bytes::new();
                 }
                 // Cloned per row for the error message of a refused delivery.
-                let (topic, principal) = (routed.topic.clone(), std::sync::Arc::clone(&self.principal));
+                let (topic, principal) = (routed.topic.clone(), Arc::clone(&self.principal));
                 let pending: PendingDelivery = Box::pin(delivery.map(move |outcome| match outcome {
                     Ok(Ok(delivery)) => Ok(Ack { partition: delivery.partition, offset: delivery.offset }),
                     Ok(Err((err, _))) => Err(classify_for_topic(&err, &topic, &principal)),

@@ -48,9 +48,9 @@ impl Topics {
         admin: AdminClient<DefaultClientContext>,
         producer: FutureProducer,
         routing: RoutingConfig,
-        principal: String,
+        principal: Arc<str>,
     ) -> Self {
-        Self { admin: Arc::new(admin), producer, routing, principal: principal.into(), known: Arc::default() }
+        Self { admin: Arc::new(admin), producer, routing, principal, known: Arc::default() }
     }
 
     fn known(&self, topic: &str) -> Option<Option<usize>> {
