@@ -179,6 +179,44 @@ async fn publishes_over_sasl_ssl_with_the_documented_acls_and_holds_an_unwritabl
     db.cleanup().await;
 }
 
+/// The held-row message of each way a topic can be out of reach: no ACL at
+/// all (the broker will not even say whether it exists), and DESCRIBE but
+/// no CREATE on a topic that does not exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_out_of_reach_holds_its_rows_with_the_acl_to_grant() {
+    let stack = Stack::from_env();
+    let sasl = Sasl::from_env();
+    let db = TestDb::new(&stack).await;
+    let (hidden, missing) = (format!("{}-hidden", db.topic_prefix), format!("{}-missing", db.topic_prefix));
+    create_topic(&stack, &hidden).await;
+    grant(&stack, &sasl.user, &["Describe"], &missing, "literal");
+    let extra = format!(
+        "{}routing.topics.invoice = \"{hidden}\"\nrouting.topics.shipment = \"{missing}\"\n",
+        sasl.keys(&sasl.password, &sasl.ca_file)
+    );
+    let config = write_config(&db, &sasl.bootstrap, &extra);
+    db.migrate(&config);
+    let client = db.client().await;
+    let mut relay = RelayProcess::start(&config);
+    insert_row(&client, "invoice", "i-1", 1).await;
+    insert_row(&client, "shipment", "s-1", 1).await;
+    let errors = wait_for("both rows to be held", Duration::from_secs(60), || async {
+        let rows = client
+            .query("SELECT aggregate_type, last_error FROM outbox WHERE last_error IS NOT NULL ORDER BY id", &[])
+            .await
+            .ok()?;
+        (rows.len() == 2).then(|| rows.iter().map(|r| r.get::<_, String>(1)).collect::<Vec<_>>())
+    })
+    .await;
+    let principal = format!("User:{}", sasl.user);
+    assert!(errors[0].contains(&format!("not authorized to describe topic `{hidden}`")), "{errors:?}");
+    assert!(errors[0].contains(&format!("grant DESCRIBE and WRITE on TOPIC {hidden} to {principal}")), "{errors:?}");
+    assert!(errors[1].contains(&format!("not authorized to create topic `{missing}`")), "{errors:?}");
+    assert!(errors[1].contains(&format!("grant CREATE on TOPIC {missing} to {principal}")), "{errors:?}");
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0));
+    db.cleanup().await;
+}
+
 /// `relay check`'s kafka line with Kafka at `bootstrap` and `extra` config
 /// keys, and whether the check passed.
 fn check_kafka(db: &TestDb, bootstrap: &str, extra: &str) -> (bool, String) {

@@ -81,10 +81,12 @@ impl Topics {
                         "topic `{topic}` does not exist and routing.create_topics is false: create it, or set routing.create_topics = true"
                     )))
                 }
+                // Without DESCRIBE the broker does not say whether it exists.
                 Presence::NotAuthorized => {
+                    let create = if self.routing.create_topics { " (and CREATE, if it does not exist)" } else { "" };
                     return Err(PublishError::Permanent(format!(
-                        "not authorized to describe topic `{topic}`: grant DESCRIBE and WRITE on TOPIC {topic} to {principal}, then `relay held retry`"
-                    )))
+                        "not authorized to describe topic `{topic}`: grant DESCRIBE and WRITE on TOPIC {topic} to {principal}{create}, then `relay held retry`"
+                    )));
                 }
             }
         }
