@@ -105,7 +105,8 @@ pub struct KafkaConfig {
     /// Messages the producer may hold in its queue before the relay pauses reading.
     #[serde(default = "defaults::queue_max_messages")]
     pub queue_max_messages: u64,
-    /// `plaintext` (default), `ssl`, `sasl_plaintext` or `sasl_ssl`.
+    /// `plaintext` (default), `ssl`, `sasl_plaintext` or `sasl_ssl` (Kafka's
+    /// upper-case names are accepted too).
     #[serde(default)]
     pub security_protocol: SecurityProtocol,
     /// PEM file of the CA(s) that sign the brokers' certificates (`ssl` and
@@ -139,13 +140,17 @@ impl KafkaConfig {
 pub enum SecurityProtocol {
     /// No encryption, no authentication.
     #[default]
+    #[serde(alias = "PLAINTEXT")]
     Plaintext,
     /// TLS, no SASL (a client certificate may go through `kafka.librdkafka`).
+    #[serde(alias = "SSL")]
     Ssl,
     /// SASL without encryption: the credentials cross the network in the
     /// clear with `PLAIN`; for trusted networks only.
+    #[serde(alias = "SASL_PLAINTEXT")]
     SaslPlaintext,
     /// SASL over TLS: what managed clusters require.
+    #[serde(alias = "SASL_SSL")]
     SaslSsl,
 }
 
@@ -862,6 +867,8 @@ mod tests {
     fn sasl_settings_are_typed_and_the_password_is_never_printed() {
         let config = Config::from_toml_str(SASL).expect("sasl config");
         assert_eq!(config.kafka.security_protocol, SecurityProtocol::SaslSsl);
+        let upper = Config::from_toml_str(&SASL.replace("\"sasl_ssl\"", "\"SASL_SSL\"")).expect("Kafka's name");
+        assert_eq!(upper.kafka.security_protocol, SecurityProtocol::SaslSsl);
         let sasl = config.kafka.sasl.as_ref().expect("sasl");
         assert_eq!(sasl.mechanism, SaslMechanism::ScramSha512);
         assert_eq!(config.kafka.principal(), "User:relay");
