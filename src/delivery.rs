@@ -60,6 +60,25 @@ pub fn classify(err: &KafkaError) -> PublishError {
     }
 }
 
+/// [`classify`] for a record of `topic`, with an authorization refusal
+/// spelled as its fix: which ACL, on which resource, for which principal
+/// (`principal` as in `KafkaConfig::principal`). The broker refuses a
+/// produce request with TOPIC_AUTHORIZATION_FAILED when the principal lacks
+/// WRITE on the topic (librdkafka reports it in the delivery report; a
+/// metadata refusal, no DESCRIBE, too). Both are permanent: the row is held
+/// and `relay held retry` sends it again once the ACL is granted.
+pub fn classify_for_topic(err: &KafkaError, topic: &str, principal: &str) -> PublishError {
+    match err.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::TopicAuthorizationFailed) => PublishError::Permanent(format!(
+            "not authorized to write to topic `{topic}` ({err}): grant WRITE on TOPIC {topic} to {principal} (and DESCRIBE, which it needs too), then `relay held retry`"
+        )),
+        Some(RDKafkaErrorCode::ClusterAuthorizationFailed) => PublishError::Permanent(format!(
+            "not authorized on the cluster while writing to topic `{topic}` ({err}): brokers before Kafka 3.0 need IDEMPOTENT_WRITE on CLUSTER for {principal}; grant it, then `relay held retry`"
+        )),
+        _ => classify(err),
+    }
+}
+
 /// A delivery in progress, resolving to the record's partition and offset.
 pub type PendingDelivery = Pin<Box<dyn Future<Output = Result<Ack, PublishError>> + Send>>;
 
@@ -131,5 +150,19 @@ mod tests {
         assert_eq!(class(RDKafkaErrorCode::InvalidMessage), "retriable");
         assert_eq!(class(RDKafkaErrorCode::NotEnoughReplicas), "retriable");
         assert_eq!(class(RDKafkaErrorCode::RequestTimedOut), "retriable");
+    }
+
+    #[test]
+    fn an_authorization_refusal_names_the_topic_and_the_acl() {
+        let err = KafkaError::MessageProduction(RDKafkaErrorCode::TopicAuthorizationFailed);
+        match classify_for_topic(&err, "orders", "User:relay") {
+            PublishError::Permanent(text) => {
+                assert!(text.contains("grant WRITE on TOPIC orders to User:relay"), "{text}");
+                assert!(text.contains("not authorized to write to topic `orders`"), "{text}");
+            }
+            other => panic!("must be permanent: {other:?}"),
+        }
+        let err = KafkaError::MessageProduction(RDKafkaErrorCode::RequestTimedOut);
+        assert!(matches!(classify_for_topic(&err, "orders", "User:relay"), PublishError::Retriable(_)));
     }
 }

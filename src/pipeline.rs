@@ -19,7 +19,7 @@ use crate::config::{Config, SourceMode};
 use crate::database::{self, DatabaseError};
 use crate::leader::{Candidate, LeaderError, Lost, Term};
 use crate::outbox::CommitBoundary;
-use crate::sink::{HeldEntities, KafkaSink, SinkError, TooManyHeld};
+use crate::sink::{self, HeldEntities, KafkaSink, SinkError, TooManyHeld};
 use crate::source::catchup;
 use crate::source::logical::{LogicalError, LogicalSource};
 use crate::source::poll::{PollError, PollSource};
@@ -131,6 +131,7 @@ impl PipelineError {
             Self::Source(LogicalError::Replication(e)) => return replication_policy(e),
             Self::Schema(e) if e.is_fatal() => return ErrorPolicy::Operator(e.operator_fix().into()),
             Self::NeedsOperator { fix, .. } => return ErrorPolicy::Operator(fix.clone()),
+            Self::Sink(SinkError::Refused(e)) => return ErrorPolicy::Operator(e.fix().into()),
             Self::TooManyHeld(_)
             | Self::Sink(SinkError::TooManyHeld(_))
             | Self::Checkpoint(CheckpointError::TooManyHeld(_)) => {
@@ -184,6 +185,22 @@ fn server_sql_state(message: &str) -> Option<SqlState> {
     let start = message.rfind("(SQLSTATE ")? + "(SQLSTATE ".len();
     let code = message.get(start..start + 5)?;
     Some(SqlState::from_code(code))
+}
+
+/// Before a run produces anything: brokers that refuse the relay's SASL
+/// credentials or whose certificate it cannot verify stop the relay with
+/// the keys to fix. librdkafka itself would retry them forever, with rows
+/// piling up in its queue and nothing but its log lines to show why. An
+/// unreachable broker is left to the run, which waits for it as always.
+async fn check_kafka_credentials(config: &Config) -> Result<(), PipelineError> {
+    match sink::probe(&config.kafka, Duration::from_secs(5)).await {
+        Err(err) if err.needs_operator() => Err(SinkError::Refused(err).into()),
+        Err(err) => {
+            tracing::debug!(error = %ErrorChain(&err), "Kafka not reached before the run; the run waits for it");
+            Ok(())
+        }
+        Ok(_) => Ok(()),
+    }
 }
 
 type Backoff = Box<dyn Iterator<Item = Duration> + Send>;
@@ -466,6 +483,7 @@ async fn run_once(
     health: &Health,
 ) -> Result<RunEnd, PipelineError> {
     let Prepared { plan, held, store, control } = prepare(config, fence).await?;
+    check_kafka_credentials(config).await?;
     let sink = KafkaSink::new(config, held.clone(), codec.clone())?;
     let (source_tx, source_rx) = mpsc::channel(config.source.batch_rows);
     let (flight_tx, flight_rx) = mpsc::channel(config.checkpoint.max_in_flight);

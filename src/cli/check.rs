@@ -2,12 +2,10 @@
 
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::ClientConfig;
-
 use crate::codec::registry::{self, RegistryError};
 use crate::config::{Config, PayloadFormat, SourceMode};
 use crate::database;
+use crate::sink;
 use crate::store::grants::{self, PrivilegeReport};
 use crate::store::Store;
 use crate::telemetry::ErrorChain;
@@ -172,33 +170,27 @@ fn pooling_verdict(sessions: usize, server_port: Option<i32>, url_port: Option<u
 }
 
 async fn check_kafka(config: &Config) -> Verdict {
-    let servers = config.kafka.bootstrap_servers.clone();
-    let mut client_config = ClientConfig::new();
-    for (key, value) in &config.kafka.librdkafka {
-        client_config.set(key, value);
-    }
-    client_config.set("bootstrap.servers", &servers);
-    let result = tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = client_config.create()?;
-        consumer.fetch_metadata(None, Duration::from_secs(5)).map(|md| (md.brokers().len(), md.topics().len()))
-    })
-    .await;
-    match result {
-        Ok(Ok((brokers, topics))) => Verdict {
+    let servers = &config.kafka.bootstrap_servers;
+    match sink::probe(&config.kafka, Duration::from_secs(5)).await {
+        Ok(reached) => {
+            // With ACLs the metadata lists only the topics the principal may describe.
+            let whose = match config.kafka.security_protocol.uses_sasl() {
+                true => format!(" visible to {}", config.kafka.principal()),
+                false => String::new(),
+            };
+            Verdict {
+                component: "kafka",
+                problem: None,
+                detail: format!("{servers}: {} broker(s), {} topic(s){whose}", reached.brokers, reached.topics),
+                warning: None,
+            }
+        }
+        Err(err) => Verdict {
             component: "kafka",
-            problem: None,
-            detail: format!("{servers}: {brokers} broker(s), {topics} topic(s)"),
-            warning: None,
-        },
-        Ok(Err(err)) => Verdict {
-            component: "kafka",
-            problem: Some(format!(
-                "Kafka at {servers} is unreachable ({err}); check kafka.bootstrap_servers and that the broker is running"
-            )),
+            problem: Some(format!("{}; {}", ErrorChain(&err), err.fix())),
             detail: String::new(),
             warning: None,
         },
-        Err(err) => Verdict { component: "kafka", problem: Some(err.to_string()), detail: String::new(), warning: None },
     }
 }
 

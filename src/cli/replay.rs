@@ -38,7 +38,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, Producer};
 use crate::codec::{Codec, SchemaError};
 use crate::config::Config;
 use crate::database::{self, DatabaseError};
-use crate::delivery::classify;
+use crate::delivery::classify_for_topic;
 use crate::outbox::{OutboxRow, RowError};
 use crate::routing::TopicRouter;
 use crate::sink::{self, record, RecordBuilder};
@@ -145,6 +145,7 @@ pub async fn replay(config: &Config, filter: &ReplayFilter) -> Result<ReplaySumm
     let codec = Codec::prepare(config).await?;
     let builder = RecordBuilder::new(TopicRouter::new(&config.routing), codec);
     let producer: FutureProducer = sink::producer_config(&config.kafka).create().map_err(ReplayError::Producer)?;
+    let principal = config.kafka.principal();
     let statement = client.prepare(&RowQuery::replay(store.sql(), &table.columns)).await?;
     let limit = i64::try_from(config.source.batch_rows).unwrap_or(i64::MAX);
     let max_in_flight = config.checkpoint.max_in_flight.max(1);
@@ -165,7 +166,7 @@ pub async fn replay(config: &Config, filter: &ReplayFilter) -> Result<ReplaySumm
             while in_flight.len() >= max_in_flight {
                 settle(in_flight.next().await, &mut summary, &progress);
             }
-            match send(&producer, &builder, &row, &replayed_at).await {
+            match send(&producer, &builder, &row, (&replayed_at, &principal)).await {
                 Ok(delivery) => in_flight.push(delivery),
                 Err(error) => fail(row.id, &error, &mut summary, &progress),
             }
@@ -203,11 +204,12 @@ fn progress_bar(total: u64) -> ProgressBar {
 
 /// Builds one row's record as the sink does, plus the replay headers, and
 /// enqueues it (the shared produce loop waits while librdkafka's queue is full).
+/// `principal` names the relay in an authorization refusal.
 async fn send(
     producer: &FutureProducer,
     builder: &RecordBuilder,
     row: &OutboxRow,
-    replayed_at: &str,
+    (replayed_at, principal): (&str, &str),
 ) -> Result<Delivery, String> {
     let topic = builder.topic(row);
     let record = builder
@@ -216,15 +218,15 @@ async fn send(
         .with_header("replayed", "true")
         .with_header("replayed_at", replayed_at);
     match record::produce(producer, record).await {
-        Ok(delivery) => Ok(Box::pin(outcome(row.id, delivery))),
-        Err(err) => Err(classify(&err).to_string()),
+        Ok(delivery) => Ok(Box::pin(outcome(row.id, delivery, topic, principal.to_string()))),
+        Err(err) => Err(classify_for_topic(&err, &topic, principal).to_string()),
     }
 }
 
-async fn outcome(id: i64, delivery: DeliveryFuture) -> (i64, Result<(), String>) {
+async fn outcome(id: i64, delivery: DeliveryFuture, topic: String, principal: String) -> (i64, Result<(), String>) {
     let result = match delivery.await {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err((err, _))) => Err(classify(&err).to_string()),
+        Ok(Err((err, _))) => Err(classify_for_topic(&err, &topic, &principal).to_string()),
         Err(_canceled) => Err("producer closed before delivery".to_string()),
     };
     (id, result)

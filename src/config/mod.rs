@@ -105,10 +105,113 @@ pub struct KafkaConfig {
     /// Messages the producer may hold in its queue before the relay pauses reading.
     #[serde(default = "defaults::queue_max_messages")]
     pub queue_max_messages: u64,
-    /// Raw librdkafka properties for everything else (TLS, SASL, ...).
-    /// Keys the typed options above or the relay's guarantees own are refused.
+    /// `plaintext` (default), `ssl`, `sasl_plaintext` or `sasl_ssl` (Kafka's
+    /// upper-case names are accepted too).
+    #[serde(default)]
+    pub security_protocol: SecurityProtocol,
+    /// PEM file of the CA(s) that sign the brokers' certificates (`ssl` and
+    /// `sasl_ssl`); when not set, librdkafka's default trust store.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// SASL credentials, for `sasl_plaintext` and `sasl_ssl`.
+    #[serde(default)]
+    pub sasl: Option<KafkaSaslConfig>,
+    /// Raw librdkafka properties for everything else (client certificates,
+    /// OAUTHBEARER, ...). Keys the typed options above or the relay's
+    /// guarantees own are refused.
     #[serde(default)]
     pub librdkafka: BTreeMap<String, String>,
+}
+
+impl KafkaConfig {
+    /// The principal the brokers' ACLs name for this relay, for messages
+    /// that say which ACL is missing.
+    pub fn principal(&self) -> String {
+        match &self.sasl {
+            Some(sasl) if self.security_protocol.uses_sasl() => format!("User:{}", sasl.username),
+            _ => "the relay's principal".to_string(),
+        }
+    }
+}
+
+/// How the relay connects to the brokers (librdkafka `security.protocol`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecurityProtocol {
+    /// No encryption, no authentication.
+    #[default]
+    #[serde(alias = "PLAINTEXT")]
+    Plaintext,
+    /// TLS, no SASL (a client certificate may go through `kafka.librdkafka`).
+    #[serde(alias = "SSL")]
+    Ssl,
+    /// SASL without encryption: the credentials cross the network in the
+    /// clear with `PLAIN`; for trusted networks only.
+    #[serde(alias = "SASL_PLAINTEXT")]
+    SaslPlaintext,
+    /// SASL over TLS: what managed clusters require.
+    #[serde(alias = "SASL_SSL")]
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    /// The librdkafka value.
+    pub fn librdkafka_name(self) -> &'static str {
+        match self {
+            Self::Plaintext => "plaintext",
+            Self::Ssl => "ssl",
+            Self::SaslPlaintext => "sasl_plaintext",
+            Self::SaslSsl => "sasl_ssl",
+        }
+    }
+
+    /// Whether connections are encrypted (and `kafka.tls_ca_file` applies).
+    pub fn uses_tls(self) -> bool {
+        matches!(self, Self::Ssl | Self::SaslSsl)
+    }
+
+    /// Whether the relay authenticates with `[kafka.sasl]`.
+    pub fn uses_sasl(self) -> bool {
+        matches!(self, Self::SaslPlaintext | Self::SaslSsl)
+    }
+}
+
+/// `[kafka.sasl]`: how the relay authenticates to the brokers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSaslConfig {
+    /// `SCRAM-SHA-512` (default), `SCRAM-SHA-256` or `PLAIN`.
+    #[serde(default)]
+    pub mechanism: SaslMechanism,
+    /// The SASL user; the ACLs name it as `User:<username>`.
+    #[serde(default)]
+    pub username: String,
+    /// A secret, never logged.
+    #[serde(default)]
+    pub password: Option<SecretString>,
+}
+
+/// SASL mechanisms with a user name and password.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum SaslMechanism {
+    #[default]
+    #[serde(rename = "SCRAM-SHA-512", alias = "scram-sha-512")]
+    ScramSha512,
+    #[serde(rename = "SCRAM-SHA-256", alias = "scram-sha-256")]
+    ScramSha256,
+    #[serde(rename = "PLAIN", alias = "plain")]
+    Plain,
+}
+
+impl SaslMechanism {
+    /// The librdkafka (and Kafka) name.
+    pub fn librdkafka_name(self) -> &'static str {
+        match self {
+            Self::ScramSha512 => "SCRAM-SHA-512",
+            Self::ScramSha256 => "SCRAM-SHA-256",
+            Self::Plain => "PLAIN",
+        }
+    }
 }
 
 /// The Confluent-compatible schema registry (used by the Avro codec).
@@ -486,6 +589,60 @@ impl Config {
         if self.kafka.queue_max_messages == 0 {
             return invalid("kafka.queue_max_messages", "must be at least 1".into());
         }
+        self.validate_kafka_security()
+    }
+
+    /// kafka.security_protocol, kafka.tls_ca_file, kafka.sasl.*: every
+    /// combination that would fail only at the first connection, or send a
+    /// password in a way the operator did not ask for, is refused here.
+    fn validate_kafka_security(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| Err(ConfigError::Invalid { key: key.to_string(), message });
+        let kafka = &self.kafka;
+        let protocol = kafka.security_protocol;
+        if let Some(ca) = &kafka.tls_ca_file {
+            if !protocol.uses_tls() {
+                return invalid(
+                    "kafka.tls_ca_file",
+                    format!(
+                        "is used only with TLS; kafka.security_protocol is `{}`: set it to \"ssl\" or \"sasl_ssl\"",
+                        protocol.librdkafka_name()
+                    ),
+                );
+            }
+            if std::fs::metadata(ca).is_err() {
+                return invalid("kafka.tls_ca_file", format!("cannot read {}", ca.display()));
+            }
+        }
+        let Some(sasl) = &kafka.sasl else {
+            if protocol.uses_sasl() {
+                return invalid(
+                    "kafka.sasl.username",
+                    format!(
+                        "missing: kafka.security_protocol = \"{}\" needs [kafka.sasl] with username and password",
+                        protocol.librdkafka_name()
+                    ),
+                );
+            }
+            return Ok(());
+        };
+        if !protocol.uses_sasl() {
+            return invalid(
+                "kafka.sasl",
+                format!(
+                    "is used only with SASL; kafka.security_protocol is `{}`: set it to \"sasl_ssl\" (or \"sasl_plaintext\")",
+                    protocol.librdkafka_name()
+                ),
+            );
+        }
+        if sasl.username.trim().is_empty() {
+            return invalid("kafka.sasl.username", "missing: the SASL user the brokers' ACLs name".into());
+        }
+        if sasl.password.as_ref().is_none_or(|p| p.expose_secret().is_empty()) {
+            return invalid(
+                "kafka.sasl.password",
+                "missing: set it in the file or as RELAY__KAFKA__SASL__PASSWORD".into(),
+            );
+        }
         Ok(())
     }
 
@@ -608,6 +765,11 @@ pub fn owned_librdkafka_key(key: &str) -> Option<&'static str> {
         "batch.size" => "kafka.batch_size_bytes",
         "message.timeout.ms" | "delivery.timeout.ms" => "kafka.message_timeout_ms",
         "queue.buffering.max.messages" => "kafka.queue_max_messages",
+        "security.protocol" => "kafka.security_protocol",
+        "ssl.ca.location" | "ssl.ca.pem" => "kafka.tls_ca_file",
+        "sasl.mechanism" | "sasl.mechanisms" => "kafka.sasl.mechanism",
+        "sasl.username" => "kafka.sasl.username",
+        "sasl.password" => "kafka.sasl.password",
         "enable.idempotence"
         | "acks"
         | "request.required.acks"
@@ -700,6 +862,61 @@ mod tests {
         let toml = format!("{MINIMAL}\n[kafka.librdkafka]\n\"enable.idempotence\" = \"false\"");
         let err = Config::from_toml_str(&toml).expect_err("must fail").to_string();
         assert!(err.contains("enable.idempotence"), "{err}");
+    }
+
+    const SASL: &str = r#"
+        [postgres]
+        url = "postgres://relay:relay@127.0.0.1:55432/outbox"
+        [kafka]
+        bootstrap_servers = "127.0.0.1:59094"
+        security_protocol = "sasl_ssl"
+        [kafka.sasl]
+        username = "relay"
+        password = "kafka-secret-in-config"
+    "#;
+
+    #[test]
+    fn sasl_settings_are_typed_and_the_password_is_never_printed() {
+        let config = Config::from_toml_str(SASL).expect("sasl config");
+        assert_eq!(config.kafka.security_protocol, SecurityProtocol::SaslSsl);
+        let upper = Config::from_toml_str(&SASL.replace("\"sasl_ssl\"", "\"SASL_SSL\"")).expect("Kafka's name");
+        assert_eq!(upper.kafka.security_protocol, SecurityProtocol::SaslSsl);
+        let sasl = config.kafka.sasl.as_ref().expect("sasl");
+        assert_eq!(sasl.mechanism, SaslMechanism::ScramSha512);
+        assert_eq!(config.kafka.principal(), "User:relay");
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("kafka-secret-in-config"), "{debug}");
+    }
+
+    #[test]
+    fn inconsistent_kafka_security_names_the_key() {
+        let cases = [
+            // SASL credentials with a protocol that never sends them.
+            (SASL.replace("\"sasl_ssl\"", "\"plaintext\""), "kafka.sasl"),
+            (SASL.replace("username = \"relay\"", ""), "kafka.sasl.username"),
+            (SASL.replace("password = \"kafka-secret-in-config\"", ""), "kafka.sasl.password"),
+            (
+                MINIMAL.replace("bootstrap_servers", "security_protocol = \"sasl_ssl\"\nbootstrap_servers"),
+                "kafka.sasl.username",
+            ),
+            (format!("{MINIMAL}\ntls_ca_file = \"/etc/hosts\""), "kafka.tls_ca_file"),
+            (SASL.replace("[kafka.sasl]", "tls_ca_file = \"/nonexistent/ca.pem\"\n[kafka.sasl]"), "kafka.tls_ca_file"),
+            (SASL.replace("username", "mechanism = \"GSSAPI\"\nusername"), "kafka.sasl.mechanism"),
+        ];
+        for (toml, key) in cases {
+            let err = Config::from_toml_str(&toml).expect_err(key).to_string();
+            assert!(err.contains(key), "{key}: {err}");
+            assert!(!err.contains("kafka-secret-in-config"), "{err}");
+        }
+    }
+
+    #[test]
+    fn librdkafka_map_refuses_the_typed_security_keys() {
+        for key in ["security.protocol", "sasl.password", "sasl.mechanisms", "ssl.ca.location"] {
+            let toml = format!("{MINIMAL}\n[kafka.librdkafka]\n\"{key}\" = \"x\"");
+            let err = Config::from_toml_str(&toml).expect_err(key).to_string();
+            assert!(err.contains(key) && err.contains("kafka."), "{err}");
+        }
     }
 
     #[test]

@@ -12,9 +12,12 @@
 //! Backpressure: when librdkafka's queue is full, the sink waits and stops
 //! taking rows from the source, which stops reading Postgres.
 
+pub mod connection;
 pub mod held;
 pub mod record;
 pub mod topics;
+
+use std::sync::Arc;
 
 use futures::FutureExt;
 use rdkafka::error::KafkaError;
@@ -22,13 +25,14 @@ use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::ClientConfig;
 use tokio::sync::mpsc;
 
+pub use connection::{client_config, probe, ConnectError};
 pub use held::{HeldAt, HeldEntities, Holder, TooManyHeld};
 pub use record::{Outbound, RecordBuilder};
 pub use topics::Topics;
 
 use crate::codec::Codec;
 use crate::config::{Config, KafkaConfig};
-use crate::delivery::{classify, Ack, InFlight, PendingDelivery, PublishError, RoutedRow};
+use crate::delivery::{classify_for_topic, Ack, InFlight, PendingDelivery, PublishError, RoutedRow};
 use crate::outbox::{OutboxRow, SourceEvent};
 use crate::routing::TopicRouter;
 use crate::telemetry::metrics;
@@ -40,16 +44,16 @@ pub enum SinkError {
     Client(#[source] KafkaError),
     #[error(transparent)]
     TooManyHeld(#[from] TooManyHeld),
+    /// The brokers refused the relay's credentials or certificate checks:
+    /// only an operator can fix that.
+    #[error(transparent)]
+    Refused(ConnectError),
 }
 
 /// The producer properties for `config`.
 pub fn producer_config(config: &KafkaConfig) -> ClientConfig {
-    let mut client = ClientConfig::new();
-    for (key, value) in &config.librdkafka {
-        client.set(key, value);
-    }
+    let mut client = client_config(config);
     client
-        .set("bootstrap.servers", &config.bootstrap_servers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("partitioner", "murmur2_random")
@@ -61,19 +65,11 @@ pub fn producer_config(config: &KafkaConfig) -> ClientConfig {
     client
 }
 
-/// The admin client properties for `config` (same connection settings).
-fn admin_config(config: &KafkaConfig) -> ClientConfig {
-    let mut admin = ClientConfig::new();
-    for (key, value) in &config.librdkafka {
-        admin.set(key, value);
-    }
-    admin.set("bootstrap.servers", &config.bootstrap_servers);
-    admin
-}
-
 /// Produces rows to Kafka.
 pub struct KafkaSink {
     producer: FutureProducer,
+    /// Who the ACLs must name, for held-row messages.
+    principal: Arc<str>,
     topics: Topics,
     builder: RecordBuilder,
     holder: Holder,
@@ -84,13 +80,20 @@ impl KafkaSink {
     /// over `held`, with the dead-letter topic if one is configured.
     pub fn new(config: &Config, held: HeldEntities, codec: Codec) -> Result<Self, SinkError> {
         let producer: FutureProducer = producer_config(&config.kafka).create().map_err(SinkError::Client)?;
-        let admin = admin_config(&config.kafka).create().map_err(SinkError::Client)?;
-        let topics = Topics::new(admin, producer.clone(), config.routing.clone());
+        let admin = client_config(&config.kafka).create().map_err(SinkError::Client)?;
+        let principal: Arc<str> = config.kafka.principal().into();
+        let topics = Topics::new(admin, producer.clone(), config.routing.clone(), Arc::clone(&principal));
         let mut holder = Holder::new(held);
         if let Some(topic) = config.routing.dead_letter_topic.clone() {
             holder = holder.with_dead_letter(topic, producer.clone(), topics.clone());
         }
-        Ok(Self { producer, topics, builder: RecordBuilder::new(TopicRouter::new(&config.routing), codec), holder })
+        Ok(Self {
+            producer,
+            principal,
+            topics,
+            builder: RecordBuilder::new(TopicRouter::new(&config.routing), codec),
+            holder,
+        })
     }
 
     /// The holder the checkpoint stage uses for rows held from their
@@ -156,14 +159,16 @@ impl KafkaSink {
                     // Only a dead-letter copy needs it after this point.
                     routed.row.payload = bytes::Bytes::new();
                 }
-                let pending: PendingDelivery = Box::pin(delivery.map(|outcome| match outcome {
+                // Cloned per row for the error message of a refused delivery.
+                let (topic, principal) = (routed.topic.clone(), Arc::clone(&self.principal));
+                let pending: PendingDelivery = Box::pin(delivery.map(move |outcome| match outcome {
                     Ok(Ok(delivery)) => Ok(Ack { partition: delivery.partition, offset: delivery.offset }),
-                    Ok(Err((err, _))) => Err(classify(&err)),
+                    Ok(Err((err, _))) => Err(classify_for_topic(&err, &topic, &principal)),
                     Err(_canceled) => Err(PublishError::Retriable("producer closed before delivery".into())),
                 }));
                 Ok(InFlight::Sent { row: routed, delivery: pending })
             }
-            Err(err) => match classify(&err) {
+            Err(err) => match classify_for_topic(&err, &routed.topic, &self.principal) {
                 PublishError::Permanent(error) => self.hold(routed, error).await,
                 retriable => Ok(failed(routed, retriable)),
             },
