@@ -151,17 +151,19 @@ impl<S: PublishStateStore> Checkpoint<S> {
         outcome: Result<Ack, PublishError>,
         batch: &mut Batch,
     ) -> Result<(), CheckpointError> {
+        if !matches!(outcome, Err(PublishError::Retriable(_))) {
+            if let Some(behind) = self.behind_a_delivery_hold(&row) {
+                // An earlier row of its entity failed in its delivery report
+                // after this one was sent. Whether Kafka has this one or
+                // refused it too, it is recorded as waiting: sent again
+                // after the held row once that is released, so the entity's
+                // order holds and one `held retry` releases them all.
+                batch.held.push(held_state(&row, waiting_reason(behind), Some(behind)));
+                return Ok(());
+            }
+        }
         match outcome {
             Ok(ack) => {
-                if let Some(behind) = self.behind_a_delivery_hold(&row) {
-                    // Kafka has it, but an earlier row of its entity failed
-                    // in its delivery report after this one was sent.
-                    // Recorded as waiting, it is sent again after the held
-                    // row once that is released, so the entity's last
-                    // occurrences are in order.
-                    batch.held.push(held_state(&row, waiting_reason(behind), Some(behind)));
-                    return Ok(());
-                }
                 metrics::published(&row.topic, row.since());
                 batch.published.push(Published {
                     id: row.row.id,

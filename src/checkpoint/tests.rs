@@ -185,3 +185,29 @@ async fn a_permanent_delivery_error_holds_the_entity_for_later_rows() {
         vec![HeldState { id: 3, error: "MessageSizeTooLarge".into(), attempted: true, waiting_for: None, xid: None }]
     );
 }
+
+/// Rows of one entity sent together and refused together in their delivery
+/// reports: the first is held, the later ones wait behind it (one `held
+/// retry` releases them all, in order), not held each on its own.
+#[tokio::test]
+async fn later_rows_refused_behind_a_delivery_hold_wait_behind_it() {
+    let holder = Holder::default();
+    let store = MemoryStore::default();
+    let (confirmed_tx, _confirmed_rx) = watch::channel(None);
+    let checkpoint = Checkpoint::new(store.clone(), 10, Duration::from_millis(5), holder.clone(), confirmed_tx);
+    let (tx, rx) = mpsc::channel(4);
+    for id in [3, 6] {
+        tx.send(InFlight::Sent {
+            row: row(id),
+            delivery: Box::pin(async { Err(PublishError::Permanent("TopicAuthorizationFailed".into())) }),
+        })
+        .await
+        .expect("send");
+    }
+    drop(tx);
+    checkpoint.run(rx).await.expect("checkpoint");
+    let recorded = store.held.lock().expect("lock").clone();
+    assert_eq!(recorded.len(), 2, "{recorded:?}");
+    assert_eq!((recorded[0].id, recorded[0].waiting_for), (3, None));
+    assert_eq!((recorded[1].id, recorded[1].waiting_for), (6, Some(3)));
+}
