@@ -21,6 +21,8 @@ const PASSWORD: &str = "pg-Secret-7f3a9c";
 /// The registry's basic-auth password (the stack's registry ignores it;
 /// the relay sends it with every request).
 const REGISTRY_PASSWORD: &str = "reg-Secret-91bd2e";
+/// A SASL password the broker refuses (the stack's user has another).
+const WRONG_SASL_PASSWORD: &str = "sasl-Wrong-4c1d0e";
 
 /// A login role with nothing but the printed grants, in one test database.
 struct RuntimeRole {
@@ -226,7 +228,8 @@ fn start_at_debug(config: &PathBuf, json: bool) -> RelayProcess {
     RelayProcess { child, log }
 }
 
-/// Known passwords (in `postgres.url` and `registry.password`) never show:
+/// Known passwords (in `postgres.url`, `registry.password` and
+/// `kafka.sasl.password`, accepted and refused) never show:
 /// not in `relay check` (also when Postgres is unreachable or the URL is
 /// malformed), `status`, the HTTP endpoints, nor in text or JSON logs at
 /// debug level of a relay that published.
@@ -255,6 +258,30 @@ async fn secrets_never_appear_in_output_logs_or_endpoints() {
         seen.push((format!("relay migrate, Postgres {what}"), run_at_debug(&path, &["migrate"])));
     }
 
+    // Kafka over SASL_SSL: the stack user's password, and one refused.
+    let env = |key: &str| std::env::var(key).unwrap_or_else(|_| panic!("{key}: eval \"$(scripts/stack env)\""));
+    let sasl_password = env("RELAY_KAFKA_SASL_PASSWORD");
+    for (what, password) in [("accepted", sasl_password.as_str()), ("refused", WRONG_SASL_PASSWORD)] {
+        let keys = format!(
+            "kafka.security_protocol = \"sasl_ssl\"\nkafka.tls_ca_file = \"{}\"\nkafka.sasl.username = \"{}\"\nkafka.sasl.password = \"{password}\"",
+            env("RELAY_STACK_CA_FILE"),
+            env("RELAY_KAFKA_SASL_USER"),
+        );
+        let text = std::fs::read_to_string(role.config(&db, &format!("{extra}\n{keys}"))).expect("config");
+        let path = db.dir.path().join(format!("sasl-{what}.toml"));
+        let bootstrap = format!("kafka.bootstrap_servers = \"{}\"", stack.bootstrap);
+        let sasl = format!("kafka.bootstrap_servers = \"{}\"", env("RELAY_KAFKA_SASL_BOOTSTRAP"));
+        std::fs::write(&path, text.replace(&bootstrap, &sasl)).expect("write config");
+        let output = run_at_debug(&path, &["check"]);
+        let told = output.lines().any(|l| l.starts_with("kafka") && l.contains("authentication to Kafka"));
+        assert_eq!(told, what == "refused", "{output}");
+        seen.push((format!("relay check, SASL password {what}"), output));
+        if what == "refused" {
+            // The run stops with an operator error; its whole output counts.
+            seen.push(("relay run, SASL password refused".into(), run_at_debug(&path, &[])));
+        }
+    }
+
     for json in [false, true] {
         let mut relay = start_at_debug(&config, json);
         let id = insert_row(&client, "entity", "s", i64::from(json) + 1).await;
@@ -278,7 +305,7 @@ async fn secrets_never_appear_in_output_logs_or_endpoints() {
     }
     for (what, text) in &seen {
         assert!(!text.trim().is_empty(), "{what} printed nothing");
-        for secret in [PASSWORD, REGISTRY_PASSWORD] {
+        for secret in [PASSWORD, REGISTRY_PASSWORD, sasl_password.as_str(), WRONG_SASL_PASSWORD] {
             assert!(!text.contains(secret), "{what} shows a password:\n{text}");
         }
     }
