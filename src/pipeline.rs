@@ -15,7 +15,7 @@ use tokio_postgres::error::SqlState;
 
 use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::codec::{Codec, SchemaError};
-use crate::config::{Config, SourceMode};
+use crate::config::{Config, Delivery, SourceMode};
 use crate::database::{self, DatabaseError};
 use crate::leader::{Candidate, LeaderError, Lost, Term};
 use crate::outbox::CommitBoundary;
@@ -78,6 +78,8 @@ impl PipelineError {
             self,
             Self::Store(StoreError::Fenced { .. })
                 | Self::Checkpoint(CheckpointError::Record(StoreError::Fenced { .. }))
+                | Self::Sink(SinkError::Fenced(_))
+                | Self::Checkpoint(CheckpointError::Progress(SinkError::Fenced(_)))
         )
     }
 
@@ -485,6 +487,13 @@ async fn run_once(
     let Prepared { plan, held, store, control } = prepare(config, fence).await?;
     check_kafka_credentials(config).await?;
     let sink = KafkaSink::new(config, held.clone(), codec.clone())?;
+    if config.kafka.delivery == Delivery::ExactlyOnce {
+        // Fence earlier producers first: then no transaction of theirs can
+        // commit after the progress topic is read back.
+        crate::sink::progress::ensure_topic(config).await?;
+        sink.init_transactions().await?;
+        crate::checkpoint::progress::recover(config, &store, &control).await?;
+    }
     let (source_tx, source_rx) = mpsc::channel(config.source.batch_rows);
     let (flight_tx, flight_rx) = mpsc::channel(config.checkpoint.max_in_flight);
     let (confirmed_tx, confirmed_rx) = watch::channel(None);

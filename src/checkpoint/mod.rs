@@ -36,6 +36,8 @@ use crate::sink::{HeldAt, Holder};
 use crate::store::{HeldState, PublishStateStore, Published, StoreError};
 use crate::telemetry::metrics;
 
+pub mod progress;
+
 /// Why the checkpoint stage stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -45,6 +47,9 @@ pub enum CheckpointError {
     Delivery(String),
     #[error(transparent)]
     TooManyHeld(#[from] crate::sink::TooManyHeld),
+    /// Exactly-once: the progress topic could not be read back.
+    #[error("cannot recover exactly-once progress")]
+    Progress(#[from] crate::sink::SinkError),
 }
 
 #[derive(Default)]

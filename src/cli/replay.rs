@@ -144,7 +144,7 @@ pub async fn replay(config: &Config, filter: &ReplayFilter) -> Result<ReplaySumm
 
     let codec = Codec::prepare(config).await?;
     let builder = RecordBuilder::new(TopicRouter::new(&config.routing), codec);
-    let producer: FutureProducer = sink::producer_config(&config.kafka).create().map_err(ReplayError::Producer)?;
+    let producer: FutureProducer = sink::idempotent_config(&config.kafka).create().map_err(ReplayError::Producer)?;
     let principal = config.kafka.principal();
     let statement = client.prepare(&RowQuery::replay(store.sql(), &table.columns)).await?;
     let limit = i64::try_from(config.source.batch_rows).unwrap_or(i64::MAX);

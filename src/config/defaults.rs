@@ -29,6 +29,18 @@ pub fn message_timeout_ms() -> u64 {
 pub fn queue_max_messages() -> u64 {
     100_000
 }
+pub fn transaction_interval_ms() -> u64 {
+    100
+}
+pub fn transaction_max_rows() -> usize {
+    5_000
+}
+pub fn transaction_max_bytes() -> usize {
+    16 << 20
+}
+pub fn progress_topic() -> String {
+    "outbox-relay-progress".into()
+}
 pub fn source_mode() -> SourceMode {
     SourceMode::Logical
 }

@@ -116,6 +116,31 @@ pub struct KafkaConfig {
     /// SASL credentials, for `sasl_plaintext` and `sasl_ssl`.
     #[serde(default)]
     pub sasl: Option<KafkaSaslConfig>,
+    /// `at_least_once` (default) or `exactly_once`: Kafka transactions, so
+    /// `read_committed` consumers see each row once, across crashes and
+    /// failovers (see README, Exactly-once delivery).
+    #[serde(default)]
+    pub delivery: Delivery,
+    /// Exactly-once: the producer's `transactional.id`; by default derived
+    /// from the outbox's identity (database, table, slot), the same for
+    /// every relay of a group, so a new leader fences the old one.
+    #[serde(default)]
+    pub transactional_id: Option<String>,
+    /// Exactly-once: a transaction commits at the latest this long after
+    /// its first row, in milliseconds.
+    #[serde(default = "defaults::transaction_interval_ms")]
+    pub transaction_interval_ms: u64,
+    /// Exactly-once: rows per transaction at most.
+    #[serde(default = "defaults::transaction_max_rows")]
+    pub transaction_max_rows: usize,
+    /// Exactly-once: payload bytes per transaction at most (a single larger
+    /// row goes alone).
+    #[serde(default = "defaults::transaction_max_bytes")]
+    pub transaction_max_bytes: usize,
+    /// Exactly-once: the compacted topic of progress records, one per
+    /// transaction, keyed by the transactional id.
+    #[serde(default = "defaults::progress_topic")]
+    pub progress_topic: String,
     /// Raw librdkafka properties for everything else (client certificates,
     /// OAUTHBEARER, ...). Keys the typed options above or the relay's
     /// guarantees own are refused.
@@ -132,6 +157,18 @@ impl KafkaConfig {
             _ => "the relay's principal".to_string(),
         }
     }
+}
+
+/// What a consumer can count on (`kafka.delivery`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    /// Every row at least once; duplicates only from the in-flight window
+    /// after a crash or failover (consumers dedupe on `event_id`).
+    #[default]
+    AtLeastOnce,
+    /// Kafka transactions: `read_committed` consumers see each row once.
+    ExactlyOnce,
 }
 
 /// How the relay connects to the brokers (librdkafka `security.protocol`).
@@ -534,7 +571,34 @@ impl Config {
         self.validate_connections()?;
         self.validate_routing()?;
         self.validate_codec_and_limits()?;
+        self.validate_delivery()?;
         self.validate_leader()
+    }
+
+    /// kafka.delivery and its transactions.
+    fn validate_delivery(&self) -> Result<(), ConfigError> {
+        let invalid =
+            |key: &str, message: &str| Err(ConfigError::Invalid { key: key.to_string(), message: message.into() });
+        let kafka = &self.kafka;
+        if kafka.delivery != Delivery::ExactlyOnce {
+            return Ok(());
+        }
+        if kafka.transaction_interval_ms == 0 {
+            return invalid("kafka.transaction_interval_ms", "must be at least 1");
+        }
+        if kafka.transaction_max_rows == 0 {
+            return invalid("kafka.transaction_max_rows", "must be at least 1");
+        }
+        if kafka.transaction_max_bytes == 0 {
+            return invalid("kafka.transaction_max_bytes", "must be at least 1");
+        }
+        if kafka.progress_topic.trim().is_empty() {
+            return invalid("kafka.progress_topic", "must name a topic");
+        }
+        if kafka.transactional_id.as_deref().is_some_and(|id| id.trim().is_empty()) {
+            return invalid("kafka.transactional_id", "must not be empty (leave it out to derive it)");
+        }
+        Ok(())
     }
 
     /// leader.*.
@@ -750,6 +814,23 @@ impl Config {
     }
 
     /// The outbox table as a quoted, schema-qualified SQL name.
+    /// The Kafka `transactional.id` of exactly-once mode:
+    /// `kafka.transactional_id`, or `outbox-relay:<database>:<schema>.<table>:<slot>`.
+    pub fn transactional_id(&self) -> String {
+        if let Some(id) = &self.kafka.transactional_id {
+            return id.clone();
+        }
+        let database = self
+            .postgres
+            .url
+            .expose_secret()
+            .parse::<tokio_postgres::Config>()
+            .ok()
+            .and_then(|c| c.get_dbname().map(str::to_string))
+            .unwrap_or_default();
+        format!("outbox-relay:{database}:{}.{}:{}", self.outbox.schema, self.outbox.table, self.source.slot_name)
+    }
+
     pub fn outbox_table_sql(&self) -> String {
         format!("\"{}\".\"{}\"", self.outbox.schema, self.outbox.table)
     }
@@ -776,6 +857,8 @@ pub fn owned_librdkafka_key(key: &str) -> Option<&'static str> {
         | "max.in.flight"
         | "max.in.flight.requests.per.connection" => "the no-loss, in-order guarantee",
         "partitioner" => "per-key order compatible with the Java client",
+        "transactional.id" => "kafka.transactional_id",
+        "transaction.timeout.ms" => "kafka.delivery",
         _ => return None,
     })
 }

@@ -14,8 +14,10 @@
 
 pub mod connection;
 pub mod held;
+pub mod progress;
 pub mod record;
 pub mod topics;
+pub mod transaction;
 
 use std::sync::Arc;
 
@@ -29,9 +31,10 @@ pub use connection::{client_config, probe, ConnectError};
 pub use held::{HeldAt, HeldEntities, Holder, TooManyHeld};
 pub use record::{Outbound, RecordBuilder};
 pub use topics::Topics;
+pub use transaction::Transactions;
 
 use crate::codec::Codec;
-use crate::config::{Config, KafkaConfig};
+use crate::config::{Config, Delivery, KafkaConfig};
 use crate::delivery::{classify_for_topic, Ack, InFlight, PendingDelivery, PublishError, RoutedRow};
 use crate::outbox::{OutboxRow, SourceEvent};
 use crate::routing::TopicRouter;
@@ -48,10 +51,38 @@ pub enum SinkError {
     /// only an operator can fix that.
     #[error(transparent)]
     Refused(ConnectError),
+    /// Exactly-once: another producer with the same transactional id took
+    /// over (a new leader): stop at once and step down, never retry.
+    #[error("this relay's Kafka producer was fenced by a newer one with the same transactional id: {0}")]
+    Fenced(String),
+    /// Exactly-once: a transaction could not be begun, committed or read
+    /// back; the run restarts and nothing of it counts.
+    #[error("Kafka transaction failed: {0}")]
+    Transaction(String),
 }
 
-/// The producer properties for `config`.
-pub fn producer_config(config: &KafkaConfig) -> ClientConfig {
+/// The producer properties for `config`: idempotent; in exactly-once mode
+/// also transactional (`message.timeout.ms` may not exceed the transaction
+/// timeout there, so a delivery is retried for as long as a transaction may
+/// stay open).
+pub fn producer_config(config: &Config) -> ClientConfig {
+    let mut client = idempotent_config(&config.kafka);
+    if config.kafka.delivery == Delivery::ExactlyOnce {
+        let timeout = TRANSACTION_TIMEOUT_MS.to_string();
+        client
+            .set("transactional.id", config.transactional_id())
+            .set("transaction.timeout.ms", &timeout)
+            .set("message.timeout.ms", &timeout);
+    }
+    client
+}
+
+/// `transaction.timeout.ms` of exactly-once mode: how long the broker lets
+/// a transaction of a vanished producer stay open before it aborts it.
+const TRANSACTION_TIMEOUT_MS: u64 = 60_000;
+
+/// The idempotent producer's properties, never transactional (`relay replay`).
+pub fn idempotent_config(config: &KafkaConfig) -> ClientConfig {
     let mut client = client_config(config);
     client
         .set("enable.idempotence", "true")
@@ -73,13 +104,15 @@ pub struct KafkaSink {
     topics: Topics,
     builder: RecordBuilder,
     holder: Holder,
+    /// Exactly-once mode's bounds; `None` at least once.
+    transactions: Option<Transactions>,
 }
 
 impl KafkaSink {
     /// A sink whose held rows (and waiting rows) are decided by a holder
     /// over `held`, with the dead-letter topic if one is configured.
     pub fn new(config: &Config, held: HeldEntities, codec: Codec) -> Result<Self, SinkError> {
-        let producer: FutureProducer = producer_config(&config.kafka).create().map_err(SinkError::Client)?;
+        let producer: FutureProducer = producer_config(config).create().map_err(SinkError::Client)?;
         let admin = client_config(&config.kafka).create().map_err(SinkError::Client)?;
         let principal: Arc<str> = config.kafka.principal().into();
         let topics = Topics::new(admin, producer.clone(), config.routing.clone(), Arc::clone(&principal));
@@ -93,6 +126,7 @@ impl KafkaSink {
             topics,
             builder: RecordBuilder::new(TopicRouter::new(&config.routing), codec),
             holder,
+            transactions: (config.kafka.delivery == Delivery::ExactlyOnce).then(|| Transactions::new(config)),
         })
     }
 
@@ -109,6 +143,9 @@ impl KafkaSink {
         mut input: mpsc::Receiver<SourceEvent>,
         output: mpsc::Sender<InFlight>,
     ) -> Result<(), SinkError> {
+        if let Some(bounds) = self.transactions.take() {
+            return self.run_transactional(bounds, input, output).await;
+        }
         while let Some(event) = input.recv().await {
             let item = match event {
                 SourceEvent::Boundary(boundary) => InFlight::Boundary(boundary),

@@ -50,6 +50,16 @@ pub trait PublishStateStore {
 }
 
 impl super::Store {
+    /// Which of `ids` exist and are not recorded as published.
+    pub async fn unpublished_among(&self, client: &Client, ids: &[i64]) -> Result<HashSet<i64>, StoreError> {
+        let sql = format!(
+            "SELECT {id}::bigint FROM {table} WHERE {id} = ANY($1) AND published_at IS NULL",
+            id = self.sql.id,
+            table = self.sql.table
+        );
+        client.query(&sql, &[&ids]).await?.iter().map(|r| get(r, 0, &self.sql.names.id, "bigint")).collect()
+    }
+
     /// Which of `ids` are recorded as published.
     pub async fn published_among(&self, client: &Client, ids: &[i64]) -> Result<HashSet<i64>, StoreError> {
         let sql = format!(

@@ -33,6 +33,9 @@ pub const UNRECORDED_ROWS: &str = "outbox_relay_unrecorded_rows";
 pub const LEADER: &str = "outbox_relay_leader";
 pub const LEADER_TAKEOVERS_TOTAL: &str = "outbox_relay_leader_takeovers_total";
 pub const LEADER_LOST_TOTAL: &str = "outbox_relay_leader_lost_total";
+pub const TRANSACTIONS_TOTAL: &str = "outbox_relay_transactions_total";
+pub const TRANSACTION_ROWS: &str = "outbox_relay_transaction_rows";
+pub const TRANSACTION_COMMIT_SECONDS: &str = "outbox_relay_transaction_commit_seconds";
 
 /// Registers descriptions and units with the installed recorder.
 pub fn describe() {
@@ -44,6 +47,13 @@ pub fn describe() {
         "From the row's commit (or occurred_at) to Kafka's acknowledgement."
     );
     describe_counter!(PUBLISH_ERRORS_TOTAL, "Failed deliveries, by class (retriable, permanent).");
+    describe_counter!(TRANSACTIONS_TOTAL, "Exactly-once mode: Kafka transactions, by outcome (committed, aborted).");
+    describe_histogram!(TRANSACTION_ROWS, "Exactly-once mode: rows per committed transaction.");
+    describe_histogram!(
+        TRANSACTION_COMMIT_SECONDS,
+        Unit::Seconds,
+        "Exactly-once mode: from the last row's delivery report to the commit's acknowledgement."
+    );
     describe_counter!(HELD_ROWS_TOTAL, "Rows held because they cannot be published (their own error).");
     describe_gauge!(HELD_ENTITIES, "Entities whose rows wait behind a held row.");
     describe_gauge!(IN_FLIGHT, "Items between the source and their recorded publish state.");
@@ -128,6 +138,18 @@ pub fn in_flight_reset() {
 
 pub fn producer_queue(messages: i32) {
     gauge!(PRODUCER_QUEUE_MESSAGES).set(f64::from(messages));
+}
+
+/// A committed (with its rows and commit time) or aborted transaction.
+pub fn transaction(committed: Option<(usize, Duration)>) {
+    match committed {
+        Some((rows, took)) => {
+            counter!(TRANSACTIONS_TOTAL, "outcome" => "committed").increment(1);
+            histogram!(TRANSACTION_ROWS).record(rows as f64);
+            histogram!(TRANSACTION_COMMIT_SECONDS).record(took.as_secs_f64());
+        }
+        None => counter!(TRANSACTIONS_TOTAL, "outcome" => "aborted").increment(1),
+    }
 }
 
 pub fn queue_full() {

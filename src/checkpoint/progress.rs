@@ -1,0 +1,58 @@
+//! Exactly-once mode's recovery, before a run reads anything: rows that a
+//! committed transaction carried but whose publish state a crash kept from
+//! being recorded. The progress records are read back newest first
+//! (after `init_transactions`, so no open transaction of an earlier
+//! producer can still commit); each one's unrecorded rows are recorded with
+//! the partition and offset it names, until a record whose rows are all
+//! recorded: the checkpoint stage records in commit order, so every older
+//! one is recorded too.
+
+use tokio_postgres::Client;
+
+use super::CheckpointError;
+use crate::config::Config;
+use crate::sink::progress::ProgressReader;
+use crate::store::{PublishStateStore, Published, Store};
+
+/// Records what committed transactions carried and Postgres does not show
+/// as published; returns how many rows it recorded.
+pub async fn recover<S: PublishStateStore>(
+    config: &Config,
+    state: &S,
+    client: &Client,
+) -> Result<usize, CheckpointError> {
+    let store = Store::new(config);
+    let mut reader = ProgressReader::open(config).await?;
+    let mut recorded = 0;
+    while let Some(window) = reader.older().await? {
+        for record in window {
+            let ids: Vec<i64> = record.rows.iter().map(|r| r.id).collect();
+            let unrecorded = store.unpublished_among(client, &ids).await?;
+            if unrecorded.is_empty() {
+                return Ok(done(recorded));
+            }
+            let rows: Vec<Published> = record
+                .rows
+                .iter()
+                .filter(|r| unrecorded.contains(&r.id))
+                .map(|r| Published {
+                    id: r.id,
+                    topic: r.topic.clone(),
+                    partition: r.partition,
+                    offset: r.offset,
+                    xid: None,
+                })
+                .collect();
+            let refs: Vec<&Published> = rows.iter().collect();
+            recorded += state.record_published(&refs).await?.len();
+        }
+    }
+    Ok(done(recorded))
+}
+
+fn done(recorded: usize) -> usize {
+    if recorded > 0 {
+        tracing::info!(rows = recorded, "recorded rows that committed Kafka transactions carried before a crash");
+    }
+    recorded
+}

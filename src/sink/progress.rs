@@ -1,0 +1,215 @@
+//! Progress records of exactly-once mode: one per committed transaction, in
+//! the compacted topic `kafka.progress_topic`, keyed by the transactional
+//! id, listing every row the transaction carries and where it landed. They
+//! are written inside the transaction, so one is visible exactly when its
+//! rows are; read back with `isolation.level = read_committed` after
+//! `init_transactions`, newest first, they tell which committed rows
+//! Postgres may not show as published yet.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::message::{Message, OwnedHeaders};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+
+use super::{client_config, Outbound, SinkError};
+use crate::config::Config;
+use crate::delivery::{Ack, RoutedRow};
+
+/// Records read per partition and window when reading back.
+const WINDOW: i64 = 2_000;
+/// How long reading one window may take.
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What one committed transaction carried.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgressRecord {
+    pub transactional_id: String,
+    pub rows: Vec<ProgressRow>,
+}
+
+/// One row of a transaction: its id and where it landed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgressRow {
+    pub id: i64,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+impl ProgressRow {
+    pub fn new(row: &RoutedRow, ack: Ack) -> Self {
+        Self { id: row.row.id, topic: row.topic.clone(), partition: ack.partition, offset: ack.offset }
+    }
+}
+
+impl ProgressRecord {
+    /// The record for the progress topic (JSON, keyed by the transactional id).
+    pub fn outbound(&self, topic: &str) -> Result<Outbound, SinkError> {
+        let payload = serde_json::to_vec(self).map_err(|e| SinkError::Transaction(e.to_string()))?;
+        Ok(Outbound {
+            topic: topic.to_string(),
+            key: Bytes::copy_from_slice(self.transactional_id.as_bytes()),
+            payload: Bytes::from(payload),
+            headers: OwnedHeaders::new(),
+        })
+    }
+}
+
+/// Creates the progress topic when it is missing and topic creation is on:
+/// one partition, compacted (only each relay group's last record matters
+/// in the long run).
+pub async fn ensure_topic(config: &Config) -> Result<(), SinkError> {
+    if !config.routing.create_topics {
+        return Ok(());
+    }
+    let admin: AdminClient<DefaultClientContext> = client_config(&config.kafka).create().map_err(SinkError::Client)?;
+    let topic = NewTopic::new(
+        &config.kafka.progress_topic,
+        1,
+        TopicReplication::Fixed(config.routing.topic_replication_factor),
+    )
+    .set("cleanup.policy", "compact");
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics([&topic], &options)
+        .await
+        .map_err(|e| SinkError::Transaction(format!("cannot create the progress topic: {e}")))?;
+    for result in results {
+        match result {
+            Ok(_) => tracing::info!(topic = %config.kafka.progress_topic, "created the progress topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, code)) => {
+                return Err(SinkError::Transaction(format!(
+                    "cannot create the progress topic `{}`: {code}; create it (compacted) or grant CREATE",
+                    config.kafka.progress_topic
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads the progress topic back, newest window first.
+pub struct ProgressReader {
+    consumer: Option<BaseConsumer>,
+    topic: String,
+    transactional_id: String,
+    /// Per partition: the lowest offset and where the next older window ends.
+    partitions: Vec<(i32, i64, i64)>,
+}
+
+impl ProgressReader {
+    /// A reader positioned at the end of every partition of the topic.
+    pub async fn open(config: &Config) -> Result<Self, SinkError> {
+        let mut client = client_config(&config.kafka);
+        client
+            .set("group.id", format!("{}-progress", config.transactional_id()))
+            .set("isolation.level", "read_committed")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false");
+        let consumer: BaseConsumer = client.create().map_err(SinkError::Client)?;
+        let topic = config.kafka.progress_topic.clone();
+        let (consumer, partitions) = blocking(move || {
+            let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+            let mut partitions = Vec::new();
+            for t in metadata.topics().iter().filter(|t| t.name() == topic) {
+                for p in t.partitions() {
+                    let (low, high) = consumer.fetch_watermarks(&topic, p.id(), Duration::from_secs(10))?;
+                    partitions.push((p.id(), low, high));
+                }
+            }
+            Ok((consumer, partitions))
+        })
+        .await?;
+        Ok(Self {
+            consumer: Some(consumer),
+            topic: config.kafka.progress_topic.clone(),
+            transactional_id: config.transactional_id(),
+            partitions,
+        })
+    }
+
+    /// The next older window of this group's records, newest first; `None`
+    /// once the beginning of every partition was read.
+    pub async fn older(&mut self) -> Result<Option<Vec<ProgressRecord>>, SinkError> {
+        let windows: Vec<(i32, i64, i64)> = self
+            .partitions
+            .iter()
+            .filter(|(_, low, end)| end > low)
+            .map(|&(p, low, end)| (p, (end - WINDOW).max(low), end))
+            .collect();
+        if windows.is_empty() {
+            return Ok(None);
+        }
+        for (p, _, end) in &mut self.partitions {
+            if let Some((_, start, _)) = windows.iter().find(|(wp, _, _)| wp == p) {
+                *end = *start;
+            }
+        }
+        let consumer = self.consumer.take().ok_or_else(|| SinkError::Transaction("progress reader closed".into()))?;
+        let (topic, id) = (self.topic.clone(), self.transactional_id.clone());
+        let (consumer, mut records) = blocking(move || {
+            let mut found = Vec::new();
+            for (partition, start, end) in windows {
+                found.extend(read_window(&consumer, &topic, partition, start, end, &id)?.into_iter().map(|(_, r)| r));
+            }
+            Ok((consumer, found))
+        })
+        .await?;
+        self.consumer = Some(consumer);
+        records.reverse();
+        Ok(Some(records))
+    }
+}
+
+/// This group's records in `[start, end)` of one partition, oldest first.
+fn read_window(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    start: i64,
+    end: i64,
+    transactional_id: &str,
+) -> Result<Vec<(i64, ProgressRecord)>, rdkafka::error::KafkaError> {
+    let mut assignment = TopicPartitionList::new();
+    assignment.add_partition_offset(topic, partition, Offset::Offset(start))?;
+    consumer.assign(&assignment)?;
+    let deadline = Instant::now() + READ_TIMEOUT;
+    let mut found = Vec::new();
+    loop {
+        let position = consumer.position()?.find_partition(topic, partition).and_then(|e| e.offset().to_raw());
+        if position.is_some_and(|p| p >= end) || Instant::now() > deadline {
+            break;
+        }
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else { continue };
+        let message = message?;
+        if message.offset() >= end {
+            break;
+        }
+        if message.key() != Some(transactional_id.as_bytes()) {
+            continue;
+        }
+        if let Some(record) = message.payload().and_then(|p| serde_json::from_slice::<ProgressRecord>(p).ok()) {
+            found.push((message.offset(), record));
+        }
+    }
+    if Instant::now() > deadline {
+        return Err(rdkafka::error::KafkaError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut));
+    }
+    Ok(found)
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, rdkafka::error::KafkaError> + Send + 'static,
+) -> Result<T, SinkError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result.map_err(|e| SinkError::Transaction(format!("cannot read the progress topic: {e}"))),
+        Err(e) => Err(SinkError::Transaction(format!("cannot read the progress topic: {e}"))),
+    }
+}

@@ -1,0 +1,311 @@
+//! Exactly-once delivery (`kafka.delivery = "exactly_once"`): the sink sends
+//! the rows in Kafka transactions, each closed by a progress record
+//! ([`super::progress`]) that names every row it carries and where it
+//! landed, and hands the rows on to the checkpoint stage only once the
+//! transaction committed.
+//!
+//! Why no row is seen twice by a `read_committed` consumer:
+//! - A transaction's rows and its progress record become visible together,
+//!   or not at all. A crash before the commit aborts them (the next
+//!   producer's `init_transactions` does it, and fences the old one); the
+//!   rows are not recorded in Postgres, so they are sent again, once.
+//! - A crash after the commit but before the publish-state write leaves
+//!   committed rows unrecorded: at the next start the recovery reads the
+//!   progress records back and records those rows before anything is read
+//!   from the source (`checkpoint::progress`), and the sources skip rows
+//!   recorded as published.
+//! - Every relay of a group has the same `transactional.id`: a new leader's
+//!   `init_transactions` fences the old producer, whose next send or commit
+//!   fails; the sink then stops ([`SinkError::Fenced`]) and the relay steps
+//!   down. It never retries into a duplicate.
+//!
+//! Held rows keep per-entity order: a row refused at produce time is held
+//! before the transaction; a row refused in its delivery report aborts the
+//! transaction, is held, and the batch is sent again in a new transaction,
+//! where the later rows of its entity wait behind it.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, Producer};
+use tokio::sync::mpsc;
+
+use super::progress::{ProgressRecord, ProgressRow};
+use super::{HeldAt, KafkaSink, SinkError};
+use crate::config::Config;
+use crate::delivery::{InFlight, PublishError, RoutedRow};
+use crate::outbox::{OutboxRow, SourceEvent};
+use crate::telemetry::metrics;
+
+/// How long a blocking transaction call may take before it fails.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Aborted attempts of one batch before the run restarts.
+const MAX_ATTEMPTS: usize = 10;
+
+/// The bounds and names of exactly-once mode.
+#[derive(Debug, Clone)]
+pub struct Transactions {
+    pub transactional_id: String,
+    pub progress_topic: String,
+    pub interval: Duration,
+    pub max_rows: usize,
+    pub max_bytes: usize,
+    /// Test-only: a pause between a commit and handing the rows on, so a
+    /// test can kill the relay in that window (`RELAY_TEST_AFTER_COMMIT_DELAY_MS`).
+    pub after_commit_delay: Option<Duration>,
+}
+
+impl Transactions {
+    pub fn new(config: &Config) -> Self {
+        let kafka = &config.kafka;
+        let after_commit_delay = std::env::var("RELAY_TEST_AFTER_COMMIT_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis);
+        Self {
+            transactional_id: config.transactional_id(),
+            progress_topic: kafka.progress_topic.clone(),
+            interval: Duration::from_millis(kafka.transaction_interval_ms),
+            max_rows: kafka.transaction_max_rows,
+            max_bytes: kafka.transaction_max_bytes,
+            after_commit_delay,
+        }
+    }
+}
+
+/// Runs a blocking transaction call of the producer off the runtime.
+async fn call<F>(producer: &FutureProducer, f: F) -> Result<(), KafkaError>
+where
+    F: FnOnce(&FutureProducer) -> Result<(), KafkaError> + Send + 'static,
+{
+    let producer = producer.clone();
+    match tokio::task::spawn_blocking(move || f(&producer)).await {
+        Ok(result) => result,
+        Err(_) => Err(KafkaError::Canceled),
+    }
+}
+
+/// Whether `err` says another producer with the same transactional id took
+/// over (or the producer can go on no more): the relay must step down.
+pub fn is_fenced(err: &KafkaError) -> bool {
+    if let KafkaError::Transaction(e) = err {
+        if e.is_fatal() {
+            return true;
+        }
+    }
+    matches!(
+        err.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::Fenced
+                | RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+                | RDKafkaErrorCode::TransactionCoordinatorFenced
+        )
+    )
+}
+
+fn requires_abort(err: &KafkaError) -> bool {
+    matches!(err, KafkaError::Transaction(e) if e.txn_requires_abort())
+}
+
+/// A transaction call's failure as the sink's error.
+fn failure(what: &str, err: KafkaError) -> SinkError {
+    if is_fenced(&err) {
+        SinkError::Fenced(format!("{what}: {err}"))
+    } else {
+        SinkError::Transaction(format!("{what}: {err}"))
+    }
+}
+
+/// The next batch of source events, in order: from the first event, until
+/// the interval since it passed or the rows or bytes are reached. `None`
+/// when the source is done.
+async fn next_batch(input: &mut mpsc::Receiver<SourceEvent>, bounds: &Transactions) -> Option<Vec<SourceEvent>> {
+    let first = input.recv().await?;
+    let deadline = tokio::time::Instant::now() + bounds.interval;
+    let (mut rows, mut bytes) = (0, 0);
+    let mut batch = Vec::new();
+    let mut add = |event: SourceEvent, batch: &mut Vec<SourceEvent>| {
+        if let SourceEvent::Row(row) = &event {
+            rows += 1;
+            bytes += row.payload.len();
+        }
+        batch.push(event);
+        rows >= bounds.max_rows || bytes >= bounds.max_bytes
+    };
+    if add(first, &mut batch) {
+        return Some(batch);
+    }
+    loop {
+        match tokio::time::timeout_at(deadline, input.recv()).await {
+            Ok(Some(event)) => {
+                if add(event, &mut batch) {
+                    return Some(batch);
+                }
+            }
+            Ok(None) | Err(_) => return Some(batch),
+        }
+    }
+}
+
+/// What one attempt at a batch's transaction came to.
+enum Attempt {
+    /// Committed: the items, every delivery already acknowledged.
+    Committed(Vec<InFlight>),
+    /// A row was refused in its delivery report: the transaction was
+    /// aborted; hold this row and try again.
+    Refused(Box<RoutedRow>, String),
+}
+
+impl KafkaSink {
+    /// Fences every earlier producer with this transactional id and aborts
+    /// its open transaction. Before the recovery reads progress back.
+    pub async fn init_transactions(&self) -> Result<(), SinkError> {
+        call(&self.producer, |p| p.init_transactions(CALL_TIMEOUT))
+            .await
+            .map_err(|err| failure("cannot initialize transactions", err))
+    }
+
+    /// [`KafkaSink::run`] in exactly-once mode.
+    pub(super) async fn run_transactional(
+        mut self,
+        bounds: Transactions,
+        mut input: mpsc::Receiver<SourceEvent>,
+        output: mpsc::Sender<InFlight>,
+    ) -> Result<(), SinkError> {
+        while let Some(batch) = next_batch(&mut input, &bounds).await {
+            let items = self.send_batch(batch, &bounds).await?;
+            if let Some(delay) = bounds.after_commit_delay {
+                tracing::info!(
+                    delay_ms = delay.as_millis() as u64,
+                    "test delay: committed, publish state not yet recorded"
+                );
+                tokio::time::sleep(delay).await;
+            }
+            for item in items {
+                metrics::in_flight_inc();
+                if output.send(item).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one batch in a transaction until it commits, holding each row
+    /// refused in a delivery report and sending the rest again.
+    async fn send_batch(&mut self, batch: Vec<SourceEvent>, bounds: &Transactions) -> Result<Vec<InFlight>, SinkError> {
+        if !batch.iter().any(|e| matches!(e, SourceEvent::Row(_))) {
+            return Ok(batch.into_iter().filter_map(boundary).collect());
+        }
+        let mut refused: HashMap<i64, String> = HashMap::new();
+        let mut to_hold: Vec<(RoutedRow, String)> = Vec::new();
+        for _ in 0..MAX_ATTEMPTS {
+            call(&self.producer, |p| p.begin_transaction())
+                .await
+                .map_err(|e| failure("cannot begin a transaction", e))?;
+            // Inside the transaction, so a dead-letter copy goes with it.
+            for (row, error) in to_hold.drain(..) {
+                self.holder.hold(&row, &error, HeldAt::Delivery).await?;
+            }
+            match self.attempt(&batch, &refused, bounds).await? {
+                Attempt::Committed(items) => return Ok(items),
+                Attempt::Refused(row, error) => {
+                    metrics::transaction(None);
+                    metrics::publish_error(true);
+                    refused.insert(row.row.id, error.clone());
+                    to_hold.push((*row, error));
+                }
+            }
+        }
+        Err(SinkError::Transaction(format!("a batch was aborted {MAX_ATTEMPTS} times in a row")))
+    }
+
+    /// One transaction over `batch`: produce, wait for every delivery
+    /// report, add the progress record, commit.
+    async fn attempt(
+        &mut self,
+        batch: &[SourceEvent],
+        refused: &HashMap<i64, String>,
+        bounds: &Transactions,
+    ) -> Result<Attempt, SinkError> {
+        let mut items = Vec::with_capacity(batch.len());
+        for event in batch {
+            items.push(match event {
+                SourceEvent::Boundary(b) => InFlight::Boundary(*b),
+                SourceEvent::Row(row) => match refused.get(&row.id) {
+                    Some(error) => self.refused_item(row, error),
+                    None => self.publish(row.clone()).await?,
+                },
+            });
+        }
+        let mut settled = Vec::with_capacity(items.len());
+        let mut progress = Vec::new();
+        for item in items {
+            let InFlight::Sent { row, delivery } = item else {
+                settled.push(item);
+                continue;
+            };
+            match delivery.await {
+                Ok(ack) => {
+                    progress.push(ProgressRow::new(&row, ack));
+                    settled.push(InFlight::Sent { row, delivery: Box::pin(futures::future::ready(Ok(ack))) });
+                }
+                Err(PublishError::Permanent(error)) => {
+                    self.abort().await?;
+                    return Ok(Attempt::Refused(Box::new(row), error));
+                }
+                Err(PublishError::Retriable(error)) => {
+                    // A fenced producer fails here too; its abort says so.
+                    self.abort().await?;
+                    return Err(SinkError::Transaction(error));
+                }
+            }
+        }
+        self.commit(progress, bounds).await?;
+        Ok(Attempt::Committed(settled))
+    }
+
+    /// The item of a row held after an aborted attempt.
+    fn refused_item(&self, row: &OutboxRow, error: &str) -> InFlight {
+        let topic = self.builder.topic(row);
+        InFlight::Held { row: RoutedRow::new(row.clone(), topic), error: error.to_string() }
+    }
+
+    /// Adds the progress record and commits.
+    async fn commit(&self, rows: Vec<ProgressRow>, bounds: &Transactions) -> Result<(), SinkError> {
+        let count = rows.len();
+        let record = ProgressRecord { transactional_id: bounds.transactional_id.clone(), rows }
+            .outbound(&bounds.progress_topic)?;
+        if let Err(err) = super::record::produce(&self.producer, record).await {
+            let _ = self.abort().await;
+            return Err(failure("cannot send the progress record", err));
+        }
+        let started = Instant::now();
+        match call(&self.producer, |p| p.commit_transaction(CALL_TIMEOUT)).await {
+            Ok(()) => {
+                metrics::transaction(Some((count, started.elapsed())));
+                Ok(())
+            }
+            Err(err) if requires_abort(&err) => {
+                self.abort().await?;
+                Err(SinkError::Transaction(format!("the commit failed: {err}")))
+            }
+            Err(err) => Err(failure("the commit failed", err)),
+        }
+    }
+
+    async fn abort(&self) -> Result<(), SinkError> {
+        call(&self.producer, |p| p.abort_transaction(CALL_TIMEOUT))
+            .await
+            .map_err(|err| failure("cannot abort the transaction", err))
+    }
+}
+
+fn boundary(event: SourceEvent) -> Option<InFlight> {
+    match event {
+        SourceEvent::Boundary(b) => Some(InFlight::Boundary(b)),
+        SourceEvent::Row(_) => None,
+    }
+}
