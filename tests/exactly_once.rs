@@ -146,3 +146,93 @@ async fn kill_dash_nine_never_shows_a_row_twice_to_read_committed_consumers() {
     assert_eq!(wrong, 0, "rows whose recorded partition and offset do not hold their message");
     db.cleanup().await;
 }
+
+async fn row_state(client: &tokio_postgres::Client, id: i64) -> (bool, Option<String>, Option<i64>) {
+    let row = client
+        .query_one("SELECT published_at IS NOT NULL, last_error, waiting_for FROM outbox WHERE id = $1", &[&id])
+        .await
+        .expect("row");
+    (row.get(0), row.get(1), row.get(2))
+}
+
+async fn set_size_limit(bootstrap: &str, topic: &str, bytes: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", bootstrap).create().expect("admin client");
+    let alter = AlterConfig::new(ResourceSpecifier::Topic(topic)).set("max.message.bytes", bytes);
+    for result in admin.alter_configs([&alter], &AdminOptions::new()).await.expect("alter topic") {
+        result.expect("limit changed");
+    }
+}
+
+/// A row the broker refuses inside a transaction (its topic's size limit
+/// was lowered after the relay read it, so only the delivery report tells):
+/// the transaction is aborted, the row held, its entity's later rows wait,
+/// the rest is delivered once; after `held retry` the entity's rows arrive
+/// once each, in order, for a read_committed consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_refused_inside_a_transaction_is_held_and_the_rest_delivered_once() {
+    let stack = Stack::from_env();
+    let db = TestDb::new(&stack).await;
+    let config = db.write_config(EXACTLY_ONCE);
+    db.migrate(&config);
+    let client = db.client().await;
+    let mut relay = start_relay(&config, 0);
+    relay.http_base().await;
+    // The relay learns the topic's (default) limit with a first row.
+    insert_row(&client, "big", "warm", 1).await;
+    wait_all_published(&client, Duration::from_secs(60)).await;
+    let big = db.topic("big");
+    set_size_limit(&stack.bootstrap, &big, "10000").await;
+
+    // Random text: compression cannot bring it under the limit.
+    let blob: String = (0..700).map(|_| uuid::Uuid::new_v4().simple().to_string()).collect();
+    let payload = serde_json::json!({ "entity": "b-1", "seq": 1, "blob": blob });
+    let e1: i64 = client
+        .query_one(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, kind, entity_version, payload) \
+             VALUES ('big', 'b-1', 'Changed', 'event', 1, $1) RETURNING id",
+            &[&payload],
+        )
+        .await
+        .expect("insert E1")
+        .get(0);
+    let e2 = insert_row(&client, "big", "b-1", 2).await;
+    let e3 = insert_row(&client, "big", "b-1", 3).await;
+    for seq in 1..=20 {
+        insert_row(&client, "entity", &format!("e{}", seq % 4), seq / 4 + 1).await;
+    }
+    let held = wait_for("E1 held", Duration::from_secs(60), || async {
+        let (published, error, _) = row_state(&client, e1).await;
+        (!published).then_some(error).flatten()
+    })
+    .await;
+    assert!(held.contains("MessageSizeTooLarge") || held.to_lowercase().contains("too large"), "{held}");
+    for id in [e2, e3] {
+        let state = wait_for("a later row to wait", Duration::from_secs(60), || async {
+            let state = row_state(&client, id).await;
+            (state.2.is_some()).then_some(state)
+        })
+        .await;
+        assert_eq!(state.2, Some(e1), "waits behind E1: {state:?}");
+    }
+    let entity_rows = consume(&stack.bootstrap, &[&db.topic("entity")], 20, Duration::from_secs(60));
+    assert_eq!(entity_rows.len(), 20, "the other topic's rows, once each");
+    assert!(relay.log_text().contains("held_at=Delivery"), "{}", relay.log_text());
+
+    set_size_limit(&stack.bootstrap, &big, "1000000").await;
+    let output = relay_command(&config).args(["held", "retry", &e1.to_string()]).output().expect("held retry");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(wait_all_published(&client, Duration::from_secs(60)).await, 24, "{}", relay.log_text());
+    assert_eq!(relay.terminate(Duration::from_secs(20)), Some(0), "{}", relay.log_text());
+    let committed = python_consume(&stack, &big, "read_committed");
+    let seqs: Vec<i64> = committed
+        .iter()
+        .filter(|r| r.key == "b-1")
+        .map(|r| serde_json::from_str::<serde_json::Value>(&r.value).expect("JSON")["seq"].as_i64().expect("seq"))
+        .collect();
+    assert_eq!(seqs, vec![1, 2, 3], "E1, E2, E3 once each, in order");
+    let entity = python_consume(&stack, &db.topic("entity"), "read_committed");
+    assert_eq!(entity.len(), 20, "the other rows exactly once");
+    db.cleanup().await;
+}
