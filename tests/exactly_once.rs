@@ -236,3 +236,87 @@ async fn a_row_refused_inside_a_transaction_is_held_and_the_rest_delivered_once(
     assert_eq!(entity.len(), 20, "the other rows exactly once");
     db.cleanup().await;
 }
+
+/// Two relays, exactly-once: the active one is frozen (SIGSTOP) past its
+/// lease, the standby takes over (its `init_transactions` fences the frozen
+/// producer); woken up, the old relay records nothing and nothing it sends
+/// becomes visible: a read_committed consumer sees every row once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_leader_is_fenced_and_read_committed_sees_each_row_once() {
+    let stack = Stack::from_env();
+    let db = TestDb::new(&stack).await;
+    let extra = format!("{EXACTLY_ONCE}\nleader.renew_interval_ms = 500\nleader.lease_timeout_ms = 3000");
+    let configs: Vec<PathBuf> = (0..2)
+        .map(|n| {
+            let toml = db.config_toml(&extra).replace(&db.url, &format!("{}?application_name=eo-{n}", db.url));
+            let path = db.dir.path().join(format!("eo-{n}.toml"));
+            std::fs::write(&path, toml).expect("write config");
+            path
+        })
+        .collect();
+    db.migrate(&configs[0]);
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "CREATE TABLE audit (app text, at timestamptz DEFAULT clock_timestamp());
+             CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN INSERT INTO audit (app) VALUES (current_setting('application_name')); RETURN NULL; END $$;
+             CREATE TRIGGER audit AFTER UPDATE ON outbox FOR EACH ROW EXECUTE FUNCTION audit();",
+        )
+        .await
+        .expect("audit trigger");
+    let mut relays: Vec<RelayProcess> = configs.iter().map(|c| start_relay(c, 0)).collect();
+    let holder_pid = || async {
+        let row = client.query_opt("SELECT holder FROM outbox_relay_leader", &[]).await.ok()??;
+        let holder: String = row.get(0);
+        holder.split(':').nth(1)?.parse::<u32>().ok()
+    };
+    let active = wait_for("a leader", Duration::from_secs(60), || async {
+        let pid = holder_pid().await?;
+        relays.iter().position(|r| r.child.id() == pid)
+    })
+    .await;
+    const TOTAL: usize = 2_000;
+    let workload = spawn_paced_workload(&db.url, TOTAL, 20, 4, Some(300.0));
+    wait_for("some progress", Duration::from_secs(60), || async { (published(&client).await >= 300).then_some(()) })
+        .await;
+
+    let pid = relays[active].child.id().to_string();
+    let signal = |name: &str| {
+        let status = Command::new("kill").arg(format!("-{name}")).arg(&pid).status().expect("kill");
+        assert!(status.success(), "kill -{name}");
+    };
+    signal("STOP");
+    let standby = 1 - active;
+    let standby_pid = relays[standby].child.id();
+    wait_for("the standby to take over", Duration::from_secs(60), || async {
+        (holder_pid().await? == standby_pid).then_some(())
+    })
+    .await;
+    wait_for("the new leader to publish", Duration::from_secs(60), || async {
+        let n: i64 = client
+            .query_one("SELECT count(*) FROM audit WHERE app = $1", &[&format!("eo-{standby}")])
+            .await
+            .ok()?
+            .get(0);
+        (n > 0).then_some(())
+    })
+    .await;
+    let woke = chrono::Utc::now();
+    signal("CONT");
+    workload.await.expect("workload");
+    assert_eq!(wait_all_published(&client, Duration::from_secs(120)).await, TOTAL as i64);
+    let late: i64 = client
+        .query_one("SELECT count(*) FROM audit WHERE app = $1 AND at > $2", &[&format!("eo-{active}"), &woke])
+        .await
+        .expect("audit")
+        .get(0);
+    assert_eq!(late, 0, "the woken relay recorded publish state");
+    for relay in &mut relays {
+        assert_eq!(relay.terminate(Duration::from_secs(20)), Some(0), "{}", relay.log_text());
+    }
+    let committed = python_consume(&stack, &db.topic("entity"), "read_committed");
+    let distinct: std::collections::HashSet<&str> = committed.iter().map(|r| r.event_id.as_str()).collect();
+    assert_eq!((committed.len(), distinct.len()), (TOTAL, TOTAL), "every row exactly once");
+    db.cleanup().await;
+}
