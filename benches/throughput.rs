@@ -186,6 +186,11 @@ async fn main() {
     let schemas = stack.repo.join("benches/schemas");
     let scenarios = [
         Scenario { name: "logical, JSON", extra_toml: String::new(), avro: false },
+        Scenario {
+            name: "logical, JSON, exactly-once",
+            extra_toml: "kafka.delivery = \"exactly_once\"".into(),
+            avro: false,
+        },
         Scenario { name: "poll, JSON", extra_toml: "source.mode = \"poll\"".into(), avro: false },
         Scenario {
             name: "logical, Avro",

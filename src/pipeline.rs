@@ -134,6 +134,11 @@ impl PipelineError {
             Self::Schema(e) if e.is_fatal() => return ErrorPolicy::Operator(e.operator_fix().into()),
             Self::NeedsOperator { fix, .. } => return ErrorPolicy::Operator(fix.clone()),
             Self::Sink(SinkError::Refused(e)) => return ErrorPolicy::Operator(e.fix().into()),
+            Self::Sink(SinkError::TransactionalIdRefused(_)) => {
+                return ErrorPolicy::Operator(
+                    "grant WRITE and DESCRIBE on TRANSACTIONAL_ID (kafka.transactional_id, prefixed) to the relay's principal, or use kafka.delivery = \"at_least_once\"".into(),
+                )
+            }
             Self::TooManyHeld(_)
             | Self::Sink(SinkError::TooManyHeld(_))
             | Self::Checkpoint(CheckpointError::TooManyHeld(_)) => {

@@ -300,3 +300,58 @@ async fn a_refused_password_stops_the_relay_with_the_keys_to_fix() {
     assert!(!log.contains("not-the-password"), "the password appears in the log");
     db.cleanup().await;
 }
+
+/// Exactly-once over SASL_SSL: with the README's ACLs (the topics and the
+/// progress topic by prefix, the transactional id by prefix) rows arrive;
+/// without the transactional-id ACL the relay stops with exit code 1 and
+/// the ACL to grant, instead of retrying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_needs_the_transactional_id_acl_and_says_so() {
+    let stack = Stack::from_env();
+    let sasl = Sasl::from_env();
+    let db = TestDb::new(&stack).await;
+    let prefix = format!("{}.", db.topic_prefix);
+    grant(&stack, &sasl.user, &["Write", "Describe", "Create", "DescribeConfigs", "Read"], &prefix, "prefixed");
+    let transactional_id = format!("{}-txn", db.topic_prefix);
+    let extra = format!(
+        "{}kafka.delivery = \"exactly_once\"\nkafka.transactional_id = \"{transactional_id}\"\nkafka.progress_topic = \"{prefix}progress\"\n",
+        sasl.keys(&sasl.password, &sasl.ca_file)
+    );
+    let config = write_config(&db, &sasl.bootstrap, &extra);
+    db.migrate(&config);
+    let client = db.client().await;
+    insert_row(&client, "order", "o-1", 1).await;
+    let mut relay = RelayProcess::start(&config);
+    let code = wait_for("the relay to stop", Duration::from_secs(120), || {
+        let code = relay.child.try_wait().ok().flatten().map(|s| s.code());
+        async move { code }
+    })
+    .await;
+    let log = relay.log_text();
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("TRANSACTIONAL_ID") && log.contains("kafka.transactional_id"), "{log}");
+
+    let mut command = Command::new(stack.repo.join("scripts/kafka-tool"));
+    command.args([
+        "org.apache.kafka.tools.AclCommand",
+        "--bootstrap-server",
+        &stack.bootstrap,
+        "--add",
+        "--allow-principal",
+        &format!("User:{}", sasl.user),
+        "--transactional-id",
+        &transactional_id,
+        "--resource-pattern-type",
+        "prefixed",
+        "--operation",
+        "Write",
+        "--operation",
+        "Describe",
+    ]);
+    let output = command.output().expect("run AclCommand");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let mut relay = RelayProcess::start(&config);
+    assert_eq!(wait_all_published(&client, Duration::from_secs(60)).await, 1, "{}", relay.log_text());
+    assert_eq!(relay.terminate(Duration::from_secs(20)), Some(0), "{}", relay.log_text());
+    db.cleanup().await;
+}

@@ -55,6 +55,9 @@ pub enum SinkError {
     /// over (a new leader): stop at once and step down, never retry.
     #[error("this relay's Kafka producer was fenced by a newer one with the same transactional id: {0}")]
     Fenced(String),
+    /// Exactly-once: the principal may not use the transactional id.
+    #[error("Kafka refused the transactional id: {0}")]
+    TransactionalIdRefused(String),
     /// Exactly-once: a transaction could not be begun, committed or read
     /// back; the run restarts and nothing of it counts.
     #[error("Kafka transaction failed: {0}")]

@@ -111,6 +111,9 @@ fn requires_abort(err: &KafkaError) -> bool {
 
 /// A transaction call's failure as the sink's error.
 fn failure(what: &str, err: KafkaError) -> SinkError {
+    if err.rdkafka_error_code() == Some(RDKafkaErrorCode::TransactionalIdAuthorizationFailed) {
+        return SinkError::TransactionalIdRefused(format!("{what}: {err}"));
+    }
     if is_fenced(&err) {
         SinkError::Fenced(format!("{what}: {err}"))
     } else {
