@@ -312,3 +312,25 @@ async fn secrets_never_appear_in_output_logs_or_endpoints() {
     role.drop(&db).await;
     db.cleanup().await;
 }
+
+/// Poll mode as the runtime role on an outbox migrated for logical mode (no
+/// NOTIFY trigger, which the role may not create): it warns and polls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poll_mode_without_its_trigger_warns_and_polls() {
+    let stack = Stack::from_env();
+    let db = TestDb::new(&stack).await;
+    let owner = db.write_config("");
+    db.migrate(&owner);
+    let poll = db.write_config("source.mode = \"poll\"\nsource.poll_interval_ms = 200");
+    let role = RuntimeRole::create(&db, &poll).await;
+    let client = db.client().await;
+    let config = role.config(&db, "source.mode = \"poll\"\nsource.poll_interval_ms = 200");
+    let mut relay = RelayProcess::start(&config);
+    insert_row(&client, "entity", "a", 1).await;
+    assert_eq!(wait_all_published(&client, Duration::from_secs(60)).await, 1, "{}", relay.log_text());
+    let log = relay.log_text();
+    assert!(log.contains("the NOTIFY trigger is missing"), "{log}");
+    assert_eq!(relay.terminate(Duration::from_secs(20)), Some(0), "{log}");
+    role.drop(&db).await;
+    db.cleanup().await;
+}

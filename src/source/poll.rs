@@ -245,7 +245,14 @@ impl PollSource {
         // LISTEN before the first poll, so no commit falls between the two.
         let (_listener, mut wake) = self.listen().await?;
         let client = database::connect(&self.config.postgres).await?;
-        set_notify_trigger(&client, &self.config, true).await?;
+        if let Err(err) = set_notify_trigger(&client, &self.config, true).await {
+            // Polling works without it, only later (every poll_interval_ms);
+            // a role with just the runtime grants cannot create a trigger.
+            if err.code() != Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
+                return Err(err.into());
+            }
+            tracing::warn!(error = %crate::telemetry::ErrorChain(&err), "the NOTIFY trigger is missing and this role may not create it: rows are found every source.poll_interval_ms instead of at once; run `relay migrate` in poll mode as the table's owner");
+        }
         let (statement, layout) = self.prepare(&client).await?;
         let source = &self.config.source;
         let limit = i64::try_from(source.batch_rows).unwrap_or(i64::MAX);
