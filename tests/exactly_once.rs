@@ -332,3 +332,34 @@ async fn a_frozen_leader_is_fenced_and_read_committed_sees_each_row_once() {
     assert_eq!((committed.len(), distinct.len()), (TOTAL, TOTAL), "every row exactly once");
     db.cleanup().await;
 }
+
+/// The catch-up phase (a lost slot) publishes in transactions too: a kill
+/// inside it, then a restart, and read_committed sees each row once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_catch_up_phase_is_exactly_once_too() {
+    let stack = Stack::from_env();
+    let db = TestDb::new(&stack).await;
+    let config = db.write_config(&format!("{EXACTLY_ONCE}\nsource.batch_rows = 100"));
+    db.migrate(&config);
+    let client = db.client().await;
+    // The slot is lost while rows wait: the next start catches up through
+    // the poll path.
+    client.query_one("SELECT pg_drop_replication_slot($1)", &[&db.slot]).await.expect("drop slot");
+    const TOTAL: usize = 2_000;
+    spawn_workload(&db.url, TOTAL, 20, 4).await.expect("workload");
+    let mut relay = start_relay(&config, 200);
+    wait_for("the catch-up phase to commit", Duration::from_secs(60), || async {
+        let log = relay.log_text();
+        (log.contains("catch-up phase due") && log.contains(WINDOW_OPEN)).then_some(())
+    })
+    .await;
+    relay.kill9();
+    let mut relay = start_relay(&config, 0);
+    relay.http_base().await;
+    assert_eq!(wait_all_published(&client, Duration::from_secs(120)).await, TOTAL as i64, "{}", relay.log_text());
+    assert_eq!(relay.terminate(Duration::from_secs(20)), Some(0), "{}", relay.log_text());
+    let committed = python_consume(&stack, &db.topic("entity"), "read_committed");
+    let distinct: std::collections::HashSet<&str> = committed.iter().map(|r| r.event_id.as_str()).collect();
+    assert_eq!((committed.len(), distinct.len()), (TOTAL, TOTAL), "every row exactly once");
+    db.cleanup().await;
+}
