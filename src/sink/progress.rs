@@ -62,8 +62,10 @@ impl ProgressRecord {
 }
 
 /// Creates the progress topic when it is missing and topic creation is on:
-/// one partition, compacted (only each relay group's last record matters
-/// in the long run).
+/// one partition, compacted with hourly segments (only each relay group's
+/// last records matter in the long run). A start reads it back from the
+/// end until it finds a record of its own group whose rows are recorded;
+/// the first start of a group reads it all.
 pub async fn ensure_topic(config: &Config) -> Result<(), SinkError> {
     if !config.routing.create_topics {
         return Ok(());
@@ -74,7 +76,10 @@ pub async fn ensure_topic(config: &Config) -> Result<(), SinkError> {
         1,
         TopicReplication::Fixed(config.routing.topic_replication_factor),
     )
-    .set("cleanup.policy", "compact");
+    .set("cleanup.policy", "compact")
+    // Small segments, so compaction keeps what a start reads back small
+    // (the active segment is never compacted; the default rolls weekly).
+    .set("segment.ms", "3600000");
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let results = admin
         .create_topics([&topic], &options)
