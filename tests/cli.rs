@@ -95,3 +95,21 @@ fn help_lists_the_subcommands() {
         assert!(stdout.contains(sub), "{sub} missing from --help");
     }
 }
+
+/// `relay --version`: the crate version and the git revision of the build
+/// (build.rs), `unknown` only where the build had no git checkout.
+#[test]
+fn version_names_the_git_revision() {
+    let output = relay().arg("--version").output().expect("run");
+    assert!(output.status.success());
+    let printed = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    let revision = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    assert_eq!(printed, format!("relay {} (git {revision})", env!("CARGO_PKG_VERSION")));
+}
