@@ -58,7 +58,7 @@ COPY schemas/ /rootfs/usr/share/outbox-relay/schemas/
 RUN set -eu; \
     bins="/rootfs/usr/local/bin/relay /rootfs/usr/local/bin/order-service"; \
     if ldd $bins | grep 'not found'; then echo "shared libraries missing on ${BASE:-the base}" >&2; exit 1; fi; \
-    for lib in $(ldd $bins | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }' | sort -u); do \
+    for lib in $(ldd $bins | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// && NF == 2 { print $1 }' | sort -u); do \
       mkdir -p "/rootfs$(dirname "$lib")"; cp -L "$lib" "/rootfs$lib"; \
     done; \
     mkdir -p /rootfs/etc/ssl/certs /rootfs/usr/lib/ssl /rootfs/tmp; \
