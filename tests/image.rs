@@ -169,7 +169,8 @@ fn sidecar_run(db: &TestDb, config: &Path, http_port: u16, detach_name: Option<&
 }
 
 fn container_state(name: &str, field: &str) -> String {
-    let output = run(podman().args(["inspect", "--format", &format!("{{{{.State.{field}}}}}"), name]), "podman inspect");
+    let output =
+        run(podman().args(["inspect", "--format", &format!("{{{{.State.{field}}}}}"), name]), "podman inspect");
     assert!(output.status.success(), "podman inspect {name}: {}", text(&output));
     String::from_utf8_lossy(&output.stdout).trim().to_string()
 }
@@ -189,10 +190,6 @@ fn proc_status(pid: &str, key: &str) -> String {
         .split_whitespace()
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-fn compose_file() -> PathBuf {
-    repo().join("docker-compose.yml")
 }
 
 /// docker-compose.yml as Debian's docker-compose resolves and validates it
@@ -232,11 +229,13 @@ async fn the_image_runs_as_the_sidecar_and_stops_cleanly_on_sigterm() {
     let http_port = free_port();
 
     // Migrations from the image too (as a Kubernetes Job would run them).
-    let output = run(&mut sidecar_run(&db, &config, http_port, None, &["--config", CONFIG_IN_CONTAINER, "migrate"]), "migrate");
+    let output =
+        run(&mut sidecar_run(&db, &config, http_port, None, &["--config", CONFIG_IN_CONTAINER, "migrate"]), "migrate");
     assert!(output.status.success(), "relay migrate in the container failed: {}", text(&output));
 
     // `relay check` inside the container: every component ok.
-    let output = run(&mut sidecar_run(&db, &config, http_port, None, &["--config", CONFIG_IN_CONTAINER, "check"]), "check");
+    let output =
+        run(&mut sidecar_run(&db, &config, http_port, None, &["--config", CONFIG_IN_CONTAINER, "check"]), "check");
     let report = String::from_utf8_lossy(&output.stdout).to_string();
     assert!(output.status.success(), "relay check in the container failed:\n{}", text(&output));
     for component in ["config", "postgres", "kafka", "registry"] {
@@ -281,7 +280,11 @@ async fn the_image_runs_as_the_sidecar_and_stops_cleanly_on_sigterm() {
     let healthcheck = yaml_strings(&compose["services"]["relay"]["healthcheck"]["test"]);
     assert_eq!(healthcheck.first().map(String::as_str), Some("CMD"), "healthcheck without a shell: {healthcheck:?}");
     let output = run(podman().args(["exec", &name]).args(&healthcheck[1..]), "podman exec healthcheck");
-    assert!(output.status.success(), "the compose healthcheck {healthcheck:?} fails in the container: {}", text(&output));
+    assert!(
+        output.status.success(),
+        "the compose healthcheck {healthcheck:?} fails in the container: {}",
+        text(&output)
+    );
 
     // Rows written to the outbox arrive in Kafka, keyed by entity.
     let client = db.client().await;
@@ -344,7 +347,13 @@ fn the_image_has_no_shell_and_knows_its_version() {
     // Nothing but the relay to run: no shell for an attacker or a wrapper.
     for shell in ["/bin/sh", "/bin/bash", "/usr/bin/sh"] {
         let mut command = podman();
-        command.arg("run").arg("--rm").args(RUN_OPTIONS).args(["--entrypoint", shell]).arg(image()).args(["-c", "true"]);
+        command
+            .arg("run")
+            .arg("--rm")
+            .args(RUN_OPTIONS)
+            .args(["--entrypoint", shell])
+            .arg(image())
+            .args(["-c", "true"]);
         let output = run(&mut command, "shell");
         assert!(!output.status.success(), "{shell} exists in the image");
     }
@@ -373,7 +382,9 @@ fn compose_and_kubernetes_name_what_the_image_serves() {
         .as_sequence()
         .expect("ports")
         .iter()
-        .filter_map(|p| p["target"].as_u64().or_else(|| p.as_str()?.rsplit(':').next()?.trim_end_matches("/tcp").parse().ok()))
+        .filter_map(|p| {
+            p["target"].as_u64().or_else(|| p.as_str()?.rsplit(':').next()?.trim_end_matches("/tcp").parse().ok())
+        })
         .collect();
     assert_eq!(published, [u64::from(port)], "relay ports: {:?}", relay["ports"]);
     let healthcheck = yaml_strings(&relay["healthcheck"]["test"]);
@@ -383,7 +394,10 @@ fn compose_and_kubernetes_name_what_the_image_serves() {
         "relay healthcheck (the_image_runs_as_the_sidecar_... runs it in the container)"
     );
     let grace = relay["stop_grace_period"].as_str().unwrap_or("10s");
-    assert!(grace.ends_with('s') && grace.trim_end_matches('s').parse::<u64>().unwrap_or(0) > 10, "stop_grace_period {grace} must exceed shutdown_timeout_ms (10 s)");
+    assert!(
+        grace.ends_with('s') && grace.trim_end_matches('s').parse::<u64>().unwrap_or(0) > 10,
+        "stop_grace_period {grace} must exceed shutdown_timeout_ms (10 s)"
+    );
 
     let pod = pod_relay_container();
     assert_eq!(pod["image"].as_str(), Some(released_image_name().as_str()), "pod.yaml relay image");
@@ -396,6 +410,10 @@ fn compose_and_kubernetes_name_what_the_image_serves() {
     assert_eq!(env_listen, Some(format!("0.0.0.0:{port}").as_str()), "pod.yaml http_listen");
     assert_eq!(pod["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(pod["readinessProbe"]["httpGet"]["path"], "/readyz");
-    assert_eq!(pod["securityContext"]["runAsUser"].as_u64(), Some(10001), "pod.yaml runAsUser = the image's user");
+    let user = image_config["User"].as_str().expect("the image names its user");
+    let (uid, gid) = user.split_once(':').expect("USER uid:gid");
+    let pod_user = |key: &str| pod["securityContext"][key].as_u64().map(|id| id.to_string());
+    assert_eq!(pod_user("runAsUser").as_deref(), Some(uid), "pod.yaml runAsUser = the image's user {user}");
+    assert_eq!(pod_user("runAsGroup").as_deref(), Some(gid), "pod.yaml runAsGroup = the image's group {user}");
     assert_eq!(pod["securityContext"]["readOnlyRootFilesystem"], true);
 }

@@ -44,15 +44,15 @@ mod tests {
     use super::*;
 
     fn config_listening_on(addr: &str) -> Config {
-        let mut config = Config::from_toml_str("postgres.url = \"postgres://relay@db/outbox\"").expect("minimal config");
+        let minimal = "postgres.url = \"postgres://relay@db/outbox\"\nkafka.bootstrap_servers = \"kafka:9092\"";
+        let mut config = Config::from_toml_str(minimal).expect("minimal config");
         config.telemetry.http_listen = addr.to_string();
         config
     }
 
     #[test]
     fn unspecified_listen_addresses_are_probed_on_loopback() {
-        let cases =
-            [("0.0.0.0:9187", "127.0.0.1:9187"), ("[::]:9187", "[::1]:9187"), ("10.1.2.3:80", "10.1.2.3:80")];
+        let cases = [("0.0.0.0:9187", "127.0.0.1:9187"), ("[::]:9187", "[::1]:9187"), ("10.1.2.3:80", "10.1.2.3:80")];
         for (listen, probed) in cases {
             assert_eq!(local_addr(&config_listening_on(listen)).unwrap().to_string(), probed, "{listen}");
         }
