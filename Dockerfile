@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # outbox-relay: the relay and the example order-service, in an image of the
 # two binaries, the shared libraries they load, CA certificates and a passwd
-# entry for uid 10001; no shell, no package manager (about 36 MB).
+# entry for uid 10001; no shell, no package manager (31 MB).
 #
 #   docker build --build-arg RELAY_GIT_REVISION=$(git rev-parse --short HEAD) -t outbox-relay:0.1.0 .
 #   docker run --rm -v $PWD/relay.toml:/etc/relay/relay.toml:ro outbox-relay:0.1.0
@@ -37,8 +37,8 @@ RUN RELAY_GIT_REVISION="${RELAY_GIT_REVISION}" cargo build --release --locked --
  && strip -o /out/order-service target/release/order-service
 
 FROM scratch AS prebuilt
-# A directory under target/ holding stripped `relay` and `order-service`
-# (.dockerignore lets target/image/ through, nothing else of target/).
+# A directory under target/image/ holding stripped `relay` and `order-service`
+# (.containerignore, which podman reads, lets target/image/ through).
 ARG PREBUILT=target/image/release
 COPY ${PREBUILT}/relay ${PREBUILT}/order-service /out/
 
