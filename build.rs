@@ -3,6 +3,8 @@
 //! (a Docker build context without `.git`, a source tarball).
 //! `RELAY_GIT_REVISION` set in the build's environment wins, so such builds
 //! can still pass it in (the Dockerfile's build argument of that name).
+//! The cost: a commit or checkout reruns this script, which rebuilds the
+//! crate (not its dependencies) on the next cargo build.
 
 use std::path::Path;
 use std::process::Command;
