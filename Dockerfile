@@ -78,6 +78,9 @@ FROM scratch
 ARG RELAY_GIT_REVISION=unknown
 COPY --from=rootfs /rootfs/ /
 ENV PATH=/usr/local/bin
+# The config file when no --config is given, so `docker run IMAGE check`
+# (or status, held, migrate) works with the file mounted where the sidecar has it.
+ENV RELAY_CONFIG=/etc/relay/relay.toml
 # codec.schemas_dir defaults to the relative `schemas`: the shipped ones.
 WORKDIR /usr/share/outbox-relay
 USER 10001:10001

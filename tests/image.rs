@@ -146,25 +146,44 @@ fn sidecar_config(db: &TestDb) -> PathBuf {
     path
 }
 
+/// Environment and mounts of one `podman run` beyond the sidecar's own.
+#[derive(Default)]
+struct Extra {
+    env: Vec<(&'static str, String)>,
+    volumes: Vec<String>,
+}
+
 /// `podman run` of the image as the sidecar, with `args` after the image
 /// (none: the image's default command, `--config /etc/relay/relay.toml`).
-fn sidecar_run(db: &TestDb, config: &Path, http_port: u16, detach_name: Option<&str>, args: &[&str]) -> Command {
+fn sidecar_run(
+    db: &TestDb,
+    config: &Path,
+    http_port: u16,
+    detach_name: Option<&str>,
+    extra: Extra,
+    args: &[&str],
+) -> Command {
     let mut command = podman();
     command.arg("run").args(RUN_OPTIONS);
     match detach_name {
         Some(name) => command.args(["-d", "--name", name]),
         None => command.arg("--rm"),
     };
-    command
-        .arg("-v")
-        .arg(format!("{}:{CONFIG_IN_CONTAINER}:ro", config.display()))
+    command.arg("-v").arg(format!("{}:{CONFIG_IN_CONTAINER}:ro", config.display()));
+    for volume in &extra.volumes {
+        command.arg("-v").arg(volume);
+    }
+    let mut env = vec![
+        ("RELAY__POSTGRES__URL", db.url.clone()),
+        ("RELAY__TELEMETRY__HTTP_LISTEN", format!("127.0.0.1:{http_port}")),
+    ];
+    env.extend(extra.env);
+    for (name, value) in env {
         // `-e NAME` without a value: taken from podman's own environment, so
         // the URL with its password is not on a command line.
-        .args(["-e", "RELAY__POSTGRES__URL", "-e", "RELAY__TELEMETRY__HTTP_LISTEN"])
-        .env("RELAY__POSTGRES__URL", &db.url)
-        .env("RELAY__TELEMETRY__HTTP_LISTEN", format!("127.0.0.1:{http_port}"))
-        .arg(image())
-        .args(args);
+        command.args(["-e", name]).env(name, value);
+    }
+    command.arg(image()).args(args);
     command
 }
 
@@ -229,13 +248,22 @@ async fn the_image_runs_as_the_sidecar_and_stops_cleanly_on_sigterm() {
     let http_port = free_port();
 
     // Migrations from the image too (as a Kubernetes Job would run them).
-    let output =
-        run(&mut sidecar_run(&db, &config, http_port, None, &["--config", CONFIG_IN_CONTAINER, "migrate"]), "migrate");
+    let output = run(
+        &mut sidecar_run(
+            &db,
+            &config,
+            http_port,
+            None,
+            Extra::default(),
+            &["--config", CONFIG_IN_CONTAINER, "migrate"],
+        ),
+        "migrate",
+    );
     assert!(output.status.success(), "relay migrate in the container failed: {}", text(&output));
 
-    // `relay check` inside the container: every component ok.
-    let output =
-        run(&mut sidecar_run(&db, &config, http_port, None, &["--config", CONFIG_IN_CONTAINER, "check"]), "check");
+    // `relay check` inside the container: every component ok. No --config:
+    // the image's RELAY_CONFIG names the mounted file.
+    let output = run(&mut sidecar_run(&db, &config, http_port, None, Extra::default(), &["check"]), "check");
     let report = String::from_utf8_lossy(&output.stdout).to_string();
     assert!(output.status.success(), "relay check in the container failed:\n{}", text(&output));
     for component in ["config", "postgres", "kafka", "registry"] {
@@ -246,9 +274,34 @@ async fn the_image_runs_as_the_sidecar_and_stops_cleanly_on_sigterm() {
     }
     assert!(!report.contains("FAIL"), "relay check:\n{report}");
 
+    // And over the stack's SASL_SSL listener: librdkafka's TLS is OpenSSL,
+    // loaded from the libraries and CA bundle the image carries; this
+    // handshake is what a missing or mismatched one would break.
+    let var =
+        |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} not set: eval \"$(scripts/stack env)\""));
+    let sasl_bootstrap = var("RELAY_KAFKA_SASL_BOOTSTRAP");
+    let extra = Extra {
+        env: vec![
+            ("RELAY__KAFKA__BOOTSTRAP_SERVERS", sasl_bootstrap.clone()),
+            ("RELAY__KAFKA__SECURITY_PROTOCOL", "sasl_ssl".into()),
+            ("RELAY__KAFKA__TLS_CA_FILE", "/etc/relay/kafka-ca.crt".into()),
+            ("RELAY__KAFKA__SASL__USERNAME", var("RELAY_KAFKA_SASL_USER")),
+            ("RELAY__KAFKA__SASL__PASSWORD", var("RELAY_KAFKA_SASL_PASSWORD")),
+        ],
+        volumes: vec![format!("{}:/etc/relay/kafka-ca.crt:ro", var("RELAY_STACK_CA_FILE"))],
+    };
+    let mut tls = sidecar_run(&db, &config, http_port, None, extra, &["check"]);
+    let output = run(&mut tls, "check over SASL_SSL");
+    let report = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(output.status.success(), "relay check over SASL_SSL in the container failed:\n{}", text(&output));
+    assert!(
+        report.lines().any(|l| l.starts_with("kafka") && l.contains("ok") && l.contains(&sasl_bootstrap)),
+        "relay check over SASL_SSL:\n{report}"
+    );
+
     // The sidecar: the image's default command.
     let name = format!("relay-test-{}", &db.slot);
-    let output = run(&mut sidecar_run(&db, &config, http_port, Some(&name), &[]), "podman run -d");
+    let output = run(&mut sidecar_run(&db, &config, http_port, Some(&name), Extra::default(), &[]), "podman run -d");
     assert!(output.status.success(), "podman run failed: {}", text(&output));
     let container = Container(name.clone());
 
@@ -327,6 +380,8 @@ fn the_image_has_no_shell_and_knows_its_version() {
     assert_eq!(strings(&config["Entrypoint"]), ["/usr/local/bin/relay"]);
     assert_eq!(strings(&config["Cmd"]), ["--config", CONFIG_IN_CONTAINER]);
     assert_eq!(config["StopSignal"], "SIGTERM");
+    let env = strings(&config["Env"]);
+    assert!(env.contains(&format!("RELAY_CONFIG={CONFIG_IN_CONTAINER}")), "image env {env:?}");
     assert_eq!(exposed_port(&config), 9187);
 
     let mut version = podman();
