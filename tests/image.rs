@@ -4,7 +4,8 @@
 //! environment variable, host network, read-only root filesystem, every
 //! capability dropped. Checks `/readyz`, rows arriving in Kafka, uid 10001,
 //! the relay as PID 1 (`podman stop` -> SIGTERM -> exit 0 with the publish
-//! state recorded), `relay check` inside the container, and that
+//! state recorded), `relay check` inside the container (also against the
+//! SASL_SSL listener: OpenSSL as the image carries it), and that
 //! docker-compose.yml (validated by Debian's docker-compose) and
 //! deploy/kubernetes/pod.yaml name the image, command, port and probes the
 //! image really has.
