@@ -113,3 +113,17 @@ fn version_names_the_git_revision() {
         .unwrap_or_else(|| "unknown".into());
     assert_eq!(printed, format!("relay {} (git {revision})", env!("CARGO_PKG_VERSION")));
 }
+
+/// `relay probe` (the image's healthcheck) fails when nothing answers on
+/// `telemetry.http_listen`: exit 1 and a FAIL line naming the URL.
+#[test]
+fn probe_fails_when_the_endpoint_does_not_answer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A port that was free a moment ago: nothing listens on it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let config = write(&dir, &format!("{VALID}[telemetry]\nhttp_listen = \"0.0.0.0:{port}\"\n"));
+    let output = relay().arg("--config").arg(&config).args(["probe", "/readyz"]).output().expect("run");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(stdout.starts_with(&format!("FAIL  http://127.0.0.1:{port}/readyz")), "{stdout}");
+}
