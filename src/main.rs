@@ -84,6 +84,18 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{summary}");
             Ok(if summary.failed > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
+        Command::Probe { path, timeout_ms } => {
+            match relay::cli::probe::probe(&config, &path, std::time::Duration::from_millis(timeout_ms)).await {
+                Ok(line) => {
+                    println!("ok    {line}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(line) => {
+                    println!("FAIL  {line}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
         Command::Held { action } => {
             print!("{}", relay::cli::held::run(&config, action).await?);
             Ok(ExitCode::SUCCESS)

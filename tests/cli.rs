@@ -95,3 +95,35 @@ fn help_lists_the_subcommands() {
         assert!(stdout.contains(sub), "{sub} missing from --help");
     }
 }
+
+/// `relay --version`: the crate version and the git revision of the build
+/// (build.rs), `unknown` only where the build had no git checkout.
+#[test]
+fn version_names_the_git_revision() {
+    let output = relay().arg("--version").output().expect("run");
+    assert!(output.status.success());
+    let printed = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    let revision = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    assert_eq!(printed, format!("relay {} (git {revision})", env!("CARGO_PKG_VERSION")));
+}
+
+/// `relay probe` (the image's healthcheck) fails when nothing answers on
+/// `telemetry.http_listen`: exit 1 and a FAIL line naming the URL.
+#[test]
+fn probe_fails_when_the_endpoint_does_not_answer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A port that was free a moment ago: nothing listens on it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let config = write(&dir, &format!("{VALID}[telemetry]\nhttp_listen = \"0.0.0.0:{port}\"\n"));
+    let output = relay().arg("--config").arg(&config).args(["probe", "/readyz"]).output().expect("run");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(stdout.starts_with(&format!("FAIL  http://127.0.0.1:{port}/readyz")), "{stdout}");
+}

@@ -3,6 +3,7 @@
 
 pub mod check;
 pub mod held;
+pub mod probe;
 pub mod replay;
 pub mod schemas;
 
@@ -10,10 +11,14 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+/// `relay --version`: the crate version and the git revision it was built
+/// from (`unknown` outside a git checkout; see build.rs).
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (git ", env!("RELAY_GIT_REVISION"), ")");
+
 /// Transactional outbox relay: publishes outbox rows from PostgreSQL to
 /// Apache Kafka in commit order, keyed per entity, recording publish state.
 #[derive(Debug, Parser)]
-#[command(name = "relay", version, about, long_about = None)]
+#[command(name = "relay", version = VERSION, about, long_about = None)]
 pub struct Cli {
     /// Configuration file (TOML). Every key can be overridden by an
     /// environment variable such as RELAY__POSTGRES__URL.
@@ -68,6 +73,17 @@ pub enum Command {
         /// Only rows of this aggregate type.
         #[arg(long, value_name = "T")]
         aggregate_type: Option<String>,
+    },
+    /// GET PATH (e.g. /readyz) from this relay's own HTTP endpoint
+    /// (telemetry.http_listen, 0.0.0.0 probed on 127.0.0.1); exit 1 unless
+    /// it answers 2xx. The container image's healthcheck: it has no curl.
+    Probe {
+        /// The endpoint's path: /readyz, /healthz, /health/progress.
+        #[arg(default_value = "/readyz")]
+        path: String,
+        /// Give up after this many milliseconds.
+        #[arg(long, value_name = "MS", default_value_t = 2000)]
+        timeout_ms: u64,
     },
     /// Held rows: list them, retry one after fixing its cause, or skip it.
     Held {
