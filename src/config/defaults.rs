@@ -33,7 +33,7 @@ pub fn transaction_interval_ms() -> u64 {
     100
 }
 pub fn transaction_max_rows() -> usize {
-    5_000
+    20_000
 }
 pub fn transaction_max_bytes() -> usize {
     16 << 20

@@ -121,12 +121,18 @@ fn failure(what: &str, err: KafkaError) -> SinkError {
     }
 }
 
-/// The next batch of source events, in order: from the first event, until
-/// the interval since it passed or the rows or bytes are reached. `None`
+/// The next batch of source events, in order, up to the rows or bytes
+/// bound. Rows that arrived while the previous transaction was committing
+/// go at once with whatever else is waiting (under load, batches grow by
+/// themselves); a row that arrives when the sink is idle waits at most
+/// `transaction_interval_ms` for others to share its transaction. `None`
 /// when the source is done.
 async fn next_batch(input: &mut mpsc::Receiver<SourceEvent>, bounds: &Transactions) -> Option<Vec<SourceEvent>> {
-    let first = input.recv().await?;
-    let deadline = tokio::time::Instant::now() + bounds.interval;
+    let (first, waited) = match input.try_recv() {
+        Ok(event) => (event, true),
+        Err(_) => (input.recv().await?, false),
+    };
+    let deadline = tokio::time::Instant::now() + if waited { Duration::ZERO } else { bounds.interval };
     let (mut rows, mut bytes) = (0, 0);
     let mut batch = Vec::new();
     let mut add = |event: SourceEvent, batch: &mut Vec<SourceEvent>| {
@@ -141,13 +147,15 @@ async fn next_batch(input: &mut mpsc::Receiver<SourceEvent>, bounds: &Transactio
         return Some(batch);
     }
     loop {
-        match tokio::time::timeout_at(deadline, input.recv()).await {
-            Ok(Some(event)) => {
-                if add(event, &mut batch) {
-                    return Some(batch);
-                }
-            }
-            Ok(None) | Err(_) => return Some(batch),
+        // What is already waiting joins without a wait.
+        let next = match input.try_recv() {
+            Ok(event) => Some(event),
+            Err(mpsc::error::TryRecvError::Disconnected) => None,
+            Err(mpsc::error::TryRecvError::Empty) => tokio::time::timeout_at(deadline, input.recv()).await.ok().flatten(),
+        };
+        let Some(event) = next else { return Some(batch) };
+        if add(event, &mut batch) {
+            return Some(batch);
         }
     }
 }
