@@ -151,7 +151,9 @@ async fn next_batch(input: &mut mpsc::Receiver<SourceEvent>, bounds: &Transactio
         let next = match input.try_recv() {
             Ok(event) => Some(event),
             Err(mpsc::error::TryRecvError::Disconnected) => None,
-            Err(mpsc::error::TryRecvError::Empty) => tokio::time::timeout_at(deadline, input.recv()).await.ok().flatten(),
+            Err(mpsc::error::TryRecvError::Empty) => {
+                tokio::time::timeout_at(deadline, input.recv()).await.ok().flatten()
+            }
         };
         let Some(event) = next else { return Some(batch) };
         if add(event, &mut batch) {
