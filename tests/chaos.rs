@@ -11,18 +11,6 @@ use common::*;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Starts the named component again even if the test fails half-way.
-struct Restart<'a> {
-    stack: &'a Stack,
-    component: &'static str,
-}
-
-impl Drop for Restart<'_> {
-    fn drop(&mut self) {
-        self.stack.script(&["start", self.component]);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_dash_nine_repeatedly_loses_nothing_and_keeps_per_key_order() {
     let _serial = SERIAL.lock().await;

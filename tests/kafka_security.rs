@@ -322,11 +322,7 @@ async fn exactly_once_needs_the_transactional_id_acl_and_says_so() {
     let client = db.client().await;
     insert_row(&client, "order", "o-1", 1).await;
     let mut relay = RelayProcess::start(&config);
-    let code = wait_for("the relay to stop", Duration::from_secs(120), || {
-        let code = relay.child.try_wait().ok().flatten().map(|s| s.code());
-        async move { code }
-    })
-    .await;
+    let code = relay.exit_code(Duration::from_secs(120)).await;
     let log = relay.log_text();
     assert_eq!(code, Some(1), "{log}");
     assert!(log.contains("TRANSACTIONAL_ID") && log.contains("kafka.transactional_id"), "{log}");

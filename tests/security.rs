@@ -181,11 +181,7 @@ async fn a_missing_grant_at_run_time_is_an_operator_error() {
     client.batch_execute(&publish_state.revoke(&role.name)).await.expect("revoke");
     insert_row(&client, "entity", "a", 1).await;
     let mut relay = RelayProcess::start(&config);
-    let code = wait_for("the relay to stop", Duration::from_secs(120), || {
-        let code = relay.child.try_wait().ok().flatten().map(|s| s.code());
-        async move { code }
-    })
-    .await;
+    let code = relay.exit_code(Duration::from_secs(120)).await;
     let log = relay.log_text();
     assert_eq!(code, Some(1), "{log}");
     assert!(log.contains("permission denied") && log.contains("--print-grants"), "{log}");

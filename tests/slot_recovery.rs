@@ -221,18 +221,6 @@ async fn a_slot_over_the_relays_wal_budget_is_dropped_and_recovered() {
     db.cleanup().await;
 }
 
-/// Starts a stopped component again when dropped, also when the test fails.
-struct Restart<'a> {
-    stack: &'a Stack,
-    component: &'static str,
-}
-
-impl Drop for Restart<'_> {
-    fn drop(&mut self) {
-        self.stack.script(&["start", self.component]);
-    }
-}
-
 /// The budget holds during the catch-up phase too, when the new slot does
 /// not move at all: with the broker down the phase cannot finish, the slot
 /// grows past the budget, and the run drops it (not only the next start).

@@ -307,6 +307,31 @@ impl RelayProcess {
     }
 }
 
+impl RelayProcess {
+    /// Waits for the relay to exit by itself; its exit code (`None` when a
+    /// signal ended it). Fails the test after `deadline`.
+    pub async fn exit_code(&mut self, deadline: Duration) -> Option<i32> {
+        wait_for("the relay to stop", deadline, || {
+            let code = self.child.try_wait().ok().flatten().map(|s| s.code());
+            async move { code }
+        })
+        .await
+    }
+}
+
+/// Starts a stopped stack component again when dropped, also when the test
+/// fails half-way.
+pub struct Restart<'a> {
+    pub stack: &'a Stack,
+    pub component: &'static str,
+}
+
+impl Drop for Restart<'_> {
+    fn drop(&mut self) {
+        self.stack.script(&["start", self.component]);
+    }
+}
+
 impl Drop for RelayProcess {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
