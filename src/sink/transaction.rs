@@ -121,44 +121,99 @@ fn failure(what: &str, err: KafkaError) -> SinkError {
     }
 }
 
-/// The next batch of source events, in order, up to the rows or bytes
-/// bound. Rows that arrived while the previous transaction was committing
-/// go at once with whatever else is waiting (under load, batches grow by
-/// themselves); a row that arrives when the sink is idle waits at most
-/// `transaction_interval_ms` for others to share its transaction. `None`
-/// when the source is done.
-async fn next_batch(input: &mut mpsc::Receiver<SourceEvent>, bounds: &Transactions) -> Option<Vec<SourceEvent>> {
-    let (first, waited) = match input.try_recv() {
-        Ok(event) => (event, true),
-        Err(_) => (input.recv().await?, false),
-    };
-    let deadline = tokio::time::Instant::now() + if waited { Duration::ZERO } else { bounds.interval };
-    let (mut rows, mut bytes) = (0, 0);
-    let mut batch = Vec::new();
-    let mut add = |event: SourceEvent, batch: &mut Vec<SourceEvent>| {
-        if let SourceEvent::Row(row) = &event {
-            rows += 1;
-            bytes += row.payload.len();
+/// Reads source events into the next transaction's batch. Rows that arrive
+/// while a transaction waits for its acknowledgements or its commit are
+/// collected meanwhile (the source goes on reading Postgres instead of
+/// waiting for the commit), so under load each transaction carries what
+/// arrived during the previous one and batches grow by themselves. A row
+/// that arrives when the sink is idle waits at most
+/// `transaction_interval_ms` for others to share its transaction.
+struct Collector {
+    input: mpsc::Receiver<SourceEvent>,
+    pending: Vec<SourceEvent>,
+    rows: usize,
+    bytes: usize,
+    max_rows: usize,
+    max_bytes: usize,
+    interval: Duration,
+    /// The source is done: what is pending is the last batch.
+    closed: bool,
+}
+
+impl Collector {
+    fn new(input: mpsc::Receiver<SourceEvent>, bounds: &Transactions) -> Self {
+        Self {
+            input,
+            pending: Vec::new(),
+            rows: 0,
+            bytes: 0,
+            max_rows: bounds.max_rows.max(1),
+            max_bytes: bounds.max_bytes.max(1),
+            interval: bounds.interval,
+            closed: false,
         }
-        batch.push(event);
-        rows >= bounds.max_rows || bytes >= bounds.max_bytes
-    };
-    if add(first, &mut batch) {
-        return Some(batch);
     }
-    loop {
-        // What is already waiting joins without a wait.
-        let next = match input.try_recv() {
-            Ok(event) => Some(event),
-            Err(mpsc::error::TryRecvError::Disconnected) => None,
-            Err(mpsc::error::TryRecvError::Empty) => {
-                tokio::time::timeout_at(deadline, input.recv()).await.ok().flatten()
+
+    fn is_full(&self) -> bool {
+        self.rows >= self.max_rows || self.bytes >= self.max_bytes
+    }
+
+    fn add(&mut self, event: Option<SourceEvent>) {
+        match event {
+            Some(event) => {
+                if let SourceEvent::Row(row) = &event {
+                    self.rows += 1;
+                    self.bytes += row.payload.len();
+                }
+                self.pending.push(event);
             }
-        };
-        let Some(event) = next else { return Some(batch) };
-        if add(event, &mut batch) {
-            return Some(batch);
+            None => self.closed = true,
         }
+    }
+
+    /// Awaits `work`, collecting source events into the next batch
+    /// meanwhile, up to the bounds. (`recv` is cancel-safe: an event is
+    /// either taken or left in the channel.)
+    async fn while_awaiting<F: std::future::Future>(&mut self, work: F) -> F::Output {
+        tokio::pin!(work);
+        loop {
+            if self.closed || self.is_full() {
+                return work.await;
+            }
+            tokio::select! {
+                biased;
+                out = &mut work => return out,
+                event = self.input.recv() => self.add(event),
+            }
+        }
+    }
+
+    /// The next batch, in source order, up to the rows or bytes bound;
+    /// `None` when the source is done and nothing is pending.
+    async fn next_batch(&mut self) -> Option<Vec<SourceEvent>> {
+        if self.pending.is_empty() && !self.closed {
+            let first = self.input.recv().await;
+            self.add(first);
+            // Alone: wait a little for others to share the transaction.
+            let deadline = tokio::time::Instant::now() + self.interval;
+            while !self.closed && !self.is_full() {
+                match tokio::time::timeout_at(deadline, self.input.recv()).await {
+                    Ok(event) => self.add(event),
+                    Err(_elapsed) => break,
+                }
+            }
+        }
+        // What is already waiting joins without a wait.
+        while !self.closed && !self.is_full() {
+            match self.input.try_recv() {
+                Ok(event) => self.add(Some(event)),
+                Err(mpsc::error::TryRecvError::Disconnected) => self.closed = true,
+                Err(mpsc::error::TryRecvError::Empty) => break,
+            }
+        }
+        (self.rows, self.bytes) = (0, 0);
+        let batch = std::mem::take(&mut self.pending);
+        (!batch.is_empty()).then_some(batch)
     }
 }
 
@@ -184,11 +239,12 @@ impl KafkaSink {
     pub(super) async fn run_transactional(
         mut self,
         bounds: Transactions,
-        mut input: mpsc::Receiver<SourceEvent>,
+        input: mpsc::Receiver<SourceEvent>,
         output: mpsc::Sender<InFlight>,
     ) -> Result<(), SinkError> {
-        while let Some(batch) = next_batch(&mut input, &bounds).await {
-            let items = self.send_batch(batch, &bounds).await?;
+        let mut collector = Collector::new(input, &bounds);
+        while let Some(batch) = collector.next_batch().await {
+            let items = self.send_batch(batch, &bounds, &mut collector).await?;
             if let Some(delay) = bounds.after_commit_delay {
                 tracing::info!(
                     delay_ms = delay.as_millis() as u64,
@@ -208,7 +264,12 @@ impl KafkaSink {
 
     /// Sends one batch in a transaction until it commits, holding each row
     /// refused in a delivery report and sending the rest again.
-    async fn send_batch(&mut self, batch: Vec<SourceEvent>, bounds: &Transactions) -> Result<Vec<InFlight>, SinkError> {
+    async fn send_batch(
+        &mut self,
+        batch: Vec<SourceEvent>,
+        bounds: &Transactions,
+        collector: &mut Collector,
+    ) -> Result<Vec<InFlight>, SinkError> {
         if !batch.iter().any(|e| matches!(e, SourceEvent::Row(_))) {
             return Ok(batch.into_iter().filter_map(boundary).collect());
         }
@@ -222,7 +283,7 @@ impl KafkaSink {
             for (row, error) in to_hold.drain(..) {
                 self.holder.hold(&row, &error, HeldAt::Delivery).await?;
             }
-            match self.attempt(&batch, &refused, bounds).await? {
+            match self.attempt(&batch, &refused, bounds, collector).await? {
                 Attempt::Committed(items) => return Ok(items),
                 Attempt::Refused(row, error) => {
                     metrics::transaction(None);
@@ -242,6 +303,7 @@ impl KafkaSink {
         batch: &[SourceEvent],
         refused: &HashMap<i64, String>,
         bounds: &Transactions,
+        collector: &mut Collector,
     ) -> Result<Attempt, SinkError> {
         let mut items = Vec::with_capacity(batch.len());
         for event in batch {
@@ -260,7 +322,7 @@ impl KafkaSink {
                 settled.push(item);
                 continue;
             };
-            match delivery.await {
+            match collector.while_awaiting(delivery).await {
                 Ok(ack) => {
                     progress.push(ProgressRow::new(&row, ack));
                     settled.push(InFlight::Sent { row, delivery: Box::pin(futures::future::ready(Ok(ack))) });
@@ -276,7 +338,7 @@ impl KafkaSink {
                 }
             }
         }
-        self.commit(progress, bounds).await?;
+        collector.while_awaiting(self.commit(progress, bounds)).await?;
         Ok(Attempt::Committed(settled))
     }
 
@@ -320,5 +382,68 @@ fn boundary(event: SourceEvent) -> Option<InFlight> {
     match event {
         SourceEvent::Boundary(b) => Some(InFlight::Boundary(b)),
         SourceEvent::Row(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: i64) -> SourceEvent {
+        SourceEvent::Row(OutboxRow {
+            id,
+            event_id: uuid::Uuid::new_v4(),
+            aggregate_type: "order".into(),
+            aggregate_id: "o-1".into(),
+            event_type: "Changed".into(),
+            kind: "event".into(),
+            entity_version: None,
+            payload: bytes::Bytes::from_static(b"{}"),
+            headers: None,
+            occurred_at: chrono::Utc::now(),
+            committed_at: None,
+            xid: None,
+        })
+    }
+
+    fn ids(batch: &[SourceEvent]) -> Vec<i64> {
+        batch.iter().filter_map(|e| if let SourceEvent::Row(r) = e { Some(r.id) } else { None }).collect()
+    }
+
+    fn bounds(max_rows: usize) -> Transactions {
+        Transactions {
+            transactional_id: "t".into(),
+            progress_topic: "p".into(),
+            interval: Duration::from_millis(5),
+            max_rows,
+            max_bytes: usize::MAX,
+            after_commit_delay: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn rows_arriving_during_a_commit_form_the_next_batch_in_order_and_bounded() {
+        let (tx, rx) = mpsc::channel(100);
+        let mut collector = Collector::new(rx, &bounds(3));
+        tx.send(row(1)).await.expect("send");
+        assert_eq!(ids(&collector.next_batch().await.expect("first batch")), vec![1]);
+
+        // While "the commit" runs, rows 2..=6 arrive; the collector takes
+        // three (the bound) and leaves the rest in the channel.
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let sender = tx.clone();
+        tokio::spawn(async move {
+            for id in 2..=6 {
+                sender.send(row(id)).await.expect("send");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = done_tx.send(());
+        });
+        collector.while_awaiting(done_rx).await.expect("commit");
+        assert_eq!(ids(&collector.next_batch().await.expect("second")), vec![2, 3, 4]);
+        assert_eq!(ids(&collector.next_batch().await.expect("third")), vec![5, 6]);
+
+        drop(tx);
+        assert!(collector.next_batch().await.is_none(), "the source is done");
     }
 }

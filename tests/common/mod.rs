@@ -428,11 +428,23 @@ pub fn consume(bootstrap: &str, topics: &[&str], count: usize, deadline: Duratio
                 "timed out after {deadline:?}: {count} distinct messages arrived from {topics:?}, but reading to the end offsets did not finish: {behind:?}"
             );
         } else {
-            assert!(
-                start.elapsed() < deadline,
-                "timed out after {deadline:?}: {} of {count} distinct messages arrived from {topics:?}",
-                unique.len()
-            );
+            if start.elapsed() >= deadline {
+                // Where the reading stands against the end offsets tells a
+                // stalled consumer from records Kafka does not hold.
+                let ends = end_offsets(&consumer, topics, Duration::from_secs(10));
+                let standing: Vec<String> = ends
+                    .iter()
+                    .map(|(topic, partition, high)| {
+                        let seen = next.get(&(topic.clone(), *partition)).copied().unwrap_or(0);
+                        format!("{topic}/{partition}: read to {seen} of {high}")
+                    })
+                    .collect();
+                panic!(
+                    "timed out after {deadline:?}: {} of {count} distinct messages arrived from {topics:?} ({} records; {standing:?})",
+                    unique.len(),
+                    records.len()
+                );
+            }
         }
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(msg)) => {
