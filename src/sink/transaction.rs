@@ -353,7 +353,7 @@ impl KafkaSink {
         let count = rows.len();
         let record = ProgressRecord { transactional_id: bounds.transactional_id.clone(), rows }
             .outbound(&bounds.progress_topic)?;
-        if let Err(err) = super::record::produce(&self.producer, record).await {
+        if let Err(err) = self.send_progress(record).await {
             let _ = self.abort().await;
             return Err(failure("cannot send the progress record", err));
         }
@@ -368,6 +368,19 @@ impl KafkaSink {
                 Err(SinkError::Transaction(format!("the commit failed: {err}")))
             }
             Err(err) => Err(failure("the commit failed", err)),
+        }
+    }
+
+    /// Sends the progress record and waits for its delivery report: the
+    /// commit must find nothing in flight, or rust-rdkafka's flush before
+    /// it polls in 100 ms steps while the producer's own thread takes the
+    /// report (100 ms added to every transaction).
+    async fn send_progress(&self, record: super::Outbound) -> Result<(), KafkaError> {
+        let delivery = super::record::produce(&self.producer, record).await?;
+        match delivery.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((err, _))) => Err(err),
+            Err(_canceled) => Err(KafkaError::Canceled),
         }
     }
 
