@@ -30,6 +30,57 @@ fn peak_rss_mib(pid: u32) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// Clock ticks per second of `/proc/*/stat` times (USER_HZ, 100 on Linux).
+const TICKS_PER_SEC: f64 = 100.0;
+
+/// CPU seconds (user + system) a process used so far; with `children`, also
+/// those of its exited, reaped children.
+fn cpu_seconds(pid: u32, children: bool) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else { return 0.0 };
+    let fields: Vec<f64> = rest.split(' ').map(|f| f.parse().unwrap_or(0.0)).collect();
+    // utime, stime, cutime, cstime are fields 14-17 of stat, 12-15 here.
+    let own = fields.get(11).unwrap_or(&0.0) + fields.get(12).unwrap_or(&0.0);
+    let reaped = if children { fields.get(13).unwrap_or(&0.0) + fields.get(14).unwrap_or(&0.0) } else { 0.0 };
+    (own + reaped) / TICKS_PER_SEC
+}
+
+/// Where `scripts/stack` keeps the components' state and pid files.
+fn stack_dir(stack: &Stack) -> std::path::PathBuf {
+    std::env::var_os("RELAY_STACK_DIR").map_or_else(|| stack.repo.join(".stack"), Into::into)
+}
+
+/// CPU seconds of the stack's Postgres so far: the postmaster with its
+/// reaped backends, plus every live backend.
+fn postgres_cpu_seconds(stack: &Stack) -> f64 {
+    let pid_file = stack_dir(stack).join("pg/data/postmaster.pid");
+    let Some(postmaster) = std::fs::read_to_string(pid_file).ok().and_then(|s| s.lines().next()?.trim().parse().ok())
+    else {
+        return f64::NAN;
+    };
+    let mut total = cpu_seconds(postmaster, true);
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for pid in entries.flatten().filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()) {
+            let parent = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit_once(") ").and_then(|(_, r)| r.split(' ').nth(1)?.parse::<u32>().ok()));
+            if parent == Some(postmaster) {
+                total += cpu_seconds(pid, false);
+            }
+        }
+    }
+    total
+}
+
+/// CPU seconds of the stack's Kafka broker so far.
+fn broker_cpu_seconds(stack: &Stack) -> f64 {
+    std::fs::read_to_string(stack_dir(stack).join("kafka/kafka.pid"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .map_or(f64::NAN, |pid| cpu_seconds(pid, false))
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -76,6 +127,8 @@ struct Scenario {
 struct Figures {
     drain_rate: f64,
     drain_rss: f64,
+    /// CPU seconds per 100k rows during the drain: the relay, Postgres, the broker.
+    drain_cpu: [f64; 3],
     live: Vec<f64>,
     live_rss: f64,
     write_rate: f64,
@@ -96,11 +149,18 @@ async fn run_scenario(stack: &Stack, scenario: &Scenario) -> Figures {
     let started = Instant::now();
     spawn_workload(&db.url, ROWS, ENTITIES, WRITERS).await.expect("workload");
     let write_rate = ROWS as f64 / started.elapsed().as_secs_f64();
+    let (postgres_before, broker_before) = (postgres_cpu_seconds(stack), broker_cpu_seconds(stack));
     let relay = RelayProcess::start(&config);
     let started = Instant::now();
     wait_all_published(&client, Duration::from_secs(900)).await;
     let drain_rate = ROWS as f64 / started.elapsed().as_secs_f64();
     let drain_rss = peak_rss_mib(relay.child.id());
+    let per_100k = 100_000.0 / ROWS as f64;
+    let drain_cpu = [
+        cpu_seconds(relay.child.id(), false) * per_100k,
+        (postgres_cpu_seconds(stack) - postgres_before) * per_100k,
+        (broker_cpu_seconds(stack) - broker_before) * per_100k,
+    ];
 
     // Live: writers at a steady LIVE_RATE rows/s while the relay runs;
     // latency from each row's commit (occurred_at; the transactions are
@@ -122,7 +182,7 @@ async fn run_scenario(stack: &Stack, scenario: &Scenario) -> Figures {
     let live_rss = peak_rss_mib(relay.child.id());
     drop(relay);
     db.cleanup().await;
-    Figures { drain_rate, drain_rss, live, live_rss, write_rate }
+    Figures { drain_rate, drain_rss, drain_cpu, live, live_rss, write_rate }
 }
 
 /// The poll query's cost on a table with 1M published rows and 1,000
@@ -210,10 +270,13 @@ async fn main() {
         eprintln!("bench: {}", scenario.name);
         let f = run_scenario(&stack, scenario).await;
         let row = format!(
-            "| {} | {:.0} msg/s ({:.2} x baseline) | {:.1} ms / {:.1} ms ({} samples) | {:.0} MiB / {:.0} MiB | {:.0} rows/s |\n",
+            "| {} | {:.0} msg/s ({:.2} x baseline) | {:.2} s / {:.2} s / {:.2} s | {:.1} ms / {:.1} ms ({} samples) | {:.0} MiB / {:.0} MiB | {:.0} rows/s |\n",
             scenario.name,
             f.drain_rate,
             f.drain_rate / baseline,
+            f.drain_cpu[0],
+            f.drain_cpu[1],
+            f.drain_cpu[2],
             percentile(&f.live, 0.50) * 1000.0,
             percentile(&f.live, 0.99) * 1000.0,
             f.live.len(),
@@ -227,8 +290,8 @@ async fn main() {
     let plan = if only.is_none() { poll_query_cost(&stack).await } else { String::from("(skipped)") };
     let report = format!(
         "Baseline (Kafka ProducerPerformance, {ROWS} records of 300 B, acks=all, idempotent, lz4, linger 5 ms): **{baseline:.0} records/s**\n\n\
-         | relay | drain of a {ROWS}-row backlog | commit -> consumer latency at {LIVE_RATE} rows/s, p50 / p99 | peak RSS (drain / after live) | writers alone |\n\
-         |---|---|---|---|---|\n{rows}\n\
+         | relay | drain of a {ROWS}-row backlog | drain CPU per 100k rows: relay / Postgres / broker | commit -> consumer latency at {LIVE_RATE} rows/s, p50 / p99 | peak RSS (drain / after live) | writers alone |\n\
+         |---|---|---|---|---|---|\n{rows}\n\
          Poll query on 1,000,000 published + 1,000 pending rows (`EXPLAIN (ANALYZE, BUFFERS)`):\n\n```\n{plan}\n```\n"
     );
     println!("{report}");

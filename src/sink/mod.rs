@@ -75,18 +75,10 @@ pub fn producer_config(config: &Config) -> ClientConfig {
         client
             .set("transactional.id", config.transactional_id())
             .set("transaction.timeout.ms", &timeout)
-            .set("message.timeout.ms", &timeout)
-            // A transaction begun right after a commit meets
-            // CONCURRENT_TRANSACTIONS until the broker wrote the last
-            // one's markers; librdkafka's default 100 ms backoff would add
-            // that to every transaction (KAFKA-5477 lowered Java's to 20 ms).
-            .set("retry.backoff.ms", TRANSACTION_RETRY_BACKOFF_MS);
+            .set("message.timeout.ms", &timeout);
     }
     client
 }
-
-/// `retry.backoff.ms` of the transactional producer.
-const TRANSACTION_RETRY_BACKOFF_MS: &str = "10";
 
 /// `transaction.timeout.ms` of exactly-once mode: how long the broker lets
 /// a transaction of a vanished producer stay open before it aborts it.

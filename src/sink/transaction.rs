@@ -40,6 +40,9 @@ use crate::telemetry::metrics;
 
 /// How long a blocking transaction call may take before it fails.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// 1 ms steps to wait for librdkafka to count delivered messages as gone
+/// before a commit (see `send_progress`).
+const SETTLE_STEPS: usize = 20;
 /// Aborted attempts of one batch before the run restarts.
 const MAX_ATTEMPTS: usize = 10;
 
@@ -373,15 +376,24 @@ impl KafkaSink {
 
     /// Sends the progress record and waits for its delivery report: the
     /// commit must find nothing in flight, or rust-rdkafka's flush before
-    /// it polls in 100 ms steps while the producer's own thread takes the
-    /// report (100 ms added to every transaction).
+    /// it polls for a whole 100 ms step while the producer's own thread
+    /// takes the report (100 ms added to every transaction).
     async fn send_progress(&self, record: super::Outbound) -> Result<(), KafkaError> {
         let delivery = super::record::produce(&self.producer, record).await?;
         match delivery.await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err((err, _))) => Err(err),
-            Err(_canceled) => Err(KafkaError::Canceled),
+            Ok(Ok(_)) => {}
+            Ok(Err((err, _))) => return Err(err),
+            Err(_canceled) => return Err(KafkaError::Canceled),
         }
+        // The report reaches this task a moment before librdkafka counts
+        // the message as gone; a flush that still sees it waits 100 ms.
+        for _ in 0..SETTLE_STEPS {
+            if self.producer.in_flight_count() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(())
     }
 
     async fn abort(&self) -> Result<(), SinkError> {
