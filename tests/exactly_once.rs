@@ -363,3 +363,56 @@ async fn the_catch_up_phase_is_exactly_once_too() {
     assert_eq!((committed.len(), distinct.len()), (TOTAL, TOTAL), "every row exactly once");
     db.cleanup().await;
 }
+
+/// One outbox row for the sink, as a source would hand it on.
+fn source_row(id: i64, entity: &str) -> relay::outbox::SourceEvent {
+    relay::outbox::SourceEvent::Row(relay::outbox::OutboxRow {
+        id,
+        event_id: uuid::Uuid::new_v4(),
+        aggregate_type: "entity".into(),
+        aggregate_id: entity.into(),
+        event_type: "Changed".into(),
+        kind: "event".into(),
+        entity_version: None,
+        payload: bytes::Bytes::from(format!("{{\"seq\":{id}}}")),
+        headers: None,
+        occurred_at: chrono::Utc::now(),
+        committed_at: None,
+        xid: None,
+    })
+}
+
+/// The zombie case at the Kafka level, without the lease in front of it: a
+/// second producer with the same transactional id initializes
+/// transactions; the first one's next transaction fails as fenced (the sink
+/// stops with `SinkError::Fenced`, it does not retry), and nothing it sent
+/// after that is visible to a read_committed consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_fences_a_zombie_producer_and_nothing_it_sends_becomes_visible() {
+    use relay::sink::{HeldEntities, KafkaSink, SinkError};
+    let stack = Stack::from_env();
+    let db = TestDb::new(&stack).await;
+    let config = relay::Config::from_toml_str(&db.config_toml(EXACTLY_ONCE)).expect("config");
+    relay::sink::progress::ensure_topic(&config).await.expect("progress topic");
+
+    let zombie = KafkaSink::new(&config, HeldEntities::default(), relay::codec::Codec::json()).expect("sink");
+    zombie.init_transactions().await.expect("init transactions");
+    let (rows, input) = tokio::sync::mpsc::channel(8);
+    let (output, mut committed) = tokio::sync::mpsc::channel(8);
+    let run = tokio::spawn(zombie.run(input, output));
+    rows.send(source_row(1, "a")).await.expect("send");
+    let first = tokio::time::timeout(Duration::from_secs(60), committed.recv()).await;
+    assert!(matches!(first, Ok(Some(_))), "the first transaction commits");
+
+    let successor = KafkaSink::new(&config, HeldEntities::default(), relay::codec::Codec::json()).expect("sink");
+    successor.init_transactions().await.expect("the successor fences the zombie");
+    rows.send(source_row(2, "a")).await.expect("send");
+    let stopped = tokio::time::timeout(Duration::from_secs(60), run).await.expect("the zombie stops").expect("join");
+    assert!(matches!(stopped, Err(SinkError::Fenced(_))), "stopped as fenced: {stopped:?}");
+    assert!(committed.recv().await.is_none(), "nothing of the fenced transaction goes on to the checkpoint");
+
+    let seen = python_consume(&stack, &db.topic("entity"), "read_committed");
+    let seqs: Vec<String> = seen.iter().map(|r| r.event_id.clone()).collect();
+    assert_eq!(seqs.len(), 1, "only the first row is visible to read_committed: {seen:?}");
+    db.cleanup().await;
+}
