@@ -17,8 +17,11 @@ pub fn compression() -> String {
 pub fn max_held_entities() -> usize {
     10_000
 }
-pub fn linger_ms() -> u64 {
-    5
+pub fn linger_ms(delivery: super::Delivery) -> u64 {
+    match delivery {
+        super::Delivery::AtLeastOnce => 5,
+        super::Delivery::ExactlyOnce => 0,
+    }
 }
 pub fn batch_size_bytes() -> u64 {
     1_000_000

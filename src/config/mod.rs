@@ -91,9 +91,10 @@ pub struct KafkaConfig {
     /// `none`, `gzip`, `snappy`, `lz4` or `zstd`.
     #[serde(default = "defaults::compression")]
     pub compression: String,
-    /// How long the producer waits to fill a batch, in milliseconds.
-    #[serde(default = "defaults::linger_ms")]
-    pub linger_ms: u64,
+    /// How long the producer waits to fill a batch, in milliseconds; see
+    /// [`KafkaConfig::linger_ms`] for the default.
+    #[serde(default, rename = "linger_ms")]
+    pub linger_ms_setting: Option<u64>,
     /// Upper bound of one produce batch, in bytes (librdkafka `batch.size`).
     #[serde(default = "defaults::batch_size_bytes")]
     pub batch_size_bytes: u64,
@@ -149,6 +150,14 @@ pub struct KafkaConfig {
 }
 
 impl KafkaConfig {
+    /// `linger.ms`: as set, else 5 at least once and 0 in exactly-once
+    /// mode, where a transaction sends its rows in one burst and waits for
+    /// every acknowledgement before its commit, so lingering only adds
+    /// latency (twice per transaction: the rows, then the progress record).
+    pub fn linger_ms(&self) -> u64 {
+        self.linger_ms_setting.unwrap_or_else(|| defaults::linger_ms(self.delivery))
+    }
+
     /// The principal the brokers' ACLs name for this relay, for messages
     /// that say which ACL is missing.
     pub fn principal(&self) -> String {

@@ -92,7 +92,7 @@ pub fn idempotent_config(config: &KafkaConfig) -> ClientConfig {
         .set("acks", "all")
         .set("partitioner", "murmur2_random")
         .set("compression.type", &config.compression)
-        .set("linger.ms", config.linger_ms.to_string())
+        .set("linger.ms", config.linger_ms().to_string())
         .set("batch.size", config.batch_size_bytes.to_string())
         .set("message.timeout.ms", config.message_timeout_ms.to_string())
         .set("queue.buffering.max.messages", config.queue_max_messages.to_string());
