@@ -51,26 +51,60 @@ fn stack_dir(stack: &Stack) -> std::path::PathBuf {
     std::env::var_os("RELAY_STACK_DIR").map_or_else(|| stack.repo.join(".stack"), Into::into)
 }
 
-/// CPU seconds of the stack's Postgres so far: the postmaster with its
-/// reaped backends, plus every live backend.
-fn postgres_cpu_seconds(stack: &Stack) -> f64 {
+/// CPU seconds of the stack's Postgres so far, in three parts: the
+/// walsenders (logical decoding for the slot), the client backends (the
+/// relay's SQL: publish state, lease, lag samples), and the rest (the
+/// postmaster, background workers such as the WAL writer and autovacuum,
+/// and every backend that already exited).
+#[derive(Debug, Clone, Copy, Default)]
+struct PostgresCpu {
+    walsender: f64,
+    backends: f64,
+    other: f64,
+}
+
+impl PostgresCpu {
+    fn total(&self) -> f64 {
+        self.walsender + self.backends + self.other
+    }
+
+    fn minus(&self, earlier: &Self) -> Self {
+        Self {
+            walsender: self.walsender - earlier.walsender,
+            backends: self.backends - earlier.backends,
+            other: self.other - earlier.other,
+        }
+    }
+}
+
+fn postgres_cpu_seconds(stack: &Stack) -> PostgresCpu {
     let pid_file = stack_dir(stack).join("pg/data/postmaster.pid");
     let Some(postmaster) = std::fs::read_to_string(pid_file).ok().and_then(|s| s.lines().next()?.trim().parse().ok())
     else {
-        return f64::NAN;
+        return PostgresCpu { other: f64::NAN, ..Default::default() };
     };
-    let mut total = cpu_seconds(postmaster, true);
-    if let Ok(entries) = std::fs::read_dir("/proc") {
-        for pid in entries.flatten().filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()) {
-            let parent = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| s.rsplit_once(") ").and_then(|(_, r)| r.split(' ').nth(1)?.parse::<u32>().ok()));
-            if parent == Some(postmaster) {
-                total += cpu_seconds(pid, false);
-            }
+    let mut cpu = PostgresCpu { other: cpu_seconds(postmaster, true), ..Default::default() };
+    let Ok(entries) = std::fs::read_dir("/proc") else { return cpu };
+    for pid in entries.flatten().filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()) {
+        let parent = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(") ").and_then(|(_, r)| r.split(' ').nth(1)?.parse::<u32>().ok()));
+        if parent != Some(postmaster) {
+            continue;
+        }
+        // The process title: "postgres: walsender ...", "postgres: <user>
+        // <db> <host>(<port>) ..." for a client backend, else a worker.
+        let title = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let seconds = cpu_seconds(pid, false);
+        if title.contains("walsender") {
+            cpu.walsender += seconds;
+        } else if title.contains('(') {
+            cpu.backends += seconds;
+        } else {
+            cpu.other += seconds;
         }
     }
-    total
+    cpu
 }
 
 /// CPU seconds of the stack's Kafka broker so far.
@@ -129,6 +163,8 @@ struct Figures {
     drain_rss: f64,
     /// CPU seconds per 100k rows during the drain: the relay, Postgres, the broker.
     drain_cpu: [f64; 3],
+    /// Postgres's part of it, split.
+    drain_postgres: PostgresCpu,
     live: Vec<f64>,
     live_rss: f64,
     write_rate: f64,
@@ -149,6 +185,20 @@ async fn run_scenario(stack: &Stack, scenario: &Scenario) -> Figures {
     let started = Instant::now();
     spawn_workload(&db.url, ROWS, ENTITIES, WRITERS).await.expect("workload");
     let write_rate = ROWS as f64 / started.elapsed().as_secs_f64();
+    // The writers' sessions gone first: a backend that exits during the
+    // drain moves its whole CPU time into the postmaster's reaped total.
+    wait_for("the writers' sessions to end", Duration::from_secs(60), || async {
+        let others: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .ok()?
+            .get(0);
+        (others == 0).then_some(())
+    })
+    .await;
     let (postgres_before, broker_before) = (postgres_cpu_seconds(stack), broker_cpu_seconds(stack));
     let relay = RelayProcess::start(&config);
     let started = Instant::now();
@@ -156,9 +206,15 @@ async fn run_scenario(stack: &Stack, scenario: &Scenario) -> Figures {
     let drain_rate = ROWS as f64 / started.elapsed().as_secs_f64();
     let drain_rss = peak_rss_mib(relay.child.id());
     let per_100k = 100_000.0 / ROWS as f64;
+    let postgres = postgres_cpu_seconds(stack).minus(&postgres_before);
+    let drain_postgres = PostgresCpu {
+        walsender: postgres.walsender * per_100k,
+        backends: postgres.backends * per_100k,
+        other: postgres.other * per_100k,
+    };
     let drain_cpu = [
         cpu_seconds(relay.child.id(), false) * per_100k,
-        (postgres_cpu_seconds(stack) - postgres_before) * per_100k,
+        drain_postgres.total(),
         (broker_cpu_seconds(stack) - broker_before) * per_100k,
     ];
 
@@ -182,7 +238,7 @@ async fn run_scenario(stack: &Stack, scenario: &Scenario) -> Figures {
     let live_rss = peak_rss_mib(relay.child.id());
     drop(relay);
     db.cleanup().await;
-    Figures { drain_rate, drain_rss, drain_cpu, live, live_rss, write_rate }
+    Figures { drain_rate, drain_rss, drain_cpu, drain_postgres, live, live_rss, write_rate }
 }
 
 /// The poll query's cost on a table with 1M published rows and 1,000
@@ -270,13 +326,16 @@ async fn main() {
         eprintln!("bench: {}", scenario.name);
         let f = run_scenario(&stack, scenario).await;
         let row = format!(
-            "| {} | {:.0} msg/s ({:.2} x baseline) | {:.2} s / {:.2} s / {:.2} s | {:.1} ms / {:.1} ms ({} samples) | {:.0} MiB / {:.0} MiB | {:.0} rows/s |\n",
+            "| {} | {:.0} msg/s ({:.2} x baseline) | {:.2} s / {:.2} s / {:.2} s | {:.2} s / {:.2} s / {:.2} s | {:.1} ms / {:.1} ms ({} samples) | {:.0} MiB / {:.0} MiB | {:.0} rows/s |\n",
             scenario.name,
             f.drain_rate,
             f.drain_rate / baseline,
             f.drain_cpu[0],
             f.drain_cpu[1],
             f.drain_cpu[2],
+            f.drain_postgres.walsender,
+            f.drain_postgres.backends,
+            f.drain_postgres.other,
             percentile(&f.live, 0.50) * 1000.0,
             percentile(&f.live, 0.99) * 1000.0,
             f.live.len(),
@@ -290,8 +349,8 @@ async fn main() {
     let plan = if only.is_none() { poll_query_cost(&stack).await } else { String::from("(skipped)") };
     let report = format!(
         "Baseline (Kafka ProducerPerformance, {ROWS} records of 300 B, acks=all, idempotent, lz4, linger 5 ms): **{baseline:.0} records/s**\n\n\
-         | relay | drain of a {ROWS}-row backlog | drain CPU per 100k rows: relay / Postgres / broker | commit -> consumer latency at {LIVE_RATE} rows/s, p50 / p99 | peak RSS (drain / after live) | writers alone |\n\
-         |---|---|---|---|---|---|\n{rows}\n\
+         | relay | drain of a {ROWS}-row backlog | drain CPU per 100k rows: relay / Postgres / broker | Postgres's part: walsender / relay's SQL backends / rest | commit -> consumer latency at {LIVE_RATE} rows/s, p50 / p99 | peak RSS (drain / after live) | writers alone |\n\
+         |---|---|---|---|---|---|---|\n{rows}\n\
          Poll query on 1,000,000 published + 1,000 pending rows (`EXPLAIN (ANALYZE, BUFFERS)`):\n\n```\n{plan}\n```\n"
     );
     println!("{report}");

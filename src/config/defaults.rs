@@ -20,7 +20,7 @@ pub fn max_held_entities() -> usize {
 pub fn linger_ms(delivery: super::Delivery) -> u64 {
     match delivery {
         super::Delivery::AtLeastOnce => 5,
-        super::Delivery::ExactlyOnce => 0,
+        super::Delivery::ExactlyOnce => 1,
     }
 }
 pub fn batch_size_bytes() -> u64 {

@@ -150,10 +150,11 @@ pub struct KafkaConfig {
 }
 
 impl KafkaConfig {
-    /// `linger.ms`: as set, else 5 at least once and 0 in exactly-once
+    /// `linger.ms`: as set, else 5 at least once and 1 in exactly-once
     /// mode, where a transaction sends its rows in one burst and waits for
-    /// every acknowledgement before its commit, so lingering only adds
-    /// latency (twice per transaction: the rows, then the progress record).
+    /// every acknowledgement before its commit, so lingering adds latency
+    /// twice per transaction (the rows, then the progress record); 0 would
+    /// send a drain's rows in many small requests.
     pub fn linger_ms(&self) -> u64 {
         self.linger_ms_setting.unwrap_or_else(|| defaults::linger_ms(self.delivery))
     }

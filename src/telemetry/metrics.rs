@@ -1,9 +1,13 @@
 //! Metric names, each described once, and the helpers the stages call.
 //! Listed for users in METRICS.md.
 
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter, Gauge, Histogram, Unit,
+};
 
 pub const PUBLISHED_TOTAL: &str = "outbox_relay_published_total";
 pub const PUBLISHED_BYTES_TOTAL: &str = "outbox_relay_published_bytes_total";
@@ -99,16 +103,51 @@ pub fn describe() {
     describe_counter!(SLOT_RECOVERIES_TOTAL, "Replication slots recreated and caught up through the poll path, by reason (missing, invalidated, wal_budget).");
 }
 
+/// Handles of the metrics updated for every message, looked up once: the
+/// `counter!` family hashes the name and labels into the registry on every
+/// call, five times per message before. Taken at the first message, after
+/// the recorder is installed at start-up.
+struct PerMessage {
+    published_by_topic: Mutex<HashMap<String, Counter>>,
+    published_bytes: Counter,
+    latency: Histogram,
+    last_publish: Gauge,
+    in_flight: Gauge,
+    producer_queue: Gauge,
+}
+
+fn per_message() -> &'static PerMessage {
+    static HANDLES: OnceLock<PerMessage> = OnceLock::new();
+    HANDLES.get_or_init(|| PerMessage {
+        published_by_topic: Mutex::default(),
+        published_bytes: counter!(PUBLISHED_BYTES_TOTAL),
+        latency: histogram!(PUBLISH_LATENCY_SECONDS),
+        last_publish: gauge!(LAST_PUBLISH_TIMESTAMP_SECONDS),
+        in_flight: gauge!(IN_FLIGHT),
+        producer_queue: gauge!(PRODUCER_QUEUE_MESSAGES),
+    })
+}
+
 pub fn published(topic: &str, since: chrono::DateTime<chrono::Utc>) {
-    counter!(PUBLISHED_TOTAL, "topic" => topic.to_string()).increment(1);
+    let handles = per_message();
+    if let Ok(mut by_topic) = handles.published_by_topic.lock() {
+        match by_topic.get(topic) {
+            Some(counter) => counter.increment(1),
+            None => {
+                let counter = counter!(PUBLISHED_TOTAL, "topic" => topic.to_string());
+                counter.increment(1);
+                by_topic.insert(topic.to_string(), counter);
+            }
+        }
+    }
     let now = chrono::Utc::now();
     let latency = (now - since).to_std().unwrap_or_default();
-    histogram!(PUBLISH_LATENCY_SECONDS).record(latency.as_secs_f64());
-    gauge!(LAST_PUBLISH_TIMESTAMP_SECONDS).set(now.timestamp_millis() as f64 / 1000.0);
+    handles.latency.record(latency.as_secs_f64());
+    handles.last_publish.set(now.timestamp_millis() as f64 / 1000.0);
 }
 
 pub fn bytes_produced(bytes: usize) {
-    counter!(PUBLISHED_BYTES_TOTAL).increment(bytes as u64);
+    per_message().published_bytes.increment(bytes as u64);
 }
 
 pub fn publish_error(permanent: bool) {
@@ -125,19 +164,19 @@ pub fn held_entities(n: usize) {
 }
 
 pub fn in_flight_inc() {
-    gauge!(IN_FLIGHT).increment(1.0);
+    per_message().in_flight.increment(1.0);
 }
 
 pub fn in_flight_dec() {
-    gauge!(IN_FLIGHT).decrement(1.0);
+    per_message().in_flight.decrement(1.0);
 }
 
 pub fn in_flight_reset() {
-    gauge!(IN_FLIGHT).set(0.0);
+    per_message().in_flight.set(0.0);
 }
 
 pub fn producer_queue(messages: i32) {
-    gauge!(PRODUCER_QUEUE_MESSAGES).set(f64::from(messages));
+    per_message().producer_queue.set(f64::from(messages));
 }
 
 /// A committed (with its rows and commit time) or aborted transaction.
