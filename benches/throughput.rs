@@ -264,7 +264,11 @@ async fn poll_query_cost(stack: &Stack) -> String {
     // The columns the relay itself would select from this table.
     let store = relay::store::Store::new(&relay_config);
     let table = store.table_layout(&client).await.expect("outbox columns");
-    let sql = relay::store::RowQuery::poll(store.sql(), &table.columns).replace("$1", "1000").replace("$2", "1048576");
+    let sql = relay::store::RowQuery::poll(store.sql(), &table.columns)
+        .replace("$1", "1000")
+        .replace("$2", "1048576")
+        .replace("$3", "'{}'")
+        .replace("$4", "'{}'");
     let plan: Vec<String> = client
         .query(&format!("EXPLAIN (ANALYZE, BUFFERS) {sql}"), &[])
         .await

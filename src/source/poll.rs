@@ -38,14 +38,17 @@
 //!
 //! # Why nothing is sent twice while in flight
 //!
-//! Only one batch is in flight at a time. After a batch's rows comes a
-//! commit boundary ([`CommitBoundary::Batch`]) with the batch number. The checkpoint
-//! stage sends that number back through `confirmed` once every row before the
-//! marker has its publish state recorded (`published_at`, or `last_error` for
-//! held rows). The next SELECT runs only after that, so it cannot see those
-//! rows again. A crash between delivery and recording resends the
-//! unrecorded batch after the restart, which is the same at-least-once window
-//! as the logical mode.
+//! Up to two batches are in flight: the next one is read while the
+//! previous one is published and recorded. After a batch's rows comes a
+//! commit boundary ([`CommitBoundary::Batch`]) with the batch number. The
+//! checkpoint stage sends that number back through `confirmed` once every
+//! row before the marker has its publish state recorded (`published_at`, or
+//! `last_error` for held rows). A poll leaves out the rows of the batches
+//! still in flight (their ids, as runs of consecutive ids, [`IdRuns`]);
+//! recorded rows no longer match `published_at IS NULL AND last_error IS
+//! NULL`. So no poll sees a row again that was read before. A crash between
+//! delivery and recording resends the unrecorded batches after the
+//! restart, which is the same at-least-once window as the logical mode.
 //!
 //! # Why per-entity order holds (and what breaks it)
 //!
@@ -62,10 +65,18 @@
 //!    released.
 //!
 //! Each poll therefore sees, for every entity, a prefix of that entity's
-//! unpublished rows in commit order, and emits it in id order. Rows of earlier
-//! polls are recorded before this poll runs. An entity's row is therefore
-//! never sent before an earlier row of the same entity, whatever other
-//! transactions do. An unrelated long transaction only hides its own rows.
+//! unpublished rows in commit order, and emits it in id order. Why the
+//! second batch in flight cannot reorder an entity: the first poll took,
+//! in id order, a prefix of the rows visible then, so for entity E it took
+//! a prefix P of E's visible rows. Every other row of E that the second
+//! poll can see either was visible at the first poll and cut off by its
+//! `LIMIT` (a higher id than all of P), or became visible after it, which
+//! under the rule means it committed after all of P and has a higher id
+//! too. The second poll leaves P out, so it emits only rows of E that come
+//! after all of P, and it emits them after P into the same sink, whose one
+//! producer keeps that order per partition. By induction over the polls,
+//! an entity's row is never sent before an earlier row of the same entity,
+//! whatever other transactions do. An unrelated long transaction only hides its own rows.
 //! The ids it holds below the others do not stop anything, because nothing
 //! here orders by transaction id or waits for the oldest open transaction.
 //!
@@ -93,6 +104,7 @@
 //! is followed by another at once; after an empty one the poller sleeps
 //! until a notification or the fallback interval.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -155,26 +167,62 @@ pub fn channel_name(config: &Config) -> String {
     format!("{}_relay", config.outbox.table)
 }
 
+/// The ids of batches in flight as maximal runs of consecutive ids, which
+/// the poll query leaves out: its cost is per run, and the rows of a batch
+/// are mostly consecutive. An id inside a run is in the batch, so a row
+/// that commits late is never inside one unless it was read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IdRuns {
+    lo: Vec<i64>,
+    hi: Vec<i64>,
+}
+
+impl IdRuns {
+    /// The runs of `ids`, which are in ascending order (a batch's order).
+    pub fn of(ids: &[i64]) -> Self {
+        let mut runs = Self::default();
+        for &id in ids {
+            match runs.hi.last_mut() {
+                Some(hi) if id == *hi + 1 => *hi = id,
+                _ => {
+                    runs.lo.push(id);
+                    runs.hi.push(id);
+                }
+            }
+        }
+        runs
+    }
+
+    /// These runs and `other`'s.
+    pub fn union<'a>(all: impl IntoIterator<Item = &'a IdRuns>) -> Self {
+        let mut runs = Self::default();
+        for other in all {
+            runs.lo.extend_from_slice(&other.lo);
+            runs.hi.extend_from_slice(&other.hi);
+        }
+        runs
+    }
+}
+
 /// What one [`BatchRound`] did.
 pub enum Round {
     /// The query found nothing.
     Empty,
-    /// A batch of `rows` was emitted and recorded; more may be waiting (the
-    /// query may have cut the batch by size), so the poller asks again at
-    /// once until a poll comes back empty.
-    Sent { rows: usize },
+    /// A batch of `rows` was emitted (and, for [`BatchRound::send`],
+    /// recorded); more may be waiting (the query may have cut the batch by
+    /// size), so the poller asks again at once until a poll comes back empty.
+    Sent { rows: usize, runs: IdRuns },
     /// `stop` turned true, or the downstream stages are gone.
     Stopped,
 }
 
-/// One round of the one-batch-in-flight loop that poll mode and the
-/// catch-up phase share: select the next unpublished rows (id order), cut
-/// them at `max_bytes`, emit them and the batch marker, then wait until the
-/// checkpoint stage has recorded the batch, so that the next SELECT cannot
-/// see these rows again.
+/// One round of polling, shared by poll mode and the catch-up phase: select
+/// the next unpublished rows (id order) but those in flight, cut them at
+/// `max_bytes`, emit them and the batch marker.
 pub struct BatchRound<'a> {
     pub client: &'a Client,
-    /// Selects unpublished rows in id order, `LIMIT $1`.
+    /// Selects unpublished rows in id order, `LIMIT $1`, bytes `$2`, but
+    /// the id runs `$3`..`$4`.
     pub statement: &'a tokio_postgres::Statement,
     pub limit: i64,
     pub max_bytes: usize,
@@ -182,16 +230,15 @@ pub struct BatchRound<'a> {
 }
 
 impl BatchRound<'_> {
-    /// Emits batch number `batch`; see [`Round`].
-    pub async fn send(
+    /// Emits batch number `batch`, leaving out the rows of `in_flight`.
+    pub async fn emit(
         &self,
         batch: PollBatch,
+        in_flight: &IdRuns,
         out: &mpsc::Sender<SourceEvent>,
-        confirmed: &mut watch::Receiver<Option<CommitBoundary>>,
-        stop: &mut watch::Receiver<bool>,
     ) -> Result<Round, PollError> {
         let max_bytes = i64::try_from(self.max_bytes).unwrap_or(i64::MAX);
-        let rows = self.client.query(self.statement, &[&self.limit, &max_bytes]).await?;
+        let rows = self.client.query(self.statement, &[&self.limit, &max_bytes, &in_flight.lo, &in_flight.hi]).await?;
         if rows.is_empty() {
             return Ok(Round::Empty);
         }
@@ -203,9 +250,11 @@ impl BatchRound<'_> {
             sizes.push(size);
         }
         let take = rows_within(&sizes, self.max_bytes);
+        let mut ids = Vec::with_capacity(take);
         for columns in values.iter().take(take) {
             let row = self.layout.row(columns, None)?;
             tracing::trace!(row_id = row.id, "row read");
+            ids.push(row.id);
             if out.send(SourceEvent::Row(row)).await.is_err() {
                 return Ok(Round::Stopped);
             }
@@ -214,16 +263,47 @@ impl BatchRound<'_> {
         if out.send(SourceEvent::Boundary(CommitBoundary::Batch(batch))).await.is_err() {
             return Ok(Round::Stopped);
         }
-        tokio::select! {
-            biased;
-            _ = stop.wait_for(|s| *s) => Ok(Round::Stopped),
-            // An error: the checkpoint stage is gone; the pipeline reports why.
-            recorded = confirmed.wait_for(|b| matches!(b, Some(CommitBoundary::Batch(done)) if *done >= batch)) => Ok(if recorded.is_ok() { Round::Sent { rows: take } } else { Round::Stopped }),
+        Ok(Round::Sent { rows: take, runs: IdRuns::of(&ids) })
+    }
+
+    /// [`BatchRound::emit`] with nothing else in flight, then waits until
+    /// the checkpoint stage has recorded the batch (one batch in flight:
+    /// the catch-up phase).
+    pub async fn send(
+        &self,
+        batch: PollBatch,
+        out: &mpsc::Sender<SourceEvent>,
+        confirmed: &mut watch::Receiver<Option<CommitBoundary>>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Round, PollError> {
+        let round = self.emit(batch, &IdRuns::default(), out).await?;
+        if !matches!(round, Round::Sent { .. }) {
+            return Ok(round);
         }
+        Ok(if recorded(batch, confirmed, stop).await { round } else { Round::Stopped })
     }
 }
 
-/// Reads unpublished outbox rows in id order, one batch in flight at a time.
+/// Waits until the checkpoint stage reports `batch` recorded; false when
+/// `stop` turned true or the checkpoint stage is gone (the pipeline
+/// reports why).
+async fn recorded(
+    batch: PollBatch,
+    confirmed: &mut watch::Receiver<Option<CommitBoundary>>,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    tokio::select! {
+        biased;
+        _ = stop.wait_for(|s| *s) => false,
+        done = confirmed.wait_for(|b| matches!(b, Some(CommitBoundary::Batch(done)) if *done >= batch)) => done.is_ok(),
+    }
+}
+
+/// Batches a poll-mode relay keeps in flight: the next one is read while
+/// the previous one is published and recorded.
+const POLL_DEPTH: usize = 2;
+
+/// Reads unpublished outbox rows in id order, up to [`POLL_DEPTH`] batches in flight.
 pub struct PollSource {
     config: Config,
 }
@@ -234,8 +314,9 @@ impl PollSource {
     }
 
     /// Runs until `stop` turns true or Postgres fails. Rows and a commit
-    /// boundary (`Batch(n)`, n = 1, 2, ...) go to `out`; the next poll waits
-    /// until the checkpoint stage reports `n` through `confirmed`.
+    /// boundary (`Batch(n)`, n = 1, 2, ...) go to `out`; with
+    /// [`POLL_DEPTH`] batches unrecorded, the next poll waits until the
+    /// checkpoint stage reports the oldest through `confirmed`.
     pub async fn run(
         &self,
         out: mpsc::Sender<SourceEvent>,
@@ -258,25 +339,46 @@ impl PollSource {
         let limit = i64::try_from(source.batch_rows).unwrap_or(i64::MAX);
         let interval = Duration::from_millis(source.poll_interval_ms);
         tracing::info!(channel = %channel_name(&self.config), "polling source started");
-        let mut batch = 0;
+        let round = BatchRound {
+            client: &client,
+            statement: &statement,
+            limit,
+            max_bytes: source.batch_max_bytes,
+            layout: &layout,
+        };
+        // Batches emitted and not yet recorded, oldest first.
+        let mut in_flight: VecDeque<(PollBatch, IdRuns)> = VecDeque::new();
+        let mut next = 1;
         loop {
             if *stop.borrow() {
                 return Ok(());
             }
-            let round = BatchRound {
-                client: &client,
-                statement: &statement,
-                limit,
-                max_bytes: source.batch_max_bytes,
-                layout: &layout,
+            let done = match *confirmed.borrow() {
+                Some(CommitBoundary::Batch(done)) => done,
+                _ => PollBatch(0),
             };
-            match round.send(PollBatch(batch + 1), &out, &mut confirmed, &mut stop).await? {
-                Round::Stopped => return Ok(()),
-                Round::Sent { .. } => {
-                    batch += 1;
-                    continue;
+            while in_flight.front().is_some_and(|(batch, _)| *batch <= done) {
+                in_flight.pop_front();
+            }
+            if in_flight.len() < POLL_DEPTH {
+                let exclude = IdRuns::union(in_flight.iter().map(|(_, runs)| runs));
+                match round.emit(PollBatch(next), &exclude, &out).await? {
+                    Round::Stopped => return Ok(()),
+                    Round::Sent { runs, .. } => {
+                        in_flight.push_back((PollBatch(next), runs));
+                        next += 1;
+                        continue;
+                    }
+                    Round::Empty => {}
                 }
-                Round::Empty => {}
+            }
+            if let Some((oldest, _)) = in_flight.front() {
+                // Full, or nothing new: the next poll after the oldest batch
+                // is recorded (it may free rows a late commit made visible).
+                if !recorded(*oldest, &mut confirmed, &mut stop).await {
+                    return Ok(());
+                }
+                continue;
             }
             tokio::select! {
                 biased;
@@ -304,5 +406,23 @@ impl PollSource {
     /// lease's release notifications).
     async fn listen(&self) -> Result<(Client, mpsc::Receiver<()>), PollError> {
         Ok(database::listen(&self.config.postgres, Some("listen"), &channel_name(&self.config)).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::IdRuns;
+
+    #[test]
+    fn id_runs_cover_exactly_the_ids_of_a_batch() {
+        let runs = IdRuns::of(&[3, 4, 5, 9, 11, 12]);
+        assert_eq!((runs.lo.clone(), runs.hi.clone()), (vec![3, 9, 11], vec![5, 9, 12]));
+        // Ids between runs (a row that commits late) are not covered.
+        let covered = |id: i64| runs.lo.iter().zip(&runs.hi).any(|(lo, hi)| (*lo..=*hi).contains(&id));
+        assert!([3, 4, 5, 9, 11, 12].into_iter().all(covered));
+        assert!(![6, 7, 8, 10, 13].into_iter().any(covered));
+        let both = IdRuns::union([&runs, &IdRuns::of(&[20])]);
+        assert_eq!(both.lo, vec![3, 9, 11, 20]);
+        assert_eq!(IdRuns::of(&[]), IdRuns::default());
     }
 }

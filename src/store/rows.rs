@@ -98,7 +98,9 @@ impl RowQuery {
     }
 
     /// Pending rows in id order: at most `$1` rows, cut where the payloads'
-    /// stored size passes `$2` bytes (at least one row). The cut is made in
+    /// stored size passes `$2` bytes (at least one row), leaving out the
+    /// id runs `$3[i]..=$4[i]` (the batches still in flight; empty arrays
+    /// for none): one comparison pair per run, not per in-flight row. The cut is made in
     /// Postgres on `pg_column_size` (no detoasting), and only the rows that
     /// pass are turned into text and sent, so a batch of very large rows
     /// costs memory by bytes, not by `batch_rows` x row size. Stored size
@@ -111,6 +113,8 @@ impl RowQuery {
                  sum(pg_column_size(l.{payload})) OVER (ORDER BY l.{id}) AS relay_upto \
                FROM (SELECT * FROM {table} AS o \
                  WHERE o.published_at IS NULL AND o.last_error IS NULL AND ({condition}) \
+                 AND NOT EXISTS (SELECT 1 FROM unnest($3::bigint[], $4::bigint[]) AS r(lo, hi) \
+                   WHERE o.{id} BETWEEN r.lo AND r.hi) \
                  ORDER BY o.{id} LIMIT $1) AS l\
              ) AS o WHERE o.relay_n = 1 OR o.relay_upto <= $2 ORDER BY o.{id}",
             list = select_list(&sql.names, columns),
@@ -245,9 +249,10 @@ mod tests {
         assert!(RowLayout::new(&columns, &names).is_ok());
         let sql = RowQuery::poll(&OutboxSql::new(&config()), &columns);
         assert!(
-            sql.contains("WHERE o.published_at IS NULL AND o.last_error IS NULL AND (true) ORDER BY o.\"id\" LIMIT $1"),
+            sql.contains("WHERE o.published_at IS NULL AND o.last_error IS NULL AND (true) AND NOT EXISTS"),
             "{sql}"
         );
+        assert!(sql.contains("BETWEEN r.lo AND r.hi) ORDER BY o.\"id\" LIMIT $1"), "the batches in flight: {sql}");
         assert!(sql.contains("pg_column_size(l.\"payload\")") && sql.contains("o.relay_upto <= $2"), "{sql}");
         assert!(!sql.contains('>'), "no cursor: {sql}");
         assert!(sql.contains("AT TIME ZONE 'UTC'"), "{sql}");
