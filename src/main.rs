@@ -8,12 +8,6 @@ use clap::Parser;
 use relay::cli::{Cli, Command, SchemasAction};
 use relay::config::{Config, LogFormat};
 
-/// mimalloc instead of glibc's allocator: a baseline profile had a quarter
-/// of the relay's CPU in `malloc`/`free` under per-message churn
-/// (docs/benchmarks.md, CPU per 100k rows).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
