@@ -48,6 +48,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 println!("migrations: applied {}", applied.join(", "));
             }
+            if config.kafka.delivery == relay::config::Delivery::ExactlyOnce && config.routing.create_topics {
+                // The administrator's run, so the relay's own principal
+                // needs no CREATE on the cluster for it.
+                relay::sink::progress::ensure_topic(&config).await?;
+                println!("progress topic: {} (compacted)", config.kafka.progress_topic);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Check => {

@@ -416,3 +416,26 @@ async fn kafka_fences_a_zombie_producer_and_nothing_it_sends_becomes_visible() {
     assert_eq!(seqs.len(), 1, "only the first row is visible to read_committed: {seen:?}");
     db.cleanup().await;
 }
+
+/// `relay migrate` in exactly-once mode creates the progress topic,
+/// compacted, before any relay runs (the administrator's step, so the
+/// relay's principal needs no CREATE for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_creates_the_compacted_progress_topic() {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    let stack = Stack::from_env();
+    let db = TestDb::new(&stack).await;
+    let progress = db.topic("progress");
+    let config = db.write_config(&format!("{EXACTLY_ONCE}\nkafka.progress_topic = \"{progress}\""));
+    db.migrate(&config);
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", &stack.bootstrap).create().expect("admin client");
+    let described = admin
+        .describe_configs([&ResourceSpecifier::Topic(&progress)], &AdminOptions::new())
+        .await
+        .expect("describe the progress topic");
+    let resource = described.into_iter().next().expect("one result").expect("the progress topic exists");
+    let policy = resource.get("cleanup.policy").and_then(|entry| entry.value.clone());
+    assert_eq!(policy.as_deref(), Some("compact"), "{resource:?}");
+    db.cleanup().await;
+}

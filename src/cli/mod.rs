@@ -38,7 +38,8 @@ pub enum Command {
     /// Run the relay (the default when no subcommand is given).
     Run,
     /// Apply migrations/ (idempotent) and create the publication and slot,
-    /// as the outbox table's owner.
+    /// as the outbox table's owner; in exactly-once mode also the compacted
+    /// progress topic (when `routing.create_topics`).
     Migrate {
         /// Print, instead, the GRANTs the running relay's role ROLE needs
         /// with this config (least privilege; nothing is run).
