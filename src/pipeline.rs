@@ -495,9 +495,18 @@ async fn run_once(
     if config.kafka.delivery == Delivery::ExactlyOnce {
         // Fence earlier producers first: then no transaction of theirs can
         // commit after the progress topic is read back.
+        let started = std::time::Instant::now();
         crate::sink::progress::ensure_topic(config).await?;
+        let topic_ms = started.elapsed().as_millis() as u64;
         sink.init_transactions().await?;
+        let init_ms = started.elapsed().as_millis() as u64 - topic_ms;
         crate::checkpoint::progress::recover(config, &store, &control).await?;
+        tracing::info!(
+            topic_ms,
+            init_ms,
+            recovery_ms = started.elapsed().as_millis() as u64 - topic_ms - init_ms,
+            "exactly-once: earlier producers fenced, progress read back"
+        );
     }
     let (source_tx, source_rx) = mpsc::channel(config.source.batch_rows);
     let (flight_tx, flight_rx) = mpsc::channel(config.checkpoint.max_in_flight);
