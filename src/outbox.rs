@@ -184,6 +184,28 @@ impl RowLayout {
     }
 }
 
+#[cfg(test)]
+impl OutboxRow {
+    /// A row for unit tests: an `event` of `aggregate_type` "order" and
+    /// entity `aggregate_id`, payload `{}`.
+    pub(crate) fn for_test(id: i64, aggregate_id: &str) -> Self {
+        Self {
+            id,
+            event_id: Uuid::new_v4(),
+            aggregate_type: "order".into(),
+            aggregate_id: aggregate_id.into(),
+            event_type: "Changed".into(),
+            kind: "event".into(),
+            entity_version: None,
+            payload: Bytes::from_static(b"{}"),
+            headers: None,
+            occurred_at: Utc::now(),
+            committed_at: None,
+            xid: None,
+        }
+    }
+}
+
 /// Parses Postgres' ISO text output of a `timestamptz`
 /// (`2026-11-23 16:40:00.123456+00`, `...+05:30`).
 pub fn parse_timestamptz(text: &str) -> Option<DateTime<Utc>> {

@@ -38,21 +38,7 @@ impl PublishStateStore for MemoryStore {
 }
 
 fn row(id: i64) -> RoutedRow {
-    let row = OutboxRow {
-        id,
-        event_id: uuid::Uuid::new_v4(),
-        aggregate_type: "order".into(),
-        aggregate_id: format!("o-{}", id % 3),
-        event_type: "Changed".into(),
-        kind: "event".into(),
-        entity_version: None,
-        payload: bytes::Bytes::from_static(b"{}"),
-        headers: None,
-        occurred_at: chrono::Utc::now(),
-        committed_at: None,
-        xid: None,
-    };
-    RoutedRow::new(row, "t".into())
+    RoutedRow::new(OutboxRow::for_test(id, &format!("o-{}", id % 3)), "t".into())
 }
 
 /// One generated item: a row on `partition` (acked, or failing

@@ -415,20 +415,7 @@ mod tests {
     use super::*;
 
     fn row(id: i64) -> SourceEvent {
-        SourceEvent::Row(OutboxRow {
-            id,
-            event_id: uuid::Uuid::new_v4(),
-            aggregate_type: "order".into(),
-            aggregate_id: "o-1".into(),
-            event_type: "Changed".into(),
-            kind: "event".into(),
-            entity_version: None,
-            payload: bytes::Bytes::from_static(b"{}"),
-            headers: None,
-            occurred_at: chrono::Utc::now(),
-            committed_at: None,
-            xid: None,
-        })
+        SourceEvent::Row(OutboxRow::for_test(id, "o-1"))
     }
 
     fn ids(batch: &[SourceEvent]) -> Vec<i64> {
