@@ -13,6 +13,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("0004_catchup", include_str!("../migrations/0004_catchup.sql")),
     ("0005_waiting", include_str!("../migrations/0005_waiting.sql")),
     ("0006_leader", include_str!("../migrations/0006_leader.sql")),
+    ("0007_tombstones", include_str!("../migrations/0007_tombstones.sql")),
 ];
 
 /// Why migrating failed.

@@ -58,8 +58,9 @@ pub struct OutboxRow {
     /// `event`, `state` or `command`.
     pub kind: String,
     pub entity_version: Option<i64>,
-    /// The payload as JSON text, exactly as Postgres printed it.
-    pub payload: Bytes,
+    /// The payload as JSON text, exactly as Postgres printed it; `None` (SQL
+    /// NULL) for a tombstone: a state row saying the entity is gone.
+    pub payload: Option<Bytes>,
     /// Optional JSON object of extra headers (e.g. `traceparent`).
     pub headers: Option<Bytes>,
     pub occurred_at: DateTime<Utc>,
@@ -162,10 +163,7 @@ impl RowLayout {
         let occurred_text = required(self.occurred_at, &n.occurred_at)?;
         let occurred_at =
             parse_timestamptz(occurred_text).ok_or_else(|| malformed(&n.occurred_at, occurred_text, "timestamptz"))?;
-        let payload = values
-            .get(self.payload)
-            .and_then(|v| v.clone())
-            .ok_or_else(|| RowError::Null { column: n.payload.clone() })?;
+        let payload = values.get(self.payload).and_then(|v| v.clone());
         let headers = self.headers.and_then(|i| values.get(i).and_then(|v| v.clone()));
         Ok(OutboxRow {
             id,
@@ -197,7 +195,7 @@ impl OutboxRow {
             event_type: "Changed".into(),
             kind: "event".into(),
             entity_version: None,
-            payload: Bytes::from_static(b"{}"),
+            payload: Some(Bytes::from_static(b"{}")),
             headers: None,
             occurred_at: Utc::now(),
             committed_at: None,

@@ -4,7 +4,11 @@
 //! Each change locks the order row (the upsert), bumps its version, and
 //! inserts an event message ("what happened") and a state message (the
 //! order's full current state), so writes to one order are serialized and
-//! per-entity order holds.
+//! per-entity order holds. An order goes placed -> paid -> shipped ->
+//! delivered; its next change deletes it and writes its tombstone (a state
+//! row with a NULL payload) in the same transaction. The payloads match the
+//! Avro schemas in `schemas/order/`, so the same service feeds the JSON and
+//! the Avro codec.
 
 use std::time::Duration;
 
@@ -30,8 +34,13 @@ struct Args {
     orders: u32,
 }
 
-const STATUSES: [(&str, &str); 4] =
-    [("placed", "OrderPlaced"), ("paid", "OrderPaid"), ("shipped", "OrderShipped"), ("delivered", "OrderDelivered")];
+/// The event of each status, and the next status.
+const LIFECYCLE: [(&str, &str, &str); 4] = [
+    ("placed", "OrderPlaced", "paid"),
+    ("paid", "OrderPaid", "shipped"),
+    ("shipped", "OrderShipped", "delivered"),
+    ("delivered", "OrderDelivered", "deleted"),
+];
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -57,7 +66,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let interval = Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1)));
     let started = std::time::Instant::now();
     let mut ticker = tokio::time::interval(interval);
-    let mut written = 0u64;
+    let (mut written, mut deleted) = (0u64, 0u64);
     loop {
         ticker.tick().await;
         if args.seconds > 0 && started.elapsed() >= Duration::from_secs(args.seconds) {
@@ -72,39 +81,79 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             )
         };
         let tx = client.transaction().await?;
-        // The upsert locks the order row: concurrent writers of one order queue here.
-        let row = tx
-            .query_one(
-                "INSERT INTO orders (id, customer_id, status, total_cents, version) VALUES ($1, $2, 'placed', $3, 1)
-                 ON CONFLICT (id) DO UPDATE SET version = orders.version + 1,
-                     status = (ARRAY['placed','paid','shipped','delivered'])[(orders.version % 4) + 1],
-                     updated_at = now()
-                 RETURNING status, version, customer_id, total_cents",
-                &[&order, &customer, &total],
-            )
-            .await?;
-        let status: String = row.get(0);
-        let version: i64 = row.get(1);
-        let customer: String = row.get(2);
-        let total: i64 = row.get(3);
-        let event_type = STATUSES.iter().find(|(s, _)| *s == status).map(|(_, e)| *e).unwrap_or("OrderChanged");
-        let event = serde_json::json!({ "order_id": order, "status": status, "total_cents": total });
-        let state = serde_json::json!({
-            "order_id": order, "customer_id": customer, "status": status,
-            "total_cents": total, "version": version,
-        });
-        tx.execute(
-            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, kind, entity_version, payload)
-             VALUES ('order', $1, $2, 'event', $3, $4), ('order_state', $1, 'OrderState', 'state', $3, $5)",
-            &[&order, &event_type, &version, &event, &state],
-        )
-        .await?;
+        if change_order(&tx, &order, &customer, total).await? {
+            deleted += 1;
+        }
         tx.commit().await?;
         written += 1;
         if written.is_multiple_of(100) {
-            println!("order-service: {written} changes written");
+            println!("order-service: {written} changes written ({deleted} orders deleted)");
         }
     }
-    println!("order-service: done, {written} changes written");
+    println!("order-service: done, {written} changes written ({deleted} orders deleted)");
     Ok(())
+}
+
+/// One change of `order` in `tx`: the domain row and its outbox rows.
+/// Returns true when the change deleted the order.
+async fn change_order(
+    tx: &tokio_postgres::Transaction<'_>,
+    order: &str,
+    customer: &str,
+    total: i64,
+) -> Result<bool, tokio_postgres::Error> {
+    // The upsert locks the order row: concurrent writers of one order queue here.
+    let row = tx
+        .query_one(
+            "INSERT INTO orders (id, customer_id, status, total_cents, version) VALUES ($1, $2, 'placed', $3, 1)
+             ON CONFLICT (id) DO UPDATE SET version = orders.version + 1,
+                 status = CASE orders.status WHEN 'placed' THEN 'paid' WHEN 'paid' THEN 'shipped'
+                     WHEN 'shipped' THEN 'delivered' ELSE 'deleted' END,
+                 updated_at = now()
+             RETURNING status, version, customer_id, total_cents,
+                 to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+            &[&order, &customer, &total],
+        )
+        .await?;
+    let status: String = row.get(0);
+    let version: i64 = row.get(1);
+    let customer: String = row.get(2);
+    let total: i64 = row.get(3);
+    let updated_at: String = row.get(4);
+    if status == "deleted" {
+        // The entity is gone: delete it and publish its tombstone, atomically.
+        tx.execute("DELETE FROM orders WHERE id = $1", &[&order]).await?;
+        tx.execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, kind, entity_version, payload)
+             VALUES ('order', $1, 'OrderDeleted', 'state', $2, NULL)",
+            &[&order, &version],
+        )
+        .await?;
+        return Ok(true);
+    }
+    let amount = format!("{}.{:02}", total / 100, total % 100);
+    let event_type = LIFECYCLE.iter().find(|(s, _, _)| *s == status).map_or("OrderPlaced", |(_, e, _)| *e);
+    let data = match status.as_str() {
+        "placed" => serde_json::json!({
+            "order_id": order, "customer_id": customer, "total": amount, "currency": "EUR",
+            "items": [{ "sku": "MUG-01", "quantity": 1, "unit_price": amount }],
+        }),
+        "paid" => serde_json::json!({ "amount": amount, "paid_at": updated_at }),
+        "shipped" => serde_json::json!({
+            "carrier": "DHL", "tracking": format!("JD{:018}", version), "shipped_on": &updated_at[..10],
+        }),
+        _ => serde_json::json!({ "delivered_at": updated_at }),
+    };
+    let event = serde_json::json!({ "data": data });
+    let state = serde_json::json!({
+        "order_id": order, "customer_id": customer, "status": status.to_uppercase(),
+        "total": amount, "currency": "EUR", "version": version, "updated_at": updated_at,
+    });
+    tx.execute(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, kind, entity_version, payload)
+         VALUES ('order', $1, $2, 'event', $3, $4), ('order', $1, 'OrderState', 'state', $3, $5)",
+        &[&order, &event_type, &version, &event, &state],
+    )
+    .await?;
+    Ok(false)
 }

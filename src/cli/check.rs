@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::codec::registry::{self, RegistryError};
-use crate::config::{Config, PayloadFormat, SourceMode};
+use crate::config::{Config, PayloadFormat, SourceMode, TopicKind};
 use crate::database;
 use crate::sink;
 use crate::store::grants::{self, PrivilegeReport};
@@ -178,10 +178,11 @@ async fn check_kafka(config: &Config) -> Verdict {
                 true => format!(" visible to {}", config.kafka.principal()),
                 false => String::new(),
             };
+            let problems = topic_kind_problems(config, &reached.topics).await;
             Verdict {
                 component: "kafka",
-                problem: None,
-                detail: format!("{servers}: {} broker(s), {} topic(s){whose}", reached.brokers, reached.topics),
+                problem: (!problems.is_empty()).then(|| problems.join("\n          ")),
+                detail: format!("{servers}: {} broker(s), {} topic(s){whose}", reached.brokers, reached.topics.len()),
                 warning: None,
             }
         }
@@ -192,6 +193,42 @@ async fn check_kafka(config: &Config) -> Verdict {
             warning: None,
         },
     }
+}
+
+/// Existing topics the config routes rows to whose cleanup policy does not
+/// fit their kind, one line each with the fix: an event topic that is
+/// compacted loses events, a state topic that is not grows without bound
+/// (and the relay holds the rows bound for either).
+async fn topic_kind_problems(config: &Config, topics: &[String]) -> Vec<String> {
+    let routing = &config.routing;
+    let routed: Vec<(String, TopicKind, String)> = topics
+        .iter()
+        .filter(|t| !t.starts_with("__") && **t != config.kafka.progress_topic)
+        .filter(|t| routing.dead_letter_topic.as_deref() != Some(t.as_str()))
+        .filter_map(|t| routing.kind_of_topic(t).map(|(kind, aggregate_type)| (t.clone(), kind, aggregate_type)))
+        .collect();
+    let names: Vec<String> = routed.iter().map(|(t, _, _)| t.clone()).collect();
+    let compacted = match sink::topics::compacted(&config.kafka, &names).await {
+        Ok(compacted) => compacted,
+        Err(err) => {
+            return vec![format!(
+                "cannot read the cleanup.policy of the outbox topics: {err}; grant DESCRIBE_CONFIGS on them"
+            )]
+        }
+    };
+    let mut problems = Vec::new();
+    for (topic, kind, aggregate_type) in routed {
+        match (kind, compacted.get(&topic)) {
+            (TopicKind::Event, Some(true)) => problems.push(format!(
+                "event topic `{topic}` (aggregate type `{aggregate_type}`) is compacted: compaction deletes events (data loss); set its cleanup.policy=delete"
+            )),
+            (TopicKind::State, Some(false)) => problems.push(format!(
+                "state topic `{topic}` (aggregate type `{aggregate_type}`) is not compacted: it grows without bound (or expires state); set its cleanup.policy=compact"
+            )),
+            _ => {}
+        }
+    }
+    problems
 }
 
 async fn check_registry(config: &Config) -> Verdict {

@@ -452,6 +452,8 @@ fn field<'a>(fields: &'a [(String, AvroValue)], name: &str) -> &'a AvroValue {
 const ORDER_PLACED: &str = include_str!("../../schemas/order/OrderPlaced.avsc");
 const ORDER_PAID: &str = include_str!("../../schemas/order/OrderPaid.avsc");
 const ORDER_SHIPPED: &str = include_str!("../../schemas/order/OrderShipped.avsc");
+const ORDER_DELIVERED: &str = include_str!("../../schemas/order/OrderDelivered.avsc");
+const ORDER_STATE: &str = include_str!("../../schemas/order/OrderState.avsc");
 const CUSTOMER_PROFILE: &str = include_str!("../../schemas/profile/CustomerProfile.avsc");
 const SCHEMAS_README: &str = include_str!("../../schemas/README.md");
 
@@ -556,6 +558,8 @@ fn readme_examples_encode() {
         ("order/OrderPlaced.avsc", ORDER_PLACED),
         ("order/OrderPaid.avsc", ORDER_PAID),
         ("order/OrderShipped.avsc", ORDER_SHIPPED),
+        ("order/OrderDelivered.avsc", ORDER_DELIVERED),
+        ("order/OrderState.avsc", ORDER_STATE),
         ("profile/CustomerProfile.avsc", CUSTOMER_PROFILE),
     ];
     let mut seen = Vec::new();

@@ -18,9 +18,8 @@ use apache_avro::schema::ResolvedSchema;
 use apache_avro::Schema;
 use bytes::Bytes;
 
-use crate::config::{Config, KeyFormat, PayloadFormat};
+use crate::config::{Config, KeyFormat, PayloadFormat, TopicKind};
 use crate::outbox::OutboxRow;
-use crate::routing::TopicRouter;
 use registry::{subject_name, Registry, RegistryError};
 
 /// Why a payload could not be encoded. The row is held, never dropped.
@@ -28,8 +27,8 @@ use registry::{subject_name, Registry, RegistryError};
 pub enum CodecError {
     #[error("payload is not valid JSON: {0}")]
     Json(#[from] serde_json::Error),
-    #[error("no schema for aggregate type `{aggregate_type}`, event type `{event_type}`: add `\"{aggregate_type}/{event_type}\"` or `\"{aggregate_type}\"` to codec.schemas")]
-    NoSchema { aggregate_type: String, event_type: String },
+    #[error("no schema for aggregate type `{aggregate_type}`, event type `{event_type}`: add `\"{aggregate_type}/{event_type}\"` or `\"{aggregate_type}\"` to {map}")]
+    NoSchema { map: &'static str, aggregate_type: String, event_type: String },
     #[error("schema {file} has no registry id for topic `{topic}`")]
     NoSchemaId { file: String, topic: String },
     #[error("payload does not match schema {file}: {source}")]
@@ -99,31 +98,44 @@ impl std::fmt::Debug for Encoder {
     }
 }
 
-/// The schemas of `codec.schemas`, keyed by `"<aggregate_type>"` or
-/// `"<aggregate_type>/<event_type>"`, and the topic each aggregate type goes
-/// to: what `relay schemas register|check` and the codec work through.
+/// The schemas of `codec.schemas` (event and command messages) and
+/// `codec.state_schemas` (state messages), keyed by `"<aggregate_type>"` or
+/// `"<aggregate_type>/<event_type>"`, and the topic each goes to: what
+/// `relay schemas register|check` and the codec work through.
 pub struct SchemaSet {
-    /// (mapping key, topic, schema)
-    pub entries: Vec<(String, String, Arc<LoadedSchema>)>,
+    pub entries: Vec<SchemaEntry>,
+}
+
+/// One mapping of `codec.schemas` or `codec.state_schemas`.
+pub struct SchemaEntry {
+    /// `"<aggregate_type>"` or `"<aggregate_type>/<event_type>"`.
+    pub key: String,
+    /// Which map it came from: the kind of the rows it encodes.
+    pub kind: TopicKind,
+    /// Where those rows go.
+    pub topic: String,
+    pub schema: Arc<LoadedSchema>,
 }
 
 impl SchemaSet {
     /// Reads and parses every configured schema file.
     pub fn load(config: &Config) -> Result<Self, SchemaError> {
-        let router = TopicRouter::new(&config.routing);
         let mut by_file: HashMap<String, Arc<LoadedSchema>> = HashMap::new();
         let mut entries = Vec::new();
-        for (key, file) in &config.codec.schemas {
-            let loaded = match by_file.get(file) {
-                Some(loaded) => loaded.clone(),
-                None => {
-                    let loaded = Arc::new(load_schema(&config.codec.schemas_dir, file)?);
-                    by_file.insert(file.clone(), loaded.clone());
-                    loaded
-                }
-            };
-            let aggregate_type = key.split('/').next().unwrap_or(key);
-            entries.push((key.clone(), router.topic_for(aggregate_type), loaded));
+        let maps = [(TopicKind::Event, &config.codec.schemas), (TopicKind::State, &config.codec.state_schemas)];
+        for (kind, map) in maps {
+            for (key, file) in map {
+                let schema = match by_file.get(file) {
+                    Some(loaded) => loaded.clone(),
+                    None => {
+                        let loaded = Arc::new(load_schema(&config.codec.schemas_dir, file)?);
+                        by_file.insert(file.clone(), loaded.clone());
+                        loaded
+                    }
+                };
+                let topic = config.routing.topic_for(aggregate_type_of(key), kind);
+                entries.push(SchemaEntry { key: key.clone(), kind, topic, schema });
+            }
         }
         Ok(Self { entries })
     }
@@ -142,8 +154,8 @@ impl SchemaSet {
         &'a self,
         config: &'a Config,
     ) -> impl Iterator<Item = (String, &'a str, &'a Arc<LoadedSchema>)> + 'a {
-        self.entries.iter().map(move |(_, topic, schema)| {
-            (subject_name(config.codec.subject_strategy, topic, &schema.full_name), topic.as_str(), schema)
+        self.entries.iter().map(move |e| {
+            (subject_name(config.codec.subject_strategy, &e.topic, &e.schema.full_name), e.topic.as_str(), &e.schema)
         })
     }
 }
@@ -159,25 +171,28 @@ fn load_schema(dir: &Path, file: &str) -> Result<LoadedSchema, SchemaError> {
     Ok(LoadedSchema { file: file.to_string(), text, full_name, schema })
 }
 
+/// The aggregate type of a `codec.schemas` key.
+fn aggregate_type_of(key: &str) -> &str {
+    key.split('/').next().unwrap_or(key)
+}
+
 /// The topics whose keys are Avro strings when `codec.key_format = "avro"`:
-/// those of the aggregate types in `codec.schemas` and of `routing.topics`.
+/// those of the aggregate types in `codec.schemas` and `codec.state_schemas`,
+/// and of `routing.topics` and `routing.state_topics`.
 pub fn key_topics(config: &Config) -> std::collections::BTreeSet<String> {
-    let router = TopicRouter::new(&config.routing);
-    config
-        .codec
-        .schemas
-        .keys()
-        .map(|key| router.topic_for(key.split('/').next().unwrap_or(key)))
-        .chain(config.routing.topics.values().cloned())
-        .collect()
+    let routing = &config.routing;
+    let events = config.codec.schemas.keys().map(|key| routing.topic_for(aggregate_type_of(key), TopicKind::Event));
+    let states =
+        config.codec.state_schemas.keys().map(|key| routing.topic_for(aggregate_type_of(key), TopicKind::State));
+    events.chain(states).chain(routing.topics.values().cloned()).chain(routing.state_topics.values().cloned()).collect()
 }
 
 /// Encodes payloads in the configured format.
 #[derive(Debug, Clone)]
 pub struct Codec {
     format: PayloadFormat,
-    /// Avro only: encoder per mapping key.
-    schemas: Arc<HashMap<String, Arc<Encoder>>>,
+    /// Avro only: encoder per (kind, mapping key).
+    schemas: Arc<HashMap<(TopicKind, String), Arc<Encoder>>>,
     /// Avro keys only: the key schema's id per topic.
     key_ids: Arc<HashMap<String, u32>>,
 }
@@ -227,7 +242,7 @@ impl Codec {
         }
         let mut encoders: HashMap<String, Arc<Encoder>> = HashMap::new();
         let mut schemas = HashMap::new();
-        for (key, _topic, schema) in &set.entries {
+        for SchemaEntry { key, kind, schema, .. } in &set.entries {
             let encoder = match encoders.get(&schema.file) {
                 Some(encoder) => encoder.clone(),
                 None => {
@@ -250,7 +265,7 @@ impl Codec {
                     encoder
                 }
             };
-            schemas.insert(key.clone(), encoder);
+            schemas.insert((*kind, key.clone()), encoder);
         }
         Ok(Self { format: PayloadFormat::Avro, schemas: Arc::new(schemas), key_ids })
     }
@@ -270,17 +285,26 @@ impl Codec {
         Ok(Bytes::from(avro::confluent_frame(id, &avro_string_datum(&row.aggregate_id))))
     }
 
-    /// The record value for `row`, published to `topic`.
-    pub fn encode(&self, row: &OutboxRow, topic: &str) -> Result<Bytes, CodecError> {
+    /// The record value for `row`, published to `topic`: `None` for a
+    /// tombstone (a state row without a payload), which is never encoded.
+    pub fn encode(&self, row: &OutboxRow, topic: &str) -> Result<Option<Bytes>, CodecError> {
+        let Some(payload) = &row.payload else {
+            return Ok(None);
+        };
         match self.format {
             // Postgres already printed the jsonb as canonical JSON text.
-            PayloadFormat::Json => Ok(row.payload.clone()),
+            PayloadFormat::Json => Ok(Some(payload.clone())),
             PayloadFormat::Avro => {
+                let kind = TopicKind::of_row(&row.kind);
                 let schema = self
                     .schemas
-                    .get(&format!("{}/{}", row.aggregate_type, row.event_type))
-                    .or_else(|| self.schemas.get(&row.aggregate_type))
+                    .get(&(kind, format!("{}/{}", row.aggregate_type, row.event_type)))
+                    .or_else(|| self.schemas.get(&(kind, row.aggregate_type.clone())))
                     .ok_or_else(|| CodecError::NoSchema {
+                        map: match kind {
+                            TopicKind::Event => "codec.schemas",
+                            TopicKind::State => "codec.state_schemas",
+                        },
                         aggregate_type: row.aggregate_type.clone(),
                         event_type: row.event_type.clone(),
                     })?;
@@ -288,7 +312,7 @@ impl Codec {
                     .ids
                     .get(topic)
                     .ok_or_else(|| CodecError::NoSchemaId { file: schema.file.clone(), topic: topic.to_string() })?;
-                let payload: serde_json::Value = serde_json::from_slice(&row.payload)?;
+                let payload: serde_json::Value = serde_json::from_slice(payload)?;
                 let event_id = row.event_id.to_string();
                 let envelope = avro::Envelope {
                     event_id: &event_id,
@@ -301,7 +325,7 @@ impl Codec {
                 let datum =
                     avro::encode_payload_with(&schema.writer, &payload, &envelope, schema.schema, &schema.resolved)
                         .map_err(|source| CodecError::Mismatch { file: schema.file.clone(), source })?;
-                Ok(Bytes::from(avro::confluent_frame(id, &datum)))
+                Ok(Some(Bytes::from(avro::confluent_frame(id, &datum))))
             }
         }
     }

@@ -77,6 +77,9 @@ pub fn outbox_table() -> String {
 pub fn topic_template() -> String {
     "outbox.{aggregate_type}".into()
 }
+pub fn state_topic_template() -> String {
+    "outbox.{aggregate_type}.state".into()
+}
 pub fn create_topics() -> bool {
     true
 }
@@ -188,6 +191,9 @@ impl Default for RoutingConfig {
         Self {
             topic_template: topic_template(),
             topics: Default::default(),
+            state_topic_template: state_topic_template(),
+            state_topics: Default::default(),
+            topic_settings: Default::default(),
             create_topics: create_topics(),
             topic_partitions: topic_partitions(),
             topic_replication_factor: topic_replication_factor(),
@@ -203,6 +209,7 @@ impl Default for CodecConfig {
             format: payload_format(),
             schemas_dir: schemas_dir(),
             schemas: Default::default(),
+            state_schemas: Default::default(),
             subject_strategy: subject_strategy(),
             compatibility: compatibility(),
             auto_register: false,

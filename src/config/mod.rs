@@ -373,6 +373,18 @@ pub struct RoutingConfig {
     /// Per-aggregate-type topic, overriding the template.
     #[serde(default)]
     pub topics: BTreeMap<String, String>,
+    /// Topic name template of state messages (rows of `kind = 'state'`):
+    /// created compacted, so it must never be an event topic too.
+    #[serde(default = "defaults::state_topic_template")]
+    pub state_topic_template: String,
+    /// Per-aggregate-type state topic, overriding `state_topic_template`.
+    #[serde(default)]
+    pub state_topics: BTreeMap<String, String>,
+    /// Extra settings of the topics the relay creates, per aggregate type
+    /// (both its event and state topic), e.g. `min.compaction.lag.ms`.
+    /// `cleanup.policy` is the relay's: `compact` for state, `delete` else.
+    #[serde(default)]
+    pub topic_settings: BTreeMap<String, BTreeMap<String, String>>,
     /// Create a missing topic on first use. When false, a missing topic holds its
     /// rows with an error naming the topic.
     #[serde(default = "defaults::create_topics")]
@@ -393,6 +405,86 @@ pub struct RoutingConfig {
     /// an ever larger set in memory.
     #[serde(default = "defaults::max_held_entities")]
     pub max_held_entities: usize,
+}
+
+/// What a topic carries: one kind only, because compaction keeps the latest
+/// record per key and would destroy an event stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TopicKind {
+    /// Event and command messages (`kind` 'event' or 'command'): every one
+    /// matters; `cleanup.policy=delete`.
+    Event,
+    /// State messages (`kind = 'state'`): only the latest per key matters;
+    /// `cleanup.policy=compact`, and a NULL payload is a tombstone.
+    State,
+}
+
+impl TopicKind {
+    /// The kind of topic a row of outbox `kind` goes to.
+    pub fn of_row(kind: &str) -> Self {
+        if kind == "state" {
+            Self::State
+        } else {
+            Self::Event
+        }
+    }
+
+    /// The `cleanup.policy` the relay gives topics of this kind.
+    pub fn cleanup_policy(self) -> &'static str {
+        match self {
+            Self::Event => "delete",
+            Self::State => "compact",
+        }
+    }
+
+    /// How messages call it: "event" or "state".
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Event => "event",
+            Self::State => "state",
+        }
+    }
+}
+
+impl RoutingConfig {
+    /// The topic of rows of `aggregate_type` and `kind`: the override of
+    /// `topics` / `state_topics`, else the template.
+    pub fn topic_for(&self, aggregate_type: &str, kind: TopicKind) -> String {
+        let (overrides, template) = match kind {
+            TopicKind::Event => (&self.topics, &self.topic_template),
+            TopicKind::State => (&self.state_topics, &self.state_topic_template),
+        };
+        match overrides.get(aggregate_type) {
+            Some(topic) => topic.clone(),
+            None => template.replace("{aggregate_type}", aggregate_type),
+        }
+    }
+
+    /// The kind and aggregate type of the rows this config routes to an
+    /// existing `topic`, if any: an override names it, or it fits a
+    /// template (the state template first: it is usually the longer).
+    pub fn kind_of_topic(&self, topic: &str) -> Option<(TopicKind, String)> {
+        for (kind, overrides) in [(TopicKind::State, &self.state_topics), (TopicKind::Event, &self.topics)] {
+            if let Some((aggregate_type, _)) = overrides.iter().find(|(_, t)| *t == topic) {
+                return Some((kind, aggregate_type.clone()));
+            }
+        }
+        for (kind, template) in
+            [(TopicKind::State, &self.state_topic_template), (TopicKind::Event, &self.topic_template)]
+        {
+            let Some((prefix, suffix)) = template.split_once("{aggregate_type}") else {
+                if template == topic {
+                    return Some((kind, String::new()));
+                }
+                continue;
+            };
+            let middle = topic.strip_prefix(prefix).and_then(|rest| rest.strip_suffix(suffix));
+            if let Some(aggregate_type) = middle.filter(|m| !m.is_empty()) {
+                return Some((kind, aggregate_type.to_string()));
+            }
+        }
+        None
+    }
 }
 
 /// Payload encoding.
@@ -432,6 +524,11 @@ pub struct CodecConfig {
     /// `"<aggregate_type>"`.
     #[serde(default)]
     pub schemas: BTreeMap<String, String>,
+    /// The same, for state messages (rows of `kind = 'state'`, on the state
+    /// topics): schema file per `"<aggregate_type>/<event_type>"` or
+    /// `"<aggregate_type>"`. A tombstone (NULL payload) needs no schema.
+    #[serde(default)]
+    pub state_schemas: BTreeMap<String, String>,
     /// `topic_record` (default), `topic` or `record`.
     #[serde(default = "defaults::subject_strategy")]
     pub subject_strategy: SubjectStrategy,
@@ -754,9 +851,15 @@ impl Config {
                 return invalid(key, format!("`{name}` is not a column name (1 to 63 bytes, no NUL)"));
             }
         }
-        if !self.routing.topic_template.contains("{aggregate_type}") && self.routing.topic_template.contains('{') {
-            return invalid("routing.topic_template", "the only placeholder allowed is {aggregate_type}".into());
+        for (key, template) in [
+            ("routing.topic_template", &self.routing.topic_template),
+            ("routing.state_topic_template", &self.routing.state_topic_template),
+        ] {
+            if template.replace("{aggregate_type}", "").contains('{') {
+                return invalid(key, "the only placeholder allowed is {aggregate_type}".into());
+            }
         }
+        self.validate_topic_kinds()?;
         if self.routing.dead_letter_topic.as_deref().is_some_and(|t| t.trim().is_empty()) {
             return invalid("routing.dead_letter_topic", "must be a topic name, or left out".into());
         }
@@ -765,6 +868,52 @@ impl Config {
         }
         if self.routing.topic_replication_factor == 0 || self.routing.topic_replication_factor < -1 {
             return invalid("routing.topic_replication_factor", "must be -1 (broker default) or at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// No topic carries both event and state messages, for every aggregate
+    /// type the config names (a type it does not name can still collide: the
+    /// sink holds such rows when it sees the topic's `cleanup.policy`).
+    fn validate_topic_kinds(&self) -> Result<(), ConfigError> {
+        let routing = &self.routing;
+        if routing.topic_template == routing.state_topic_template {
+            return Err(ConfigError::Invalid {
+                key: "routing.state_topic_template".into(),
+                message: format!(
+                    "`{}` is also routing.topic_template: state topics are compacted, which would destroy the events on them; give state messages their own topics, e.g. \"outbox.{{aggregate_type}}.state\"",
+                    routing.state_topic_template
+                ),
+            });
+        }
+        let of_key = |key: &String| key.split('/').next().unwrap_or(key).to_string();
+        let named: std::collections::BTreeSet<String> = routing
+            .topics
+            .keys()
+            .chain(routing.state_topics.keys())
+            .chain(routing.topic_settings.keys())
+            .chain(self.codec.schemas.keys())
+            .chain(self.codec.state_schemas.keys())
+            .map(of_key)
+            .collect();
+        for event_type in &named {
+            let topic = routing.topic_for(event_type, TopicKind::Event);
+            if let Some(state_type) = named.iter().find(|t| routing.topic_for(t, TopicKind::State) == topic) {
+                return Err(ConfigError::Invalid {
+                    key: format!("routing.state_topics.{state_type}"),
+                    message: format!(
+                        "topic `{topic}` would carry both the event messages of aggregate type `{event_type}` and the state messages of `{state_type}`; state topics are compacted, which would destroy the events: route one of them elsewhere (routing.state_topics.{state_type} or routing.topics.{event_type})"
+                    ),
+                });
+            }
+        }
+        for (aggregate_type, settings) in &routing.topic_settings {
+            if settings.contains_key("cleanup.policy") {
+                return Err(ConfigError::Invalid {
+                    key: format!("routing.topic_settings.{aggregate_type}"),
+                    message: "cleanup.policy is the relay's: compact for state topics, delete for event and command topics; remove it".into(),
+                });
+            }
         }
         Ok(())
     }
@@ -780,7 +929,10 @@ impl Config {
                 format!("`{}` is not one of {}", self.codec.compatibility, LEVELS.join(", ")),
             );
         }
-        if self.codec.format == PayloadFormat::Avro && self.codec.schemas.is_empty() {
+        if self.codec.format == PayloadFormat::Avro
+            && self.codec.schemas.is_empty()
+            && self.codec.state_schemas.is_empty()
+        {
             return invalid(
                 "codec.schemas",
                 "codec.format = \"avro\" needs at least one schema, e.g. order = \"order/OrderPlaced.avsc\"".into(),

@@ -80,10 +80,11 @@ impl ConnectError {
 }
 
 /// What the brokers answered: how many brokers and topics the principal sees.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reached {
     pub brokers: usize,
-    pub topics: usize,
+    /// The names of the topics it may describe.
+    pub topics: Vec<String>,
 }
 
 /// Asks the brokers for metadata within `timeout` and, if that fails, says
@@ -100,7 +101,13 @@ pub async fn probe(config: &KafkaConfig, timeout: Duration) -> Result<Reached, C
             client.poll(Duration::from_millis(200));
         }
         let causes = client.context().errors.lock().map(|e| e.clone()).unwrap_or_default();
-        Ok((metadata.map(|md| Reached { brokers: md.brokers().len(), topics: md.topics().len() }), causes))
+        Ok((
+            metadata.map(|md| Reached {
+                brokers: md.brokers().len(),
+                topics: md.topics().iter().map(|t| t.name().to_string()).collect(),
+            }),
+            causes,
+        ))
     })
     .await;
     match outcome {

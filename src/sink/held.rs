@@ -15,6 +15,7 @@ use rdkafka::producer::FutureProducer;
 
 use super::record;
 use super::topics::Topics;
+use crate::config::TopicKind;
 use crate::delivery::RoutedRow;
 use crate::telemetry::metrics;
 
@@ -172,7 +173,7 @@ impl Holder {
 impl DeadLetter {
     async fn send(&self, row: &RoutedRow, reason: &str) {
         let (row_id, topic) = (row.row.id, self.topic.clone());
-        if let Err(err) = self.topics.ensure(&topic).await {
+        if let Err(err) = self.topics.ensure(&topic, TopicKind::Event, None).await {
             tracing::warn!(row_id, topic = %topic, error = %err, "cannot reach the dead-letter topic");
             return;
         }

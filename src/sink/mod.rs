@@ -34,7 +34,7 @@ pub use topics::Topics;
 pub use transaction::Transactions;
 
 use crate::codec::Codec;
-use crate::config::{Config, Delivery, KafkaConfig};
+use crate::config::{Config, Delivery, KafkaConfig, TopicKind};
 use crate::delivery::{classify_for_topic, Ack, InFlight, PendingDelivery, PublishError, RoutedRow};
 use crate::outbox::{OutboxRow, SourceEvent};
 use crate::routing::TopicRouter;
@@ -170,16 +170,27 @@ impl KafkaSink {
         if let Some(behind) = self.holder.waits_behind(&routed) {
             return Ok(InFlight::Waiting { row: routed, behind });
         }
-        let limit = match self.topics.ensure(&routed.topic).await {
-            Ok(limit) => limit,
+        let kind = TopicKind::of_row(&routed.row.kind);
+        if routed.row.payload.is_none() && kind != TopicKind::State {
+            let error = format!(
+                "payload is NULL but kind is '{}': only a state row may be a tombstone; give the row a payload, then `relay held retry` (or `relay held skip`)",
+                routed.row.kind
+            );
+            return self.hold(routed, error).await;
+        }
+        let facts = match self.topics.ensure(&routed.topic, kind, Some(&routed.row.aggregate_type)).await {
+            Ok(facts) => facts,
             Err(PublishError::Permanent(error)) => return self.hold(routed, error).await,
             Err(retriable) => return Ok(failed(routed, retriable)),
         };
+        if let Err(error) = facts.accepts(kind, &routed.topic, &routed.row.aggregate_type) {
+            return self.hold(routed, error).await;
+        }
         let record = match self.builder.build(&routed.row, &routed.topic) {
             Ok(record) => record,
             Err(err) => return self.hold(routed, err.to_string()).await,
         };
-        if let Some(limit) = limit {
+        if let Some(limit) = facts.max_message_bytes {
             let size = record.size();
             if size > limit {
                 let error = format!(
@@ -190,14 +201,14 @@ impl KafkaSink {
             }
         }
         routed.key = Some(record.key.clone());
-        let bytes = record.payload.len();
+        let bytes = record.payload.as_ref().map_or(0, bytes::Bytes::len);
         match record::produce(&self.producer, record).await {
             Ok(delivery) => {
                 metrics::bytes_produced(bytes);
                 metrics::producer_queue(self.producer.in_flight_count());
                 if !self.holder.keeps_payloads() {
                     // Only a dead-letter copy needs it after this point.
-                    routed.row.payload = bytes::Bytes::new();
+                    routed.row.payload = None;
                 }
                 // Cloned per row for the error message of a refused delivery.
                 let (topic, principal) = (routed.topic.clone(), Arc::clone(&self.principal));

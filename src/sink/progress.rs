@@ -55,7 +55,7 @@ impl ProgressRecord {
         Ok(Outbound {
             topic: topic.to_string(),
             key: Bytes::copy_from_slice(self.transactional_id.as_bytes()),
-            payload: Bytes::from(payload),
+            payload: Some(Bytes::from(payload)),
             headers: OwnedHeaders::new(),
         })
     }

@@ -19,7 +19,8 @@ use crate::telemetry::metrics;
 pub struct Outbound {
     pub topic: String,
     pub key: Bytes,
-    pub payload: Bytes,
+    /// `None`: a tombstone (null value).
+    pub payload: Option<Bytes>,
     pub headers: OwnedHeaders,
 }
 
@@ -34,7 +35,7 @@ impl Outbound {
     pub fn size(&self) -> usize {
         use rdkafka::message::Headers;
         let headers: usize = self.headers.iter().map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len)).sum();
-        self.key.len() + self.payload.len() + headers + RECORD_OVERHEAD
+        self.key.len() + self.payload.as_ref().map_or(0, Bytes::len) + headers + RECORD_OVERHEAD
     }
 
     /// Adds a header (e.g. `replayed`).
@@ -59,7 +60,7 @@ impl RecordBuilder {
 
     /// The topic of `row`.
     pub fn topic(&self, row: &OutboxRow) -> String {
-        self.router.topic_for(&row.aggregate_type)
+        self.router.topic_of(row)
     }
 
     /// The record of `row` on `topic`: the value encoded by the codec, the
@@ -76,8 +77,10 @@ impl RecordBuilder {
 /// headers plus `held_reason`, and the key the record had (or would have had).
 pub fn dead_letter(topic: &str, routed: &RoutedRow, reason: &str) -> Outbound {
     let row = &routed.row;
-    let payload = serde_json::from_slice::<serde_json::Value>(&row.payload)
-        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&row.payload).into_owned()));
+    let payload = row.payload.as_deref().map_or(serde_json::Value::Null, |payload| {
+        serde_json::from_slice::<serde_json::Value>(payload)
+            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(payload).into_owned()))
+    });
     let body = serde_json::json!({
         "row_id": row.id,
         "event_id": row.event_id,
@@ -94,7 +97,7 @@ pub fn dead_letter(topic: &str, routed: &RoutedRow, reason: &str) -> Outbound {
     Outbound {
         topic: topic.to_string(),
         key: routed.key.clone().unwrap_or_else(|| Bytes::copy_from_slice(row.aggregate_id.as_bytes())),
-        payload: Bytes::from(body.to_string()),
+        payload: Some(Bytes::from(body.to_string())),
         headers: record_headers(row),
     }
     .with_header("held_reason", reason)
@@ -103,10 +106,11 @@ pub fn dead_letter(topic: &str, routed: &RoutedRow, reason: &str) -> Outbound {
 /// Hands `record` to the producer. While librdkafka's queue is full it
 /// waits for deliveries to drain it (backpressure) instead of buffering.
 pub async fn produce(producer: &FutureProducer, record: Outbound) -> Result<DeliveryFuture, KafkaError> {
-    let mut future_record = FutureRecord::to(&record.topic)
-        .key(record.key.as_ref())
-        .payload(record.payload.as_ref())
-        .headers(record.headers);
+    let mut future_record =
+        FutureRecord::<[u8], [u8]>::to(&record.topic).key(record.key.as_ref()).headers(record.headers);
+    if let Some(payload) = record.payload.as_deref() {
+        future_record = future_record.payload(payload);
+    }
     loop {
         match producer.send_result(future_record) {
             Ok(delivery) => return Ok(delivery),

@@ -4,8 +4,13 @@
 //! With ACLs: creating needs CREATE on the topic, and a broker refuses it
 //! (TOPIC_AUTHORIZATION_FAILED) even for a topic that exists, so a refused
 //! creation falls back to metadata (DESCRIBE) before anything is held.
-//! Reading `max.message.bytes` needs DESCRIBE_CONFIGS; without it the relay
-//! warns once per topic and lets the delivery report decide.
+//! Reading `max.message.bytes` and `cleanup.policy` needs DESCRIBE_CONFIGS;
+//! without it the relay warns once per topic and lets the delivery report
+//! decide (and cannot tell a compacted topic from another).
+//!
+//! Created topics get the cleanup policy of their kind (`compact` for state
+//! topics, `delete` for event topics, written explicitly rather than the
+//! broker's default) and `routing.topic_settings` of their aggregate type.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,8 +21,34 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::{FutureProducer, Producer};
 
-use crate::config::RoutingConfig;
+use crate::config::{RoutingConfig, TopicKind};
 use crate::delivery::PublishError;
+
+/// What the relay learnt about a topic once, when it first sent to it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TopicFacts {
+    /// The broker-side record size limit (`max.message.bytes`).
+    pub max_message_bytes: Option<usize>,
+    /// Whether `cleanup.policy` includes `compact`.
+    pub compacted: Option<bool>,
+}
+
+impl TopicFacts {
+    /// Refuses a row of `kind` on a topic of the other kind: compaction would
+    /// destroy events, and a state topic without it grows without bound.
+    /// `Err` is the held row's error, with the fix.
+    pub fn accepts(&self, kind: TopicKind, topic: &str, aggregate_type: &str) -> Result<(), String> {
+        match (kind, self.compacted) {
+            (TopicKind::Event, Some(true)) => Err(format!(
+                "topic `{topic}` is compacted (cleanup.policy includes compact), which would delete event messages of aggregate type `{aggregate_type}`: route them elsewhere (routing.topics.{aggregate_type}) or set the topic's cleanup.policy=delete, then `relay held retry`"
+            )),
+            (TopicKind::State, Some(false)) => Err(format!(
+                "topic `{topic}` is not compacted, so the state messages of aggregate type `{aggregate_type}` would pile up there for ever (or expire): route them to a compacted topic (routing.state_topics.{aggregate_type}) or set the topic's cleanup.policy=compact, then `relay held retry`"
+            )),
+            _ => Ok(()),
+        }
+    }
+}
 
 /// The topics known to exist, with the broker-side record size limit of
 /// each (`max.message.bytes`, when it could be read). Cheap to clone;
@@ -30,7 +61,7 @@ pub struct Topics {
     routing: RoutingConfig,
     /// Who the ACLs must name (`KafkaConfig::principal`), for messages.
     principal: Arc<str>,
-    known: Arc<Mutex<HashMap<String, Option<usize>>>>,
+    known: Arc<Mutex<HashMap<String, TopicFacts>>>,
 }
 
 /// What the cluster's metadata says about one topic.
@@ -53,21 +84,27 @@ impl Topics {
         Self { admin: Arc::new(admin), producer, routing, principal, known: Arc::default() }
     }
 
-    fn known(&self, topic: &str) -> Option<Option<usize>> {
+    fn known(&self, topic: &str) -> Option<TopicFacts> {
         self.known.lock().ok()?.get(topic).copied()
     }
 
-    /// Makes sure `topic` exists, creating it when allowed, and returns its
-    /// record size limit if known. A definite "no" (not authorized, invalid,
-    /// missing with creation off) is permanent; an unreachable broker is
-    /// retriable and never holds a row.
-    pub async fn ensure(&self, topic: &str) -> Result<Option<usize>, PublishError> {
-        if let Some(limit) = self.known(topic) {
-            return Ok(limit);
+    /// Makes sure `topic` exists, creating it when allowed as a topic of
+    /// `kind` (with the settings of `aggregate_type`), and returns what it
+    /// knows of it. A definite "no" (not authorized, invalid, missing with
+    /// creation off) is permanent; an unreachable broker is retriable and
+    /// never holds a row.
+    pub async fn ensure(
+        &self,
+        topic: &str,
+        kind: TopicKind,
+        aggregate_type: Option<&str>,
+    ) -> Result<TopicFacts, PublishError> {
+        if let Some(facts) = self.known(topic) {
+            return Ok(facts);
         }
         let principal = &self.principal;
         // Created (or found existing) by the create call: no metadata needed.
-        let created = self.routing.create_topics && self.create(topic).await?;
+        let created = self.routing.create_topics && self.create(topic, kind, aggregate_type).await?;
         if !created {
             match self.exists(topic).await? {
                 Presence::Exists => {}
@@ -90,28 +127,29 @@ impl Topics {
                 }
             }
         }
-        let limit = self.max_message_bytes(topic).await;
+        let facts = self.describe(topic).await;
         if let Ok(mut known) = self.known.lock() {
-            known.insert(topic.to_string(), limit);
+            known.insert(topic.to_string(), facts);
         }
-        Ok(limit)
+        Ok(facts)
     }
 
-    /// The topic's `max.message.bytes`: the broker refuses larger record
-    /// batches, but says so only in the delivery report, after later rows of
-    /// the same entity may already be on their way. Knowing it, the sink
-    /// holds such a record before it is sent. `None` when it cannot be read
-    /// (then the delivery report decides, as before).
-    async fn max_message_bytes(&self, topic: &str) -> Option<usize> {
+    /// The topic's `max.message.bytes` and `cleanup.policy`. The broker
+    /// refuses larger record batches, but says so only in the delivery
+    /// report, after later rows of the same entity may already be on their
+    /// way; knowing the limit, the sink holds such a record before it is
+    /// sent. `None`s when it cannot be read (then the delivery report
+    /// decides, as before, and the policy goes unchecked).
+    async fn describe(&self, topic: &str) -> TopicFacts {
         let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
         let results = match self.admin.describe_configs([&ResourceSpecifier::Topic(topic)], &options).await {
             Ok(results) => results,
             Err(err) => {
-                tracing::debug!(topic, error = %err, "cannot read the topic's max.message.bytes");
-                return None;
+                tracing::debug!(topic, error = %err, "cannot read the topic's configuration");
+                return TopicFacts::default();
             }
         };
-        let mut limit = None;
+        let mut facts = TopicFacts::default();
         for result in results {
             match result {
                 // rdkafka 0.39 drops the per-resource error code: a topic the
@@ -119,30 +157,38 @@ impl Topics {
                 // (a readable topic always has them, defaults included).
                 Ok(resource) if resource.entries.is_empty() => tracing::warn!(
                     topic,
-                    "cannot read the topic's configuration (max.message.bytes); records too large for it are held only when the broker refuses them; grant DESCRIBE_CONFIGS on TOPIC {topic} to {} to hold them before they are sent",
+                    "cannot read the topic's configuration (max.message.bytes, cleanup.policy); records too large for it are held only when the broker refuses them, and its cleanup policy goes unchecked; grant DESCRIBE_CONFIGS on TOPIC {topic} to {} to hold them before they are sent",
                     self.principal
                 ),
                 Ok(resource) => {
-                    limit = limit.or_else(|| {
-                        resource.get("max.message.bytes").and_then(|entry| entry.value.as_deref()?.parse().ok())
-                    })
+                    let value = |name: &str| resource.get(name).and_then(|entry| entry.value.clone());
+                    facts.max_message_bytes =
+                        facts.max_message_bytes.or_else(|| value("max.message.bytes")?.parse().ok());
+                    facts.compacted =
+                        facts.compacted.or_else(|| Some(value("cleanup.policy")?.split(',').any(|p| p.trim() == "compact")));
                 }
-                Err(code) => tracing::debug!(topic, error = %code, "cannot read the topic's max.message.bytes"),
+                Err(code) => tracing::debug!(topic, error = %code, "cannot read the topic's configuration"),
             }
         }
-        tracing::debug!(topic, ?limit, "topic record size limit");
-        limit
+        tracing::debug!(topic, ?facts, "topic configuration");
+        facts
     }
 
     /// Creates `topic`: true when it exists now (created, or it already
     /// existed), false when the broker refused for lack of CREATE (then the
     /// topic may exist all the same: the caller asks the metadata).
-    async fn create(&self, topic: &str) -> Result<bool, PublishError> {
-        let new_topic = NewTopic::new(
+    async fn create(&self, topic: &str, kind: TopicKind, aggregate_type: Option<&str>) -> Result<bool, PublishError> {
+        let mut new_topic = NewTopic::new(
             topic,
             self.routing.topic_partitions,
             TopicReplication::Fixed(self.routing.topic_replication_factor),
-        );
+        )
+        .set("cleanup.policy", kind.cleanup_policy());
+        if let Some(settings) = aggregate_type.and_then(|t| self.routing.topic_settings.get(t)) {
+            for (name, value) in settings {
+                new_topic = new_topic.set(name, value);
+            }
+        }
         let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
         let results = self
             .admin
@@ -151,7 +197,7 @@ impl Topics {
             .map_err(|e| PublishError::Retriable(format!("cannot create topic `{topic}`: {e}")))?;
         for result in results {
             match result {
-                Ok(_) => tracing::info!(topic, "created topic"),
+                Ok(_) => tracing::info!(topic, cleanup_policy = kind.cleanup_policy(), "created topic"),
                 Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                 Err((_, RDKafkaErrorCode::TopicAuthorizationFailed | RDKafkaErrorCode::ClusterAuthorizationFailed)) => {
                     tracing::debug!(topic, "not authorized to create the topic; looking it up");
@@ -193,4 +239,27 @@ impl Topics {
         .map_err(|e| PublishError::Retriable(e.to_string()))?
         .map_err(|e| PublishError::Retriable(format!("cannot read metadata of topic `{topic}`: {e}")))
     }
+}
+
+/// Whether each of `topics` is compacted (`cleanup.policy` includes
+/// `compact`), for `relay check`; a topic whose configuration the principal
+/// may not read is left out.
+pub async fn compacted(
+    config: &crate::config::KafkaConfig,
+    topics: &[String],
+) -> Result<std::collections::BTreeMap<String, bool>, rdkafka::error::KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = super::client_config(config).create()?;
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let resources: Vec<ResourceSpecifier> = topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
+    let mut compacted = std::collections::BTreeMap::new();
+    if resources.is_empty() {
+        return Ok(compacted);
+    }
+    for resource in admin.describe_configs(&resources, &options).await?.into_iter().flatten() {
+        let policy = resource.get("cleanup.policy").and_then(|entry| entry.value.clone());
+        if let (rdkafka::admin::OwnedResourceSpecifier::Topic(topic), Some(policy)) = (&resource.specifier, policy) {
+            compacted.insert(topic.clone(), policy.split(',').any(|p| p.trim() == "compact"));
+        }
+    }
+    Ok(compacted)
 }

@@ -166,7 +166,7 @@ impl Collector {
             Some(event) => {
                 if let SourceEvent::Row(row) = &event {
                     self.rows += 1;
-                    self.bytes += row.payload.len();
+                    self.bytes += row.payload.as_ref().map_or(0, bytes::Bytes::len);
                 }
                 self.pending.push(event);
             }
