@@ -106,6 +106,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", relay::cli::held::run(&config, action).await?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Tail { topic, from_beginning, max, follow, json } => {
+            let options = relay::cli::tail::TailOptions { topic, from_beginning, max, follow, json };
+            let mut out = std::io::stdout().lock();
+            relay::cli::tail::run(&config, &options, &mut out, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Status { json, max_lag_seconds } => {
             let client = relay::database::connect(&config.postgres).await?;
             let logical = config.source.mode == relay::config::SourceMode::Logical;

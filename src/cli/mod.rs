@@ -6,6 +6,7 @@ pub mod held;
 pub mod probe;
 pub mod replay;
 pub mod schemas;
+pub mod tail;
 
 use std::path::PathBuf;
 
@@ -96,6 +97,27 @@ pub enum Command {
     Schemas {
         #[command(subcommand)]
         action: SchemasAction,
+    },
+    /// Print what went out on TOPIC: partition, offset, key, headers and
+    /// value (Avro decoded through the registry, JSON as it is, `null` for
+    /// a tombstone). Read-only: no consumer group, no committed offsets.
+    Tail {
+        /// The topic to read.
+        topic: String,
+        /// Start at the beginning of each partition (default: at the end).
+        #[arg(long)]
+        from_beginning: bool,
+        /// Stop after N records.
+        #[arg(long, value_name = "N")]
+        max: Option<u64>,
+        /// Keep printing records as they arrive (default: stop at the end
+        /// offsets seen at start).
+        #[arg(long)]
+        follow: bool,
+        /// One JSON object per line: {topic, partition, offset, key,
+        /// headers, value}.
+        #[arg(long)]
+        json: bool,
     },
 }
 
