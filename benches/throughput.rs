@@ -251,10 +251,10 @@ async fn poll_query_cost(stack: &Stack) -> String {
     client
         .batch_execute(
             "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, kind, payload, published_at, kafka_topic, kafka_partition, kafka_offset, attempts)
-             SELECT 'entity', 'e' || (g % 1000), 'Changed', 'state', jsonb_build_object('seq', g, 'pad', repeat('x', 250)), now(), 't', 0, g, 1
+             SELECT 'entity', 'e' || (g % 1000), 'Changed', 'event', jsonb_build_object('seq', g, 'pad', repeat('x', 250)), now(), 't', 0, g, 1
              FROM generate_series(1, 1000000) g;
              INSERT INTO outbox (aggregate_type, aggregate_id, event_type, kind, payload)
-             SELECT 'entity', 'e' || (g % 1000), 'Changed', 'state', jsonb_build_object('seq', g) FROM generate_series(1, 1000) g;",
+             SELECT 'entity', 'e' || (g % 1000), 'Changed', 'event', jsonb_build_object('seq', g) FROM generate_series(1, 1000) g;",
         )
         .await
         .expect("fill table");

@@ -23,7 +23,7 @@ codec.schemas_dir = "{}"
 codec.schemas."order/OrderPlaced" = "order/OrderPlaced.avsc"
 codec.schemas."order/OrderPaid" = "order/OrderPaid.avsc"
 codec.schemas."order/OrderShipped" = "order/OrderShipped.avsc"
-codec.schemas."profile" = "profile/CustomerProfile.avsc"
+codec.state_schemas."profile" = "profile/CustomerProfile.avsc"
 "#,
         schemas_dir.display()
     ))
@@ -94,7 +94,7 @@ async fn python_avro_deserializer_reads_back_every_example_schema() {
     insert(&client, "profile", "cus-42", "ProfileChanged", "state", 7, &profile).await;
     wait_all_published(&client, Duration::from_secs(60)).await;
 
-    let records = python_consume(&stack, &[db.topic("order"), db.topic("profile")], 4);
+    let records = python_consume(&stack, &[db.topic("order"), db.state_topic("profile")], 4);
     let by_type: HashMap<String, &Value> =
         records.iter().map(|r| (r["headers"]["event_type"].as_str().unwrap_or_default().to_string(), r)).collect();
     for record in &records {

@@ -173,7 +173,7 @@ async fn registry_down_at_start_is_retried_and_once_ids_are_cached_an_outage_doe
     let stack = Stack::from_env();
     let db = TestDb::new(&stack).await;
     let config = db.write_config(&format!(
-        "codec.format = \"avro\"\ncodec.schemas_dir = \"{}\"\ncodec.schemas.profile = \"profile/CustomerProfile.avsc\"",
+        "codec.format = \"avro\"\ncodec.schemas_dir = \"{}\"\ncodec.state_schemas.profile = \"profile/CustomerProfile.avsc\"",
         stack.repo.join("schemas").display()
     ));
     db.migrate(&config);
@@ -224,7 +224,7 @@ async fn registry_down_at_start_is_retried_and_once_ids_are_cached_an_outage_doe
         insert(3).await;
         wait_all_published(&client, Duration::from_secs(60)).await;
     }
-    let records = consume(&stack.bootstrap, &[&db.topic("profile")], 3, Duration::from_secs(30));
+    let records = consume(&stack.bootstrap, &[&db.state_topic("profile")], 3, Duration::from_secs(30));
     assert_eq!(records.iter().filter(|r| r.payload.first() == Some(&0)).count(), records.len(), "Avro wire format");
     assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0), "{}", relay.log_text());
     db.cleanup().await;

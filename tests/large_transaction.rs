@@ -10,7 +10,7 @@ async fn insert_one_transaction(client: &tokio_postgres::Client, rows: i64, offs
     client
         .execute(
             "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, kind, entity_version, payload)
-             SELECT 'bulk', 'entity-' || (g % 1000), 'Imported', 'state', g,
+             SELECT 'bulk', 'entity-' || (g % 1000), 'Imported', 'event', g,
                     jsonb_build_object('entity', 'entity-' || (g % 1000), 'seq', g, 'pad', repeat('x', 250))
              FROM generate_series($1::bigint, $2::bigint) AS g",
             &[&(offset + 1), &(offset + rows)],

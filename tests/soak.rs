@@ -65,7 +65,7 @@ async fn memory_stays_flat_over_400k_rows_when_nothing_scrapes_metrics() {
              BEGIN
                FOR i IN 1..n LOOP
                  INSERT INTO outbox (aggregate_type, aggregate_id, event_type, kind, payload)
-                 VALUES ('entity', 'entity-' || (i % 1000), 'Changed', 'state',
+                 VALUES ('entity', 'entity-' || (i % 1000), 'Changed', 'event',
                          jsonb_build_object('entity', 'entity-' || (i % 1000), 'seq', i, 'pad', repeat('x', 200)));
                  COMMIT;
                END LOOP;

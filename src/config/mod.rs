@@ -469,21 +469,24 @@ impl RoutingConfig {
                 return Some((kind, aggregate_type.clone()));
             }
         }
-        for (kind, template) in
-            [(TopicKind::State, &self.state_topic_template), (TopicKind::Event, &self.topic_template)]
-        {
-            let Some((prefix, suffix)) = template.split_once("{aggregate_type}") else {
-                if template == topic {
-                    return Some((kind, String::new()));
-                }
-                continue;
-            };
-            let middle = topic.strip_prefix(prefix).and_then(|rest| rest.strip_suffix(suffix));
-            if let Some(aggregate_type) = middle.filter(|m| !m.is_empty()) {
-                return Some((kind, aggregate_type.to_string()));
+        [TopicKind::State, TopicKind::Event]
+            .into_iter()
+            .find_map(|kind| self.fits_template(topic, kind).map(|aggregate_type| (kind, aggregate_type)))
+    }
+
+    /// The aggregate type for which the template of `kind` makes `topic`.
+    pub fn fits_template(&self, topic: &str, kind: TopicKind) -> Option<String> {
+        let template = match kind {
+            TopicKind::Event => &self.topic_template,
+            TopicKind::State => &self.state_topic_template,
+        };
+        match template.split_once("{aggregate_type}") {
+            None => (template == topic).then(String::new),
+            Some((prefix, suffix)) => {
+                let middle = topic.strip_prefix(prefix).and_then(|rest| rest.strip_suffix(suffix));
+                middle.filter(|m| !m.is_empty()).map(str::to_string)
             }
         }
-        None
     }
 }
 
@@ -896,9 +899,29 @@ impl Config {
             .chain(self.codec.state_schemas.keys())
             .map(of_key)
             .collect();
-        for event_type in &named {
-            let topic = routing.topic_for(event_type, TopicKind::Event);
-            if let Some(state_type) = named.iter().find(|t| routing.topic_for(t, TopicKind::State) == topic) {
+        // Who else would send rows of `kind` to `topic`: a type the config
+        // names, or a plain name the template fits ("outbox.order" fits
+        // "outbox.{aggregate_type}" as `order`; the default state topic
+        // "outbox.order.state" fits it only as `order.state`, not a likely type).
+        let owner = |topic: &str, kind: TopicKind| {
+            if let Some(t) = named.iter().find(|t| routing.topic_for(t, kind) == topic) {
+                return Some(t.clone());
+            }
+            let overrides = if kind == TopicKind::Event { &routing.topics } else { &routing.state_topics };
+            if overrides.values().any(|t| t == topic) {
+                return None;
+            }
+            let plain = |t: &str| t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            routing.fits_template(topic, kind).filter(|t| plain(t))
+        };
+        for aggregate_type in &named {
+            for (kind, other) in [(TopicKind::State, TopicKind::Event), (TopicKind::Event, TopicKind::State)] {
+                let topic = routing.topic_for(aggregate_type, kind);
+                let Some(other_type) = owner(&topic, other) else { continue };
+                let (event_type, state_type) = match kind {
+                    TopicKind::State => (other_type, aggregate_type.clone()),
+                    TopicKind::Event => (aggregate_type.clone(), other_type),
+                };
                 return Err(ConfigError::Invalid {
                     key: format!("routing.state_topics.{state_type}"),
                     message: format!(
@@ -1079,6 +1102,28 @@ mod tests {
     }
 
     #[test]
+    fn a_topic_carrying_both_event_and_state_messages_is_refused() {
+        let mixed = format!("{MINIMAL}\n[routing.state_topics]\ncustomer = \"outbox.order\"");
+        let err = Config::from_toml_str(&mixed).expect_err("must fail").to_string();
+        assert!(err.contains("routing.state_topics.customer"), "{err}");
+        assert!(err.contains("`outbox.order`") && err.contains("`order`") && err.contains("`customer`"), "{err}");
+        let same = format!("{MINIMAL}\n[routing]\nstate_topic_template = \"outbox.{{aggregate_type}}\"");
+        let err = Config::from_toml_str(&same).expect_err("must fail").to_string();
+        assert!(err.contains("routing.state_topic_template") && err.contains("compacted"), "{err}");
+        let policy = format!("{MINIMAL}\n[routing.topic_settings.order]\n\"cleanup.policy\" = \"compact\"");
+        let err = Config::from_toml_str(&policy).expect_err("must fail").to_string();
+        assert!(err.contains("routing.topic_settings.order") && err.contains("cleanup.policy"), "{err}");
+        let apart = format!(
+            "{MINIMAL}\n[routing.state_topics]\ncustomer = \"customers.state\"\n[routing.topic_settings.customer]\n\"min.compaction.lag.ms\" = \"60000\""
+        );
+        let config = Config::from_toml_str(&apart).expect("separate topics are fine");
+        assert_eq!(config.routing.kind_of_topic("customers.state"), Some((TopicKind::State, "customer".into())));
+        assert_eq!(config.routing.kind_of_topic("outbox.order.state"), Some((TopicKind::State, "order".into())));
+        assert_eq!(config.routing.kind_of_topic("outbox.order"), Some((TopicKind::Event, "order".into())));
+        assert_eq!(config.routing.kind_of_topic("payments"), None);
+    }
+
+    #[test]
     fn misspelled_key_is_named() {
         let toml = MINIMAL.replace("bootstrap_servers", "bootstrap_server");
         let err = Config::from_toml_str(&toml).expect_err("must fail").to_string();
@@ -1209,5 +1254,9 @@ mod tests {
     fn example_config_is_valid() {
         let text = include_str!("../../relay.example.toml");
         Config::from_toml_str(text).expect("relay.example.toml must load");
+        let avro = Config::from_toml_str(include_str!("../../relay.avro.example.toml"))
+            .expect("relay.avro.example.toml must load");
+        assert_eq!(avro.codec.format, PayloadFormat::Avro);
+        assert_eq!(avro.routing.topic_for("order", TopicKind::State), "outbox.order.state");
     }
 }

@@ -88,9 +88,14 @@ impl TestDb {
         connect(&self.url).await
     }
 
-    /// The topic rows of `aggregate_type` go to.
+    /// The topic event rows of `aggregate_type` go to.
     pub fn topic(&self, aggregate_type: &str) -> String {
         format!("{}.{aggregate_type}", self.topic_prefix)
+    }
+
+    /// The (compacted) topic state rows of `aggregate_type` go to.
+    pub fn state_topic(&self, aggregate_type: &str) -> String {
+        format!("{}.{aggregate_type}.state", self.topic_prefix)
     }
 
     /// A relay config for this database. Every key is a dotted key at the
@@ -107,6 +112,7 @@ source.publication_name = "{slot}_pub"
 source.status_interval_ms = 200
 telemetry.lag_sample_interval_ms = 200
 routing.topic_template = "{prefix}.{{aggregate_type}}"
+routing.state_topic_template = "{prefix}.{{aggregate_type}}.state"
 routing.topic_partitions = 6
 telemetry.http_listen = "127.0.0.1:0"
 {extra}
@@ -606,7 +612,7 @@ pub fn spawn_paced_workload(
                     let payload = serde_json::json!({ "entity": entity, "seq": version, "pad": "x".repeat(200) });
                     tx.execute(
                         "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, kind, entity_version, payload)
-                         VALUES ('entity', $1, 'Changed', 'state', $2, $3)",
+                         VALUES ('entity', $1, 'Changed', 'event', $2, $3)",
                         &[&entity, &version, &payload],
                     )
                     .await

@@ -1,7 +1,8 @@
 """Reads every record of the given topics up to their end offsets with
 Confluent's own Python client, as a consumer with the given
 isolation.level would, and prints each as a JSON line (topic, partition,
-offset, key, event_id header, value).
+offset, key, event_id header, value, and value_is_none: true for a
+tombstone).
 
 Usage: consume_to_end.py BOOTSTRAP ISOLATION_LEVEL TOPIC [TOPIC...]
 ISOLATION_LEVEL is read_committed or read_uncommitted. The end offsets are
@@ -55,6 +56,7 @@ def main():
             "key": (message.key() or b"").decode(),
             "event_id": (headers.get("event_id") or b"").decode(),
             "value": (message.value() or b"").decode(),
+            "value_is_none": message.value() is None,
         }), flush=True)
     consumer.close()
 
