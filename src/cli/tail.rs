@@ -121,7 +121,13 @@ pub async fn run(
     let decoder = PayloadDecoder::for_config(config)?;
     let start = if options.from_beginning { Start::Beginning } else { Start::End };
     let mut reader = TopicReader::open(consumer_config(&config.kafka), &options.topic, start).await?;
-    if !options.follow && !options.from_beginning {
+    if options.follow {
+        // On stderr, so scripts reading stdout see records only; once it
+        // is printed, every record written later is read.
+        let from = if options.from_beginning { "the beginning" } else { "the end" };
+        let partitions = reader.end_offsets().len();
+        eprintln!("relay tail: following {} ({partitions} partitions) from {from}", options.topic);
+    } else if !options.from_beginning {
         eprintln!("relay tail: starting at the end without --follow reads nothing; add --from-beginning or --follow");
     }
     tokio::pin!(shutdown);
