@@ -156,6 +156,27 @@ struct Scenario {
     name: &'static str,
     extra_toml: String,
     avro: bool,
+    /// False: the relay records no publish state (bench-only switch), to
+    /// measure what recording it costs; completion is read from Kafka.
+    publish_state: bool,
+}
+
+/// Waits until `topic` holds `total` records (the sum of its partitions'
+/// high watermarks): the end of a drain when no publish state is recorded.
+async fn wait_kafka_holds(stack: &Stack, topic: &str, total: i64, deadline: Duration) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", &stack.bootstrap).create().expect("consumer");
+    wait_for(&format!("{total} records on {topic}"), deadline, || async {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)).ok()?;
+        let partitions = metadata.topics().first()?.partitions().len() as i32;
+        let mut held = 0;
+        for partition in 0..partitions {
+            held += consumer.fetch_watermarks(topic, partition, Duration::from_secs(5)).ok()?.1;
+        }
+        (held >= total).then_some(())
+    })
+    .await;
 }
 
 struct Figures {
@@ -200,9 +221,15 @@ async fn run_scenario(stack: &Stack, scenario: &Scenario) -> Figures {
     })
     .await;
     let (postgres_before, broker_before) = (postgres_cpu_seconds(stack), broker_cpu_seconds(stack));
-    let relay = RelayProcess::start(&config);
+    let skip: &[(&str, &str)] = if scenario.publish_state { &[] } else { &[("RELAY_BENCH_SKIP_PUBLISH_STATE", "1")] };
+    let relay = RelayProcess::start_with_env(&config, skip);
     let started = Instant::now();
-    wait_all_published(&client, Duration::from_secs(900)).await;
+    let topic = db.topic("entity");
+    if scenario.publish_state {
+        wait_all_published(&client, Duration::from_secs(900)).await;
+    } else {
+        wait_kafka_holds(stack, &topic, ROWS as i64, Duration::from_secs(900)).await;
+    }
     let drain_rate = ROWS as f64 / started.elapsed().as_secs_f64();
     let drain_rss = peak_rss_mib(relay.child.id());
     let per_100k = 100_000.0 / ROWS as f64;
@@ -231,7 +258,11 @@ async fn run_scenario(stack: &Stack, scenario: &Scenario) -> Figures {
     });
     ready_rx.recv_timeout(Duration::from_secs(60)).expect("consumer assigned");
     spawn_paced_workload(&db.url, LIVE_ROWS, ENTITIES, WRITERS, Some(LIVE_RATE)).await.expect("live workload");
-    wait_all_published(&client, Duration::from_secs(600)).await;
+    if scenario.publish_state {
+        wait_all_published(&client, Duration::from_secs(600)).await;
+    } else {
+        wait_kafka_holds(stack, &topic, (ROWS + LIVE_ROWS) as i64, Duration::from_secs(600)).await;
+    }
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut live = consumer.join().expect("consumer");
     live.sort_by(|a, b| a.total_cmp(b));
@@ -305,13 +336,20 @@ async fn main() {
 
     let schemas = stack.repo.join("benches/schemas");
     let scenarios = [
-        Scenario { name: "logical, JSON", extra_toml: String::new(), avro: false },
+        Scenario { name: "logical, JSON", extra_toml: String::new(), avro: false, publish_state: true },
+        Scenario {
+            name: "logical, JSON, no publish state (bench only)",
+            extra_toml: String::new(),
+            avro: false,
+            publish_state: false,
+        },
         Scenario {
             name: "logical, JSON, exactly-once",
             extra_toml: "kafka.delivery = \"exactly_once\"".into(),
             avro: false,
+            publish_state: true,
         },
-        Scenario { name: "poll, JSON", extra_toml: "source.mode = \"poll\"".into(), avro: false },
+        Scenario { name: "poll, JSON", extra_toml: "source.mode = \"poll\"".into(), avro: false, publish_state: true },
         Scenario {
             name: "logical, Avro",
             extra_toml: format!(
@@ -319,6 +357,7 @@ async fn main() {
                 schemas.display()
             ),
             avro: true,
+            publish_state: true,
         },
     ];
     let only = std::env::var("BENCH_SCENARIOS").ok();

@@ -374,7 +374,7 @@ fn source_row(id: i64, entity: &str) -> relay::outbox::SourceEvent {
         event_type: "Changed".into(),
         kind: "event".into(),
         entity_version: None,
-        payload: bytes::Bytes::from(format!("{{\"seq\":{id}}}")),
+        payload: Some(bytes::Bytes::from(format!("{{\"seq\":{id}}}"))),
         headers: None,
         occurred_at: chrono::Utc::now(),
         committed_at: None,

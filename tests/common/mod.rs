@@ -252,6 +252,11 @@ impl RelayProcess {
     /// Logs go to `target/tmp/relay-logs/` and stay there after the test,
     /// for the post-mortem of a failure.
     pub fn start(config: &PathBuf) -> Self {
+        Self::start_with_env(config, &[])
+    }
+
+    /// [`RelayProcess::start`] with extra environment variables.
+    pub fn start_with_env(config: &PathBuf, env: &[(&str, &str)]) -> Self {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("relay-logs");
         std::fs::create_dir_all(&dir).expect("log dir");
         let stem = config.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
@@ -259,6 +264,7 @@ impl RelayProcess {
         let file = std::fs::File::create(&log).expect("log file");
         let filter = std::env::var("RELAY_TEST_LOG").unwrap_or_else(|_| "info,relay=debug".into());
         let child = relay_command(config)
+            .envs(env.iter().copied())
             .env("RUST_LOG", filter)
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
