@@ -414,7 +414,8 @@ async fn kill_dash_nine_of_the_active_relay_five_times_loses_nothing() {
     let workload = spawn_paced_workload(&group.db.url, TOTAL, 50, 4, Some(RATE));
     let mut takeovers = Vec::new();
     for _ in 0..5 {
-        group.wait_progress(300, TOTAL).await;
+        // A random moment: after 100 to 700 more rows were published.
+        group.wait_progress(rand::random_range(100..700), TOTAL).await;
         let (active, current) = group.wait_leader("the current leader", lease.epoch - 1).await;
         let killed = Utc::now();
         group.relays[active].kill9();
