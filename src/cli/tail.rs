@@ -143,8 +143,12 @@ pub async fn run(
         let Some(message) = message else { continue };
         let record = TailRecord::decode(&decoder, &message).await;
         let line = if options.json { record.json_line() } else { record.text_line() };
-        writeln!(out, "{line}").and_then(|()| out.flush()).map_err(TailError::Output)?;
-        printed += 1;
+        match writeln!(out, "{line}").and_then(|()| out.flush()) {
+            Ok(()) => printed += 1,
+            // The reader went away (`relay tail ... | head`): done.
+            Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => break,
+            Err(err) => return Err(TailError::Output(err)),
+        }
     }
     Ok(printed)
 }
@@ -208,9 +212,9 @@ impl TopicReader {
         let lookup = consumer.clone();
         let name = topic.to_string();
         // Metadata and watermark requests block: off the async threads.
-        let offsets = tokio::task::spawn_blocking(move || partition_offsets(&lookup, &name))
-            .await
-            .map_err(|e| TailError::NoSuchTopic { topic: topic.to_string(), reason: e.to_string() })??;
+        let offsets = tokio::task::spawn_blocking(move || partition_offsets(&lookup, &name)).await.map_err(|e| {
+            TailError::NoSuchTopic { topic: topic.to_string(), reason: format!("the lookup failed: {e}") }
+        })??;
         let mut assignment = TopicPartitionList::new();
         let mut next = HashMap::new();
         for &(partition, low, high) in &offsets {
