@@ -28,12 +28,10 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use schema_registry_converter::async_impl::avro::AvroDecoder;
-use schema_registry_converter::async_impl::schema_registry::SrSettings;
-use secrecy::ExposeSecret;
 use serde_json::value::RawValue;
 use serde_json::{json, Value as JsonValue};
 
-use crate::codec::registry::{client_builder, RegistryError};
+use crate::codec::registry::{sr_settings, RegistryError};
 use crate::config::{Config, KafkaConfig, PayloadFormat, RegistryConfig};
 use crate::telemetry::ErrorChain;
 
@@ -480,18 +478,6 @@ impl WriterSchema {
             .collect();
         Some(Self { schema: schema.clone(), names })
     }
-}
-
-/// The registry client settings of `config`: its URL, basic auth and TLS
-/// trust (as `codec::registry::Registry` builds them).
-fn sr_settings(config: &RegistryConfig) -> Result<SrSettings, RegistryError> {
-    let mut builder = SrSettings::new_builder(config.url.trim_end_matches('/').to_string());
-    builder.set_timeout(Duration::from_secs(10));
-    if let Some(user) = &config.username {
-        let password = config.password.as_ref().map(|p| p.expose_secret().to_string());
-        builder.set_basic_authorization(user, password.as_deref());
-    }
-    builder.build_with(client_builder(config)?).map_err(|e| RegistryError::Unreachable(e.to_string()))
 }
 
 /// Named types of a schema, for [`avro_to_json`].

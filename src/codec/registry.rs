@@ -133,20 +133,26 @@ pub struct Registry {
     auth: Option<(String, Option<String>)>,
 }
 
+/// The settings of `schema_registry_converter`'s clients for `config`: URL,
+/// timeout, basic authentication and TLS trust (`registry.tls_ca_file`).
+pub fn sr_settings(config: &RegistryConfig) -> Result<SrSettings, RegistryError> {
+    let mut builder = SrSettings::new_builder(config.url.trim_end_matches('/').to_string());
+    builder.set_timeout(Duration::from_secs(10));
+    if let Some(user) = &config.username {
+        let password = config.password.as_ref().map(|p| p.expose_secret().to_string());
+        builder.set_basic_authorization(user, password.as_deref());
+    }
+    builder.build_with(client_builder(config)?).map_err(|e| RegistryError::Unreachable(e.to_string()))
+}
+
 impl Registry {
     pub fn new(config: &RegistryConfig) -> Result<Self, RegistryError> {
         let base = config.url.trim_end_matches('/').to_string();
-        let mut builder = SrSettings::new_builder(base.clone());
-        builder.set_timeout(Duration::from_secs(10));
         let auth = config
             .username
             .as_ref()
             .map(|u| (u.clone(), config.password.as_ref().map(|p| p.expose_secret().to_string())));
-        if let Some((user, password)) = &auth {
-            builder.set_basic_authorization(user, password.as_deref());
-        }
-        let settings =
-            builder.build_with(client_builder(config)?).map_err(|e| RegistryError::Unreachable(e.to_string()))?;
+        let settings = sr_settings(config)?;
         let http = client_builder(config)?
             .timeout(Duration::from_secs(10))
             .build()
