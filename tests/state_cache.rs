@@ -2,7 +2,9 @@
 //! produced straight to a compacted topic (stale versions, equal versions,
 //! tombstones, a stale state after a tombstone) leave exactly the latest
 //! state per key, from JSON or Confluent-framed Avro values; in follow mode
-//! the HTTP endpoint serves changes as they arrive.
+//! the HTTP endpoint serves changes as they arrive; and end to end, the cache
+//! rebuilt from the example order service's compacted state topic (Avro,
+//! through the relay) equals its `orders` table, deleted orders included.
 
 mod common;
 
@@ -260,4 +262,99 @@ async fn follow_mode_serves_changes_as_they_arrive() {
     .await;
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// The demo's flow as a test: the order service changes orders (a delivered
+/// order's next change deletes it and writes its tombstone), the relay
+/// publishes events and state in Avro; every record decodes with Confluent's
+/// Python `AvroDeserializer` (tombstones as `None`), and the cache rebuilt
+/// from the beginning of the compacted state topic (twice: a restart reads
+/// it again) equals the `orders` table exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_rebuilt_from_the_state_topic_equals_the_order_services_table() {
+    let stack = Stack::from_env();
+    let db = TestDb::new(&stack).await;
+    let schemas = stack.repo.join("schemas");
+    let config = db.write_config(&format!(
+        "codec.format = \"avro\"\ncodec.auto_register = true\ncodec.schemas_dir = \"{}\"\n\
+         codec.schemas.\"order/OrderPlaced\" = \"order/OrderPlaced.avsc\"\n\
+         codec.schemas.\"order/OrderPaid\" = \"order/OrderPaid.avsc\"\n\
+         codec.schemas.\"order/OrderShipped\" = \"order/OrderShipped.avsc\"\n\
+         codec.schemas.\"order/OrderDelivered\" = \"order/OrderDelivered.avsc\"\n\
+         codec.state_schemas.order = \"order/OrderState.avsc\"",
+        schemas.display()
+    ));
+    db.migrate(&config);
+    let client = db.client().await;
+    let mut relay = RelayProcess::start(&config);
+    let status = Command::new(env!("CARGO_BIN_EXE_order-service"))
+        .args(["--url", &db.url, "--rate", "300", "--seconds", "3", "--orders", "6"])
+        .stdout(Stdio::null())
+        .status()
+        .expect("run the order service");
+    assert!(status.success(), "order service failed");
+    // One more deletion, so that the final state certainly lacks an order.
+    let tx_client = db.client().await;
+    let gone: String =
+        tx_client.query_one("SELECT id FROM orders ORDER BY id LIMIT 1", &[]).await.expect("an order exists").get(0);
+    tx_client
+        .batch_execute(&format!(
+            "BEGIN;
+             INSERT INTO outbox (aggregate_type, aggregate_id, event_type, kind, entity_version, payload)
+                 SELECT 'order', id, 'OrderDeleted', 'state', version + 1, NULL FROM orders WHERE id = '{gone}';
+             DELETE FROM orders WHERE id = '{gone}';
+             COMMIT;"
+        ))
+        .await
+        .expect("delete an order with its tombstone");
+    let total = wait_all_published(&client, Duration::from_secs(120)).await;
+    let tombstones: i64 = client
+        .query_one("SELECT count(*) FROM outbox WHERE kind = 'state' AND payload IS NULL", &[])
+        .await
+        .expect("count tombstones")
+        .get(0);
+    assert!(tombstones >= 2, "the service deleted delivered orders: {tombstones} tombstones");
+
+    // Every record of both topics decodes with Confluent's deserializer.
+    let python =
+        std::env::var("RELAY_PYTHON").expect("RELAY_PYTHON (scripts/test sets up a Python with confluent-kafka)");
+    let output = Command::new(python)
+        .arg(stack.repo.join("tests/interop/consume_avro.py"))
+        .args([&stack.bootstrap, &stack.registry, &total.to_string(), &db.topic("order"), &db.state_topic("order")])
+        .output()
+        .expect("run the python consumer");
+    assert!(output.status.success(), "python consumer: {}", String::from_utf8_lossy(&output.stderr));
+    let records: Vec<Value> =
+        String::from_utf8_lossy(&output.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
+    assert_eq!(records.len() as i64, total);
+    let nulls = records.iter().filter(|r| r["value"].is_null()).count() as i64;
+    assert_eq!(nulls, tombstones, "tombstones arrive as None");
+    assert!(records.iter().filter(|r| !r["value"].is_null()).all(|r| r["magic"] == 0), "Confluent wire format");
+    assert!(
+        records
+            .iter()
+            .any(|r| r["headers"]["event_type"] == "OrderDelivered" && r["value"]["data"]["delivered_at"].is_string()),
+        "OrderDelivered decodes"
+    );
+
+    let orders: Vec<Value> = client
+        .query("SELECT id, upper(status), version FROM orders ORDER BY id", &[])
+        .await
+        .expect("orders")
+        .iter()
+        .map(|r| json!({"key": r.get::<_, String>(0), "status": r.get::<_, String>(1), "version": r.get::<_, i64>(2)}))
+        .collect();
+    assert!(!orders.iter().any(|o| o["key"] == gone.as_str()));
+    let topic = db.state_topic("order");
+    for run in ["first", "restarted"] {
+        let lines = caught_up(&["--config", &config.to_string_lossy(), "--topic", &topic]);
+        let cache: Vec<Value> = lines
+            .iter()
+            .map(|l| serde_json::from_str::<Value>(l).expect("JSON line"))
+            .map(|e| json!({"key": e["key"], "status": e["value"]["status"], "version": e["value"]["version"]}))
+            .collect();
+        assert_eq!(cache, orders, "{run} cache against the orders table");
+    }
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0), "{}", relay.log_text());
+    db.cleanup().await;
 }

@@ -6,7 +6,10 @@
 //! order's full current state), so writes to one order are serialized and
 //! per-entity order holds. An order goes placed -> paid -> shipped ->
 //! delivered; its next change deletes it and writes its tombstone (a state
-//! row with a NULL payload) in the same transaction. The payloads match the
+//! row with a NULL payload) in the same transaction. Versions live in
+//! `order_versions`, which outlives a deleted order: a re-created order
+//! continues its numbers, so a consumer that remembers a tombstone's version
+//! never mistakes the new order's first state for a stale one. The payloads match the
 //! Avro schemas in `schemas/order/`, so the same service feeds the JSON and
 //! the Avro codec.
 
@@ -60,7 +63,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 total_cents bigint NOT NULL,
                 version bigint NOT NULL,
                 updated_at timestamptz NOT NULL DEFAULT now()
-            )",
+            );
+            CREATE TABLE IF NOT EXISTS order_versions (id text PRIMARY KEY, version bigint NOT NULL)",
         )
         .await?;
     let interval = Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1)));
@@ -102,21 +106,29 @@ async fn change_order(
     customer: &str,
     total: i64,
 ) -> Result<bool, tokio_postgres::Error> {
-    // The upsert locks the order row: concurrent writers of one order queue here.
+    // The version upsert locks the order's counter: concurrent writers of
+    // one order queue here, whether or not the order exists right now.
+    let version: i64 = tx
+        .query_one(
+            "INSERT INTO order_versions (id, version) VALUES ($1, 1)
+             ON CONFLICT (id) DO UPDATE SET version = order_versions.version + 1 RETURNING version",
+            &[&order],
+        )
+        .await?
+        .get(0);
     let row = tx
         .query_one(
-            "INSERT INTO orders (id, customer_id, status, total_cents, version) VALUES ($1, $2, 'placed', $3, 1)
-             ON CONFLICT (id) DO UPDATE SET version = orders.version + 1,
+            "INSERT INTO orders (id, customer_id, status, total_cents, version) VALUES ($1, $2, 'placed', $3, $4)
+             ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version,
                  status = CASE orders.status WHEN 'placed' THEN 'paid' WHEN 'paid' THEN 'shipped'
                      WHEN 'shipped' THEN 'delivered' ELSE 'deleted' END,
                  updated_at = now()
              RETURNING status, version, customer_id, total_cents,
                  to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
-            &[&order, &customer, &total],
+            &[&order, &customer, &total, &version],
         )
         .await?;
     let status: String = row.get(0);
-    let version: i64 = row.get(1);
     let customer: String = row.get(2);
     let total: i64 = row.get(3);
     let updated_at: String = row.get(4);

@@ -51,7 +51,8 @@ def main():
         if msg is None or msg.error():
             continue
         raw = msg.value()
-        value = deserializer(raw, SerializationContext(msg.topic(), MessageField.VALUE))
+        # A tombstone (null value) is None, with no schema to look up.
+        value = None if raw is None else deserializer(raw, SerializationContext(msg.topic(), MessageField.VALUE))
         headers = {k: (v.decode() if v is not None else None) for k, v in (msg.headers() or [])}
         raw_key = msg.key()
         # A key in the Confluent wire format starts with the magic byte 0.
@@ -65,8 +66,8 @@ def main():
             "key_magic": raw_key[0],
             "partition": msg.partition(),
             "offset": msg.offset(),
-            "magic": raw[0],
-            "schema_id": int.from_bytes(raw[1:5], "big"),
+            "magic": raw[0] if raw else None,
+            "schema_id": int.from_bytes(raw[1:5], "big") if raw else None,
             "headers": headers,
             "value": value,
         }, default=plain), flush=True)
