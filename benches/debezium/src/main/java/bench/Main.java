@@ -10,7 +10,7 @@ import java.util.Map;
  * engine  --props FILE                     Debezium embedded engine + Kafka sink (the system measured)
  * write   --jdbc URL --rows N [--entities 1000] [--writers 8] [--rate R]
  *                                          the shared workload: one-row transactions, per-entity seq
- * topic   --bootstrap B --topic T [--partitions 6]
+ * topic   --bootstrap B --topic T [--partitions 6] [--compact true]
  *                                          create a topic (Debezium does not create topics)
  * watch   --bootstrap B --topic T --expect N --out CSV [--timeout-s 900] [--interval-ms 50]
  *                                          samples the sum of the topic's end offsets until N

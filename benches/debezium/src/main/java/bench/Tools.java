@@ -59,7 +59,12 @@ final class Tools {
         Properties p = new Properties();
         p.put("bootstrap.servers", o.get("bootstrap"));
         try (Admin admin = Admin.create(p)) {
-            admin.createTopics(List.of(new NewTopic(o.get("topic"), (int) o.num("partitions", 6), (short) 1))).all().get();
+            NewTopic topic = new NewTopic(o.get("topic"), (int) o.num("partitions", 6), (short) 1);
+            if (Boolean.parseBoolean(o.get("compact", "false"))) {
+                // As the relay creates its state topics.
+                topic.configs(Map.of("cleanup.policy", "compact"));
+            }
+            admin.createTopics(List.of(topic)).all().get();
         }
         return 0;
     }

@@ -32,7 +32,8 @@ final class Workload {
             s.execute("CREATE TABLE IF NOT EXISTS entities (id text PRIMARY KEY, version bigint NOT NULL)");
         }
         String pad = "x".repeat(200);
-        long started = System.nanoTime();
+        // The clock starts once every writer is connected and prepared.
+        java.util.concurrent.CyclicBarrier connected = new java.util.concurrent.CyclicBarrier(writers + 1);
         List<Thread> threads = new ArrayList<>();
         Throwable[] failure = {null};
         for (int w = 0; w < writers; w++) {
@@ -47,6 +48,7 @@ final class Workload {
                     PreparedStatement insert = c.prepareStatement(
                             "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, kind, entity_version, payload) "
                                     + "VALUES ('entity', ?, 'Changed', 'state', ?, ?::jsonb)");
+                    connected.await();
                     long intervalNs = rate > 0 ? (long) (writers * 1e9 / rate) : 0;
                     long next = System.nanoTime();
                     for (int i = 0; i < share; i++) {
@@ -81,6 +83,8 @@ final class Workload {
             t.start();
             threads.add(t);
         }
+        connected.await();
+        long started = System.nanoTime();
         for (Thread t : threads) {
             t.join();
         }
