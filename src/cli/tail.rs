@@ -41,6 +41,8 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one wait for a record lasts before the stop conditions are
 /// looked at again.
 const POLL_STEP: Duration = Duration::from_millis(200);
+/// How often `--follow` looks again for a topic that does not exist yet.
+const TOPIC_WAIT: Duration = Duration::from_millis(500);
 
 /// What `relay tail` was asked to do.
 #[derive(Debug, Clone)]
@@ -118,7 +120,26 @@ pub async fn run(
 ) -> Result<u64, TailError> {
     let decoder = PayloadDecoder::for_config(config)?;
     let start = if options.from_beginning { Start::Beginning } else { Start::End };
-    let mut reader = TopicReader::open(consumer_config(&config.kafka), &options.topic, start).await?;
+    tokio::pin!(shutdown);
+    let mut waiting = false;
+    let mut reader = loop {
+        match TopicReader::open(consumer_config(&config.kafka), &options.topic, start).await {
+            Ok(reader) => break reader,
+            // Following a topic the relay has not created yet (its first row
+            // of that type is still to come): wait for it.
+            Err(TailError::NoSuchTopic { reason, .. }) if options.follow => {
+                if !waiting {
+                    eprintln!("relay tail: waiting for topic {} ({reason})", options.topic);
+                    waiting = true;
+                }
+                tokio::select! {
+                    _ = &mut shutdown => return Ok(0),
+                    _ = tokio::time::sleep(TOPIC_WAIT) => {}
+                }
+            }
+            Err(err) => return Err(err),
+        }
+    };
     if options.follow {
         // On stderr, so scripts reading stdout see records only; once it
         // is printed, every record written later is read.
@@ -128,7 +149,6 @@ pub async fn run(
     } else if !options.from_beginning {
         eprintln!("relay tail: starting at the end without --follow reads nothing; add --from-beginning or --follow");
     }
-    tokio::pin!(shutdown);
     let mut printed = 0u64;
     loop {
         if options.max.is_some_and(|max| printed >= max) || (!options.follow && reader.caught_up()) {

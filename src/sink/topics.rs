@@ -204,7 +204,15 @@ impl Topics {
                     return Ok(false);
                 }
                 Err((_, code)) => {
-                    let error = format!("cannot create topic `{topic}`: {code}");
+                    // Kafka refuses a name that equals an existing topic's
+                    // once '.' and '_' are taken as one (metric names).
+                    let hint = match code {
+                        RDKafkaErrorCode::InvalidTopic => {
+                            " (an existing topic whose name differs only by '.' against '_' collides with it: route elsewhere or delete that topic, then `relay held retry`)"
+                        }
+                        _ => "",
+                    };
+                    let error = format!("cannot create topic `{topic}`: {code}{hint}");
                     return Err(match code {
                         RDKafkaErrorCode::InvalidTopic
                         | RDKafkaErrorCode::InvalidPartitions
