@@ -633,10 +633,12 @@ def plot(results, path):
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = {"relay": "tab:blue", "Debezium": "tab:red"}
     for r in results:
-        t = [x for x, _ in r["progress"]]
-        c = [y for _, y in r["progress"]]
+        # From the launch (the sampler also ran through the idle baseline before it).
+        t = [x for x, _ in r["progress"] if x >= 0]
+        c = [y for x, y in r["progress"] if x >= 0]
         a.plot(t, c, label=r["system"], color=colors[r["system"]])
     a.set_xlabel("seconds since the process was launched")
+    a.set_xlim(left=0)
     a.set_ylabel("messages in Kafka")
     a.set_title(f"(a) drain of a {results[0]['rows']:,}-row backlog")
     a.grid(alpha=0.3)
