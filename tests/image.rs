@@ -422,7 +422,7 @@ fn compose_and_kubernetes_name_what_the_image_serves() {
     let compose = compose_config();
     let services = &compose["services"];
 
-    for service in ["migrate", "relay", "order-service"] {
+    for service in ["migrate", "schemas", "relay", "order-service"] {
         assert_eq!(
             services[service]["image"].as_str(),
             Some(released_image_name().as_str()),
