@@ -141,8 +141,17 @@ def broker_cpu():
         return cpu_seconds(int(f.read().strip()))
 
 
+def machine_busy():
+    """CPU seconds the whole machine spent busy so far (all cores)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal
+    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / TICKS
+
+
 def snapshot(pid):
-    return {"t": time.time(), "proc": cpu_seconds(pid), "pg": postgres_cpu(), "broker": broker_cpu()}
+    return {"t": time.time(), "proc": cpu_seconds(pid), "pg": postgres_cpu(), "broker": broker_cpu(),
+            "busy": machine_busy()}
 
 
 # ---------------------------------------------------------------- Postgres
@@ -388,7 +397,8 @@ def measure(system, rows, rates, phase_secs):
     # sampler running and no system, over 3 s.
     idle0 = (time.time(), postgres_cpu(), broker_cpu())
     time.sleep(3)
-    before = {"t": time.time(), "proc": 0.0, "pg": postgres_cpu(), "broker": broker_cpu()}
+    before = {"t": time.time(), "proc": 0.0, "pg": postgres_cpu(), "broker": broker_cpu(), "busy": machine_busy()}
+    r["loadavg_at_launch"] = open("/proc/loadavg").read().split()[0]
     r["idle_cpu_per_s"] = (sum(before["pg"].values()) - sum(idle0[1].values()) + before["broker"] - idle0[2]) \
         / (before["t"] - idle0[0])
     log(f"{system.name}: draining")
@@ -436,6 +446,10 @@ def measure(system, rows, rates, phase_secs):
     half_per = 100_000 / max(1, rows - snaps["half"]["count"])
     pg_all = {k: (done["pg"][k] - before["pg"][k]) * per for k in done["pg"]}
     pg_half = {k: (done["pg"][k] - snaps["half"]["pg"][k]) * half_per for k in done["pg"]}
+    # What everything else on the machine (the sampler, this script, and
+    # whatever else runs here) used during the drain, in cores.
+    measured = done["proc"] + sum(done["pg"].values()) - sum(before["pg"].values()) + done["broker"] - before["broker"]
+    r["other_cores"] = (done["busy"] - before["busy"] - measured) / (done["t"] - before["t"])
     r["cpu"] = {
         "proc": done["proc"] * per,
         "proc_startup": snaps["first"]["proc"],
@@ -545,6 +559,9 @@ def report(results, args, wall):
             pg_total(dbz, "pg_half") + dbz["cpu"]["broker_half"], s),
         f"| Postgres + broker CPU per second while idle (before the launch, sampler running) | "
         f"{rel['idle_cpu_per_s']:.3f} s/s | {dbz['idle_cpu_per_s']:.3f} s/s | |",
+        f"| load average at launch; CPU of everything else on the machine during the drain | "
+        f"{rel['loadavg_at_launch']}; {rel['other_cores']:.2f} cores | {dbz['loadavg_at_launch']}; "
+        f"{dbz['other_cores']:.2f} cores | |",
         row("peak RSS at the end of the drain", rel["peak_rss_drain"], dbz["peak_rss_drain"], mib),
         row("peak RSS after the latency phases", rel["peak_rss_end"], dbz["peak_rss_end"], mib),
     ]
@@ -622,7 +639,11 @@ Neither:
 - Offered rates stop at 2,000 rows/s: on this machine the paced writers (8 connections, three statements
   and a commit per row) reach about 4,000-5,000 rows/s with nothing else running, and the system under
   test, the consumer and the broker share the same two cores; the plot uses the achieved rate.
-- One run of each, one after the other: run-to-run noise on this machine is 10-20 % (see the runs above).
+- One run of each, one after the other, on a machine others use at the same time (their test suites
+  and builds): the "everything else" row says how much CPU that took during each drain. Two full runs
+  minutes apart gave relay 26.5k and 13.9k msg/s start-to-done, Debezium 8.9k and 6.6k (load average
+  8 on 2 cores during the second); compare ratios from the same run, and rerun on a quiet machine
+  before quoting absolute rates.
 """
 
 
