@@ -237,9 +237,10 @@ class System:
         self.db = f"cmp_{self.key}_{run_id}"
         self.slot = f"cmp_{self.key}_{run_id}"
         self.prefix = f"cmp{self.key}{run_id}"
-        # The workload's rows are of kind 'state': the relay sends them to its
-        # state topic (created compacted); Debezium's go to the same name.
-        self.topic = f"{self.prefix}.entity.state"
+        # The workload's rows are events (as in benches/throughput.rs): the
+        # relay sends them to its event topic (cleanup.policy=delete);
+        # Debezium's go to the same name, created the same way.
+        self.topic = f"{self.prefix}.entity"
         self.dir = os.path.join(OUT, self.key)
         shutil.rmtree(self.dir, ignore_errors=True)
         os.makedirs(self.dir)
@@ -309,8 +310,7 @@ class Debezium(System):
         self.pg.sql(db, f"DROP PUBLICATION IF EXISTS {self.slot}_pub")
         self.pg.sql(db, f"CREATE PUBLICATION {self.slot}_dbz FOR TABLE public.outbox")
         self.pg.sql(db, f"SELECT pg_create_logical_replication_slot('{self.slot}_dbz', 'pgoutput')")
-        run_tool(["topic", "--bootstrap", self.bootstrap, "--topic", self.topic, "--partitions", str(PARTITIONS),
-                  "--compact", "true"],
+        run_tool(["topic", "--bootstrap", self.bootstrap, "--topic", self.topic, "--partitions", str(PARTITIONS)],
                  "create the topic", 120)
         props = {
             "name": "dbz-bench",
@@ -341,7 +341,7 @@ class Debezium(System):
             "transforms.outbox.table.field.event.key": "aggregate_id",
             "transforms.outbox.table.field.event.payload": "payload",
             "transforms.outbox.route.by.field": "aggregate_type",
-            "transforms.outbox.route.topic.replacement": self.prefix + ".${routedByValue}.state",
+            "transforms.outbox.route.topic.replacement": self.prefix + ".${routedByValue}",
             "transforms.outbox.table.fields.additional.placement":
                 "event_id:header,event_type:header,kind:header,aggregate_type:header,occurred_at:header,entity_version:header",
             "producer.bootstrap.servers": self.bootstrap,

@@ -47,7 +47,7 @@ final class Workload {
                                     + "ON CONFLICT (id) DO UPDATE SET version = entities.version + 1 RETURNING version");
                     PreparedStatement insert = c.prepareStatement(
                             "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, kind, entity_version, payload) "
-                                    + "VALUES ('entity', ?, 'Changed', 'state', ?, ?::jsonb)");
+                                    + "VALUES ('entity', ?, 'Changed', 'event', ?, ?::jsonb)");
                     connected.await();
                     long intervalNs = rate > 0 ? (long) (writers * 1e9 / rate) : 0;
                     long next = System.nanoTime();
