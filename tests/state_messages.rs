@@ -45,25 +45,6 @@ async fn set_cleanup_policy(stack: &Stack, topic: &str, policy: &str) {
     }
 }
 
-/// A state row of `aggregate_id`; `None` is a tombstone. Returns its id.
-async fn insert_state(
-    client: &tokio_postgres::Client,
-    aggregate_type: &str,
-    aggregate_id: &str,
-    version: i64,
-    payload: Option<serde_json::Value>,
-) -> i64 {
-    client
-        .query_one(
-            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, kind, entity_version, payload)
-             VALUES ($1, $2, 'StateChanged', 'state', $3, $4) RETURNING id",
-            &[&aggregate_type, &aggregate_id, &version, &payload],
-        )
-        .await
-        .expect("insert state row")
-        .get(0)
-}
-
 /// Every record of `topic` up to its end offsets, read by Confluent's
 /// Python client (`tests/interop/consume_to_end.py`), in offset order per
 /// partition.

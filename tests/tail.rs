@@ -88,17 +88,6 @@ fn console_consumer(stack: &Stack, topic: &str, count: usize) -> HashMap<(i32, i
     records
 }
 
-async fn insert_state(client: &tokio_postgres::Client, id: &str, version: i64, payload: Option<Value>) {
-    client
-        .execute(
-            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, kind, entity_version, payload)
-             VALUES ('profile', $1, 'ProfileChanged', 'state', $2, $3)",
-            &[&id, &version, &payload],
-        )
-        .await
-        .expect("insert state row");
-}
-
 /// The consumer groups the brokers know.
 fn group_names(stack: &Stack) -> Vec<String> {
     let consumer: BaseConsumer =
@@ -129,10 +118,10 @@ async fn json_records_match_the_console_consumer_byte_for_byte() {
         )
         .await
         .expect("insert traced row");
-    insert_state(&client, "p-1", 1, Some(json!({"name": "Ada"}))).await;
-    insert_state(&client, "p-2", 1, Some(json!({"name": "Grace"}))).await;
-    insert_state(&client, "p-1", 2, Some(json!({"name": "Ada L."}))).await;
-    insert_state(&client, "p-1", 3, None).await;
+    insert_state(&client, "profile", "p-1", 1, Some(json!({"name": "Ada"}))).await;
+    insert_state(&client, "profile", "p-2", 1, Some(json!({"name": "Grace"}))).await;
+    insert_state(&client, "profile", "p-1", 2, Some(json!({"name": "Ada L."}))).await;
+    insert_state(&client, "profile", "p-1", 3, None).await;
     wait_all_published(&client, Duration::from_secs(60)).await;
     let groups_before = group_names(&stack);
 
@@ -317,8 +306,8 @@ async fn avro_values_and_keys_decode_through_the_registry_to_the_payload() {
         "tier": "GOLD", "addresses": [{"line1": "12 St James's Square", "city": "London", "country": "GB", "postcode": "SW1Y 4JH"},
         {"line1": "Ockham Park", "city": "Ockham", "country": "GB", "postcode": null}],
         "preferences": {"newsletter": "weekly", "sms": "never"}, "updated_at": "2026-11-23T16:40:00.123Z", "birthday": "1815-12-10"});
-    insert_state(&client, "cus-42", 7, Some(profile.clone())).await;
-    insert_state(&client, "cus-43", 1, None).await;
+    insert_state(&client, "profile", "cus-42", 7, Some(profile.clone())).await;
+    insert_state(&client, "profile", "cus-43", 1, None).await;
     let placed = json!({"data": {"order_id": "ord-1", "customer_id": "cus-42", "total": "59.97", "currency": "EUR",
         "items": [{"sku": "MUG-01", "quantity": 2, "unit_price": "12.99"}, {"sku": "TEE-07", "quantity": 1, "unit_price": "33.99"}]}});
     client

@@ -535,6 +535,26 @@ pub async fn insert_row(client: &Client, aggregate_type: &str, aggregate_id: &st
         .get(0)
 }
 
+/// Inserts one state row (`event_type` StateChanged) in its own
+/// transaction; a `None` payload is a tombstone. Returns its id.
+pub async fn insert_state(
+    client: &Client,
+    aggregate_type: &str,
+    aggregate_id: &str,
+    version: i64,
+    payload: Option<serde_json::Value>,
+) -> i64 {
+    client
+        .query_one(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, kind, entity_version, payload)
+             VALUES ($1, $2, 'StateChanged', 'state', $3, $4) RETURNING id",
+            &[&aggregate_type, &aggregate_id, &version, &payload],
+        )
+        .await
+        .expect("insert state row")
+        .get(0)
+}
+
 /// Waits until every row of the outbox is published; returns the count.
 pub async fn wait_all_published(client: &Client, deadline: Duration) -> i64 {
     wait_for("every outbox row to be marked published", deadline, || async {
