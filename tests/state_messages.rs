@@ -195,3 +195,28 @@ async fn check_names_topics_whose_cleanup_policy_does_not_fit_their_kind() {
     );
     db.cleanup().await;
 }
+
+/// Poll mode and the catch-up phase cut their batches by the payloads'
+/// stored size in SQL: a tombstone counts 0 bytes. (Counted as NULL, a run
+/// of tombstones at the head of a batch left all but the first out of it.)
+#[tokio::test(flavor = "multi_thread")]
+async fn the_poll_query_takes_a_run_of_tombstones_in_one_batch() {
+    let stack = Stack::from_env();
+    let db = TestDb::new(&stack).await;
+    let path = db.write_config("source.mode = \"poll\"");
+    db.migrate(&path);
+    let client = db.client().await;
+    for id in ["a", "b", "c"] {
+        insert_state(&client, "order", id, 2, None).await;
+    }
+    insert_state(&client, "order", "d", 1, Some(serde_json::json!({"v": 1}))).await;
+    let config =
+        relay::config::Config::from_toml_str(&std::fs::read_to_string(&path).expect("config")).expect("config parses");
+    let store = relay::store::Store::new(&config);
+    let layout = store.table_layout(&client).await.expect("table layout");
+    let sql = relay::store::RowQuery::poll(store.sql(), &layout.columns);
+    let none: Vec<i64> = Vec::new();
+    let rows = client.query(&sql, &[&1000i64, &1_048_576i64, &none, &none]).await.expect("poll query");
+    assert_eq!(rows.len(), 4, "every pending row fits one batch, tombstones included");
+    db.cleanup().await;
+}

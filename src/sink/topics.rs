@@ -197,7 +197,10 @@ impl Topics {
             .map_err(|e| PublishError::Retriable(format!("cannot create topic `{topic}`: {e}")))?;
         for result in results {
             match result {
-                Ok(_) => tracing::info!(topic, cleanup_policy = kind.cleanup_policy(), "created topic"),
+                Ok(_) => {
+                    tracing::info!(topic, cleanup_policy = kind.cleanup_policy(), "created topic");
+                    self.wait_for_leaders(topic).await;
+                }
                 Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                 Err((_, RDKafkaErrorCode::TopicAuthorizationFailed | RDKafkaErrorCode::ClusterAuthorizationFailed)) => {
                     tracing::debug!(topic, "not authorized to create the topic; looking it up");
@@ -224,6 +227,40 @@ impl Topics {
             }
         }
         Ok(true)
+    }
+
+    /// Waits (up to 10 s) until the metadata names a leader for every
+    /// partition of a topic just created. Records produced in the window
+    /// before that were seen acknowledged without an offset (librdkafka's
+    /// -1001, after a retry answered DUPLICATE_SEQUENCE_NUMBER) and then
+    /// missing from the log, while the entity's next record landed: a gap
+    /// the sink can only turn into a resend after it. So the first record
+    /// goes out once the partitions are served.
+    async fn wait_for_leaders(&self, topic: &str) {
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_secs(10) {
+            let producer = self.producer.clone();
+            let name = topic.to_string();
+            let ready = tokio::task::spawn_blocking(move || {
+                let metadata = producer.client().fetch_metadata(Some(&name), Duration::from_secs(5)).ok()?;
+                let entry = metadata.topics().iter().find(|t| t.name() == name)?;
+                let served = entry.error().is_none()
+                    && !entry.partitions().is_empty()
+                    && entry.partitions().iter().all(|p| p.error().is_none() && p.leader() >= 0);
+                served.then_some(())
+            })
+            .await;
+            if matches!(ready, Ok(Some(()))) {
+                tracing::debug!(
+                    topic,
+                    waited_ms = started.elapsed().as_millis() as u64,
+                    "partitions of the new topic have leaders"
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tracing::warn!(topic, "the new topic's partitions have no leader after 10 s; sending anyway");
     }
 
     async fn exists(&self, topic: &str) -> Result<Presence, PublishError> {

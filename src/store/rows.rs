@@ -105,12 +105,14 @@ impl RowQuery {
     /// pass are turned into text and sent, so a batch of very large rows
     /// costs memory by bytes, not by `batch_rows` x row size. Stored size
     /// is the compressed size for a compressed payload: the text can be a
-    /// few times larger, a constant factor, not a multiple of the batch.
+    /// few times larger, a constant factor, not a multiple of the batch. A
+    /// tombstone (NULL payload) counts 0, not NULL: a NULL running sum would
+    /// leave it out of every batch but the one it starts.
     fn pending(sql: &OutboxSql, columns: &[String], condition: &str) -> String {
         format!(
             "SELECT {list} FROM (\
                SELECT l.*, row_number() OVER (ORDER BY l.{id}) AS relay_n, \
-                 sum(pg_column_size(l.{payload})) OVER (ORDER BY l.{id}) AS relay_upto \
+                 sum(coalesce(pg_column_size(l.{payload}), 0)) OVER (ORDER BY l.{id}) AS relay_upto \
                FROM (SELECT * FROM {table} AS o \
                  WHERE o.published_at IS NULL AND o.last_error IS NULL AND ({condition}) \
                  AND NOT EXISTS (SELECT 1 FROM unnest($3::bigint[], $4::bigint[]) AS r(lo, hi) \
