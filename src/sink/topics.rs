@@ -293,14 +293,18 @@ pub async fn compacted(
     config: &crate::config::KafkaConfig,
     topics: &[String],
 ) -> Result<std::collections::BTreeMap<String, bool>, rdkafka::error::KafkaError> {
+    let mut compacted = std::collections::BTreeMap::new();
+    if topics.is_empty() {
+        return Ok(compacted);
+    }
     let admin: AdminClient<DefaultClientContext> = super::client_config(config).create()?;
     let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
     let resources: Vec<ResourceSpecifier> = topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
-    let mut compacted = std::collections::BTreeMap::new();
-    if resources.is_empty() {
-        return Ok(compacted);
-    }
-    for resource in admin.describe_configs(&resources, &options).await?.into_iter().flatten() {
+    let described = admin.describe_configs(&resources, &options).await;
+    // Destroying a librdkafka client waits for its threads: not on the
+    // runtime's one thread, where the other checks run meanwhile.
+    tokio::task::spawn_blocking(move || drop(admin));
+    for resource in described?.into_iter().flatten() {
         let policy = resource.get("cleanup.policy").and_then(|entry| entry.value.clone());
         if let (rdkafka::admin::OwnedResourceSpecifier::Topic(topic), Some(policy)) = (&resource.specifier, policy) {
             compacted.insert(topic.clone(), policy.split(',').any(|p| p.trim() == "compact"));
