@@ -197,7 +197,13 @@ async fn logical_and_poll_modes_publish_the_same_messages_in_the_same_per_key_or
     };
     assert_eq!(set(&logical_records), set(&poll_records), "the same messages");
     let (logical_order, poll_order) = (per_key(&logical_records), per_key(&poll_records));
-    assert_eq!(logical_order, poll_order, "the same per-key order");
+    assert_eq!(
+        logical_order,
+        poll_order,
+        "the same per-key order\nlogical relay: {}\npoll relay: {}",
+        logical_relay.warnings(),
+        poll_relay.warnings()
+    );
     assert_per_key_order(&poll_records);
     // Each key in the same partition in both modes (same key, same partitioner).
     let partitions = |records: &[Record]| -> BTreeSet<(String, i32)> {

@@ -9,11 +9,24 @@
 //! published only when the checkpoint stage has its delivery report; nothing
 //! here marks anything.
 //!
+//! The sink picks each record's partition itself (murmur2, as the Java
+//! client) and sends a partition's first record of a run alone (see
+//! [`first_write`]): a broker accepts any sequence number from a producer
+//! it holds no state for, so a first request lost while the second lands
+//! would let later records of an entity overtake earlier ones.
+//!
+//! After a row it could not send for a reason a restart may cure, the sink
+//! sends nothing more: the run restarts from its last confirmed boundary,
+//! and a row sent after the failed one would land before the failed one's
+//! resend.
+//!
 //! Backpressure: when librdkafka's queue is full, the sink waits and stops
 //! taking rows from the source, which stops reading Postgres.
 
 pub mod connection;
+pub mod first_write;
 pub mod held;
+pub mod partition;
 pub mod progress;
 pub mod record;
 pub mod topics;
@@ -109,6 +122,11 @@ pub struct KafkaSink {
     holder: Holder,
     /// Exactly-once mode's bounds; `None` at least once.
     transactions: Option<Transactions>,
+    /// Which partitions had their first record of this run acknowledged.
+    first_writes: first_write::FirstWrites,
+    /// Set once a row could not be sent for a retriable reason: the run
+    /// ends there, and nothing after that row may be sent before it.
+    failed: bool,
 }
 
 impl KafkaSink {
@@ -130,6 +148,8 @@ impl KafkaSink {
             builder: RecordBuilder::new(TopicRouter::new(&config.routing), codec),
             holder,
             transactions: (config.kafka.delivery == Delivery::ExactlyOnce).then(|| Transactions::new(config)),
+            first_writes: first_write::FirstWrites::default(),
+            failed: false,
         })
     }
 
@@ -155,7 +175,7 @@ impl KafkaSink {
                 SourceEvent::Row(row) => self.publish(row).await?,
             };
             metrics::in_flight_inc();
-            if output.send(item).await.is_err() {
+            if output.send(item).await.is_err() || self.failed {
                 break;
             }
         }
@@ -181,7 +201,7 @@ impl KafkaSink {
         let facts = match self.topics.ensure(&routed.topic, kind, Some(&routed.row.aggregate_type)).await {
             Ok(facts) => facts,
             Err(PublishError::Permanent(error)) => return self.hold(routed, error).await,
-            Err(retriable) => return Ok(failed(routed, retriable)),
+            Err(retriable) => return Ok(self.failed(routed, retriable)),
         };
         if let Err(error) = facts.accepts(kind, &routed.topic, &routed.row.aggregate_type) {
             return self.hold(routed, error).await;
@@ -202,6 +222,13 @@ impl KafkaSink {
         }
         routed.key = Some(record.key.clone());
         let bytes = record.payload.as_ref().map_or(0, bytes::Bytes::len);
+        let mut record = record;
+        if let Some(partitions) = facts.partitions {
+            let partition = partition::partition_for(&record.key, partitions);
+            record.partition = Some(partition);
+            self.first_writes.ready(&routed.topic, partition).await;
+        }
+        let partition = record.partition;
         match record::produce(&self.producer, record).await {
             Ok(delivery) => {
                 metrics::bytes_produced(bytes);
@@ -226,11 +253,15 @@ impl KafkaSink {
                     Ok(Err((err, _))) => Err(classify_for_topic(&err, &topic, &principal)),
                     Err(_canceled) => Err(PublishError::Retriable("producer closed before delivery".into())),
                 }));
+                let pending = match partition {
+                    Some(partition) => self.first_writes.sent(&routed.topic, partition, pending),
+                    None => pending,
+                };
                 Ok(InFlight::Sent { row: routed, delivery: pending })
             }
             Err(err) => match classify_for_topic(&err, &routed.topic, &self.principal) {
                 PublishError::Permanent(error) => self.hold(routed, error).await,
-                retriable => Ok(failed(routed, retriable)),
+                retriable => Ok(self.failed(routed, retriable)),
             },
         }
     }
@@ -239,10 +270,13 @@ impl KafkaSink {
         self.holder.hold(&row, &error, HeldAt::Produce).await?;
         Ok(InFlight::Held { row, error })
     }
-}
 
-/// A row whose send failed in a way a restart may cure: the checkpoint
-/// stage ends the run when it reaches it, after settling what came before.
-fn failed(row: RoutedRow, error: PublishError) -> InFlight {
-    InFlight::Sent { row, delivery: Box::pin(futures::future::ready(Err(error))) }
+    /// A row whose send failed in a way a restart may cure: the checkpoint
+    /// stage ends the run when it reaches it, after settling what came
+    /// before; the sink sends nothing after it.
+    fn failed(&mut self, row: RoutedRow, error: PublishError) -> InFlight {
+        tracing::warn!(row = row.row.id, topic = %row.topic, error = %error, "cannot send the row; the run ends here and restarts from its last confirmed boundary");
+        self.failed = true;
+        InFlight::Sent { row, delivery: Box::pin(futures::future::ready(Err(error))) }
+    }
 }

@@ -57,6 +57,7 @@ impl ProgressRecord {
             key: Bytes::copy_from_slice(self.transactional_id.as_bytes()),
             payload: Some(Bytes::from(payload)),
             headers: OwnedHeaders::new(),
+            partition: None,
         })
     }
 }

@@ -22,6 +22,9 @@ pub struct Outbound {
     /// `None`: a tombstone (null value).
     pub payload: Option<Bytes>,
     pub headers: OwnedHeaders,
+    /// The partition, when the sink chose it; `None`: librdkafka's
+    /// partitioner (the same murmur2) chooses.
+    pub partition: Option<i32>,
 }
 
 /// What a record adds to its key, value and headers in a record batch,
@@ -69,7 +72,7 @@ impl RecordBuilder {
     pub fn build(&self, row: &OutboxRow, topic: &str) -> Result<Outbound, CodecError> {
         let payload = self.codec.encode(row, topic)?;
         let key = self.codec.encode_key(row, topic)?;
-        Ok(Outbound { topic: topic.to_string(), key, payload, headers: record_headers(row) })
+        Ok(Outbound { topic: topic.to_string(), key, payload, headers: record_headers(row), partition: None })
     }
 }
 
@@ -99,6 +102,7 @@ pub fn dead_letter(topic: &str, routed: &RoutedRow, reason: &str) -> Outbound {
         key: routed.key.clone().unwrap_or_else(|| Bytes::copy_from_slice(row.aggregate_id.as_bytes())),
         payload: Some(Bytes::from(body.to_string())),
         headers: record_headers(row),
+        partition: None,
     }
     .with_header("held_reason", reason)
 }
@@ -110,6 +114,9 @@ pub async fn produce(producer: &FutureProducer, record: Outbound) -> Result<Deli
         FutureRecord::<[u8], [u8]>::to(&record.topic).key(record.key.as_ref()).headers(record.headers);
     if let Some(payload) = record.payload.as_deref() {
         future_record = future_record.payload(payload);
+    }
+    if let Some(partition) = record.partition {
+        future_record = future_record.partition(partition);
     }
     loop {
         match producer.send_result(future_record) {

@@ -31,6 +31,9 @@ pub struct TopicFacts {
     pub max_message_bytes: Option<usize>,
     /// Whether `cleanup.policy` includes `compact`.
     pub compacted: Option<bool>,
+    /// The partition count the metadata gave when the run first sent to
+    /// the topic (partitions added later count from the next run on).
+    pub partitions: Option<i32>,
 }
 
 impl TopicFacts {
@@ -127,7 +130,8 @@ impl Topics {
                 }
             }
         }
-        let facts = self.describe(topic).await;
+        let mut facts = self.describe(topic).await;
+        facts.partitions = self.partition_count(topic).await;
         if let Ok(mut known) = self.known.lock() {
             known.insert(topic.to_string(), facts);
         }
@@ -261,6 +265,29 @@ impl Topics {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         tracing::warn!(topic, "the new topic's partitions have no leader after 10 s; sending anyway");
+    }
+
+    /// The topic's partition count from the metadata; `None` when it cannot
+    /// be read (then librdkafka's own partitioner picks the partition).
+    async fn partition_count(&self, topic: &str) -> Option<i32> {
+        let producer = self.producer.clone();
+        let name = topic.to_string();
+        let count = tokio::task::spawn_blocking(move || {
+            let metadata = producer.client().fetch_metadata(Some(&name), Duration::from_secs(10)).ok()?;
+            let entry = metadata.topics().iter().find(|t| t.name() == name)?;
+            let count = entry.partitions().len();
+            (entry.error().is_none() && count > 0).then_some(count as i32)
+        })
+        .await
+        .ok()
+        .flatten();
+        if count.is_none() {
+            tracing::warn!(
+                topic,
+                "cannot read the topic's partition count; librdkafka's partitioner places its records"
+            );
+        }
+        count
     }
 
     async fn exists(&self, topic: &str) -> Result<Presence, PublishError> {

@@ -298,6 +298,13 @@ impl RelayProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The WARN and ERROR lines of the log, for an assertion's message.
+    pub fn warnings(&self) -> String {
+        let text = self.log_text();
+        let lines: Vec<&str> = text.lines().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")).collect();
+        format!("{} ({} warnings and errors):\n{}", self.log.display(), lines.len(), lines.join("\n"))
+    }
+
     /// The base URL of the relay's HTTP endpoint, read from its log.
     pub async fn http_base(&self) -> String {
         wait_for("the relay's http endpoint", Duration::from_secs(30), || async {
