@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+#[path = "support/scale.rs"]
+mod scale;
+
 const ROWS: usize = 100_000;
 const ENTITIES: usize = 1_000;
 const WRITERS: usize = 8;
@@ -314,6 +317,9 @@ async fn poll_query_cost(stack: &Stack) -> String {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let stack = Stack::from_env();
+    if std::env::var_os("BENCH_SCALE").is_some() {
+        return scale::run(&stack).await;
+    }
     let db = TestDb::new(&stack).await;
 
     // Baseline: Kafka's own producer tool, same record size and guarantees.

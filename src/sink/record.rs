@@ -132,19 +132,26 @@ pub async fn produce(producer: &FutureProducer, record: Outbound) -> Result<Deli
 }
 
 /// The headers every record carries, plus each key of the row's `headers`
-/// JSON object (so a W3C `traceparent` travels along).
+/// JSON object (so a W3C `traceparent` travels along). Formatted on the
+/// stack: this runs for every record.
 pub fn record_headers(row: &OutboxRow) -> OwnedHeaders {
-    let event_id = row.event_id.to_string();
-    let occurred_at = row.occurred_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-    let mut headers = OwnedHeaders::new()
+    let mut event_id = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let event_id = row.event_id.hyphenated().encode_lower(&mut event_id);
+    let mut occurred_at = [0u8; RFC3339_MICROS_LEN];
+    let occurred_at = rfc3339_micros(&row.occurred_at, &mut occurred_at);
+    let mut headers = OwnedHeaders::new_with_capacity(6)
         .insert(Header { key: "event_id", value: Some(event_id.as_bytes()) })
         .insert(Header { key: "event_type", value: Some(row.event_type.as_bytes()) })
         .insert(Header { key: "kind", value: Some(row.kind.as_bytes()) })
         .insert(Header { key: "aggregate_type", value: Some(row.aggregate_type.as_bytes()) })
         .insert(Header { key: "occurred_at", value: Some(occurred_at.as_bytes()) });
     if let Some(version) = row.entity_version {
-        let version = version.to_string();
-        headers = headers.insert(Header { key: "entity_version", value: Some(version.as_bytes()) });
+        let mut buffer = [0u8; 20];
+        let mut cursor = std::io::Cursor::new(&mut buffer[..]);
+        // An i64 always fits 20 bytes.
+        let _ = std::io::Write::write_fmt(&mut cursor, format_args!("{version}"));
+        let written = cursor.position() as usize;
+        headers = headers.insert(Header { key: "entity_version", value: Some(&buffer[..written]) });
     }
     if let Some(extra) = row.headers.as_ref() {
         if let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(extra) {
@@ -159,4 +166,98 @@ pub fn record_headers(row: &OutboxRow) -> OwnedHeaders {
         }
     }
     headers
+}
+
+/// `2026-11-30T20:46:05.123456Z`.
+const RFC3339_MICROS_LEN: usize = 27;
+
+/// `at` as chrono's `to_rfc3339_opts(SecondsFormat::Micros, true)` prints
+/// it, written into `out` without allocating (years 0-9999; chrono for the
+/// others).
+fn rfc3339_micros<'a>(
+    at: &chrono::DateTime<chrono::Utc>,
+    out: &'a mut [u8; RFC3339_MICROS_LEN],
+) -> std::borrow::Cow<'a, str> {
+    use chrono::{Datelike, Timelike};
+    let year = at.year();
+    if !(0..=9999).contains(&year) {
+        return at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true).into();
+    }
+    // A leap second (nanosecond >= 1e9) prints as second 60, as chrono does.
+    let nanos = at.nanosecond();
+    let (second, micros) =
+        if nanos >= 1_000_000_000 { (60, (nanos - 1_000_000_000) / 1_000) } else { (at.second(), nanos / 1_000) };
+    let mut put = |at: usize, value: u32, width: usize| {
+        let mut value = value;
+        for i in (0..width).rev() {
+            out[at + i] = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+    };
+    put(0, year as u32, 4);
+    put(5, at.month(), 2);
+    put(8, at.day(), 2);
+    put(11, at.hour(), 2);
+    put(14, at.minute(), 2);
+    put(17, second, 2);
+    put(20, micros, 6);
+    for (index, byte) in [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':'), (19, b'.'), (26, b'Z')] {
+        out[index] = byte;
+    }
+    // Only ASCII digits and separators were written.
+    std::str::from_utf8(&out[..])
+        .map_or_else(|_| at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true).into(), Into::into)
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+    use rdkafka::message::Headers;
+
+    use super::*;
+
+    #[test]
+    fn timestamps_print_as_chrono_prints_them() {
+        let mut samples = vec![
+            chrono::Utc.with_ymd_and_hms(2026, 11, 30, 20, 46, 5).single().expect("valid"),
+            chrono::Utc.with_ymd_and_hms(1, 1, 1, 0, 0, 0).single().expect("valid"),
+            chrono::Utc.with_ymd_and_hms(9999, 12, 31, 23, 59, 59).single().expect("valid"),
+            chrono::Utc.with_ymd_and_hms(10000, 1, 1, 0, 0, 0).single().expect("valid"),
+        ];
+        let mut t = chrono::Utc.with_ymd_and_hms(1999, 12, 31, 23, 59, 58).single().expect("valid");
+        for step in 0..2_000i64 {
+            t += chrono::Duration::nanoseconds(step * 987_654_321 + 1);
+            samples.push(t);
+        }
+        let leap = chrono::NaiveDate::from_ymd_opt(2016, 12, 31)
+            .and_then(|d| d.and_hms_nano_opt(23, 59, 59, 1_500_000_000))
+            .expect("leap second");
+        samples.push(chrono::Utc.from_utc_datetime(&leap));
+        for at in samples {
+            let mut out = [0u8; RFC3339_MICROS_LEN];
+            assert_eq!(rfc3339_micros(&at, &mut out), at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
+        }
+    }
+
+    #[test]
+    fn headers_carry_the_rows_facts() {
+        let mut row = OutboxRow::for_test(7, "o-1");
+        row.entity_version = Some(-9_223_372_036_854_775_808);
+        row.headers = Some(Bytes::from_static(br#"{"traceparent":"00-abc-def-01","n":3,"gone":null}"#));
+        let headers = record_headers(&row);
+        let get = |name: &str| {
+            headers
+                .iter()
+                .find(|h| h.key == name)
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        };
+        assert_eq!(get("event_id"), Some(row.event_id.to_string()));
+        assert_eq!(get("occurred_at"), Some(row.occurred_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)));
+        assert_eq!(get("entity_version").as_deref(), Some("-9223372036854775808"));
+        assert_eq!(get("event_type"), Some(row.event_type.clone()));
+        assert_eq!(get("traceparent").as_deref(), Some("00-abc-def-01"));
+        assert_eq!(get("n").as_deref(), Some("3"));
+        assert_eq!(get("gone"), None);
+    }
 }

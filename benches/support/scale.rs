@@ -1,0 +1,121 @@
+//! Scale runs of the throughput harness (`scripts/bench scale`): does the
+//! drain rate or the relay's memory move with the backlog's size, the
+//! number of distinct entities, or the number of topics? Each case fills a
+//! fresh outbox with the relay stopped (transactions of 1,000 rows, ~250 B
+//! payloads), then times the relay's drain until every row's publish state
+//! is recorded, sampling its RSS every 500 ms. Ratios are against the first
+//! case, measured in the same run.
+
+use super::*;
+
+struct Case {
+    name: &'static str,
+    rows: usize,
+    entities: usize,
+    /// Aggregate types, one topic each.
+    types: usize,
+}
+
+const CASES: [Case; 4] = [
+    Case { name: "100k rows, 1,000 entities, 1 topic (reference)", rows: 100_000, entities: 1_000, types: 1 },
+    Case { name: "1M rows, 1,000 entities, 1 topic", rows: 1_000_000, entities: 1_000, types: 1 },
+    Case { name: "1M rows, 1M entities, 1 topic", rows: 1_000_000, entities: 1_000_000, types: 1 },
+    Case { name: "1M rows, 1,000 entities, 100 topics", rows: 1_000_000, entities: 1_000, types: 100 },
+];
+
+struct ScaleFigures {
+    drain_rate: f64,
+    relay_cpu_per_100k: f64,
+    /// RSS when a tenth of the backlog was published, and the peak.
+    rss_at_tenth: f64,
+    peak_rss: f64,
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("VmRSS:")).map(|v| v.trim().trim_end_matches("kB").trim().to_string())
+        })
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+async fn fill(client: &tokio_postgres::Client, case: &Case) {
+    let chunks = case.rows / 1_000;
+    let aggregate = if case.types > 1 { format!("'entity' || (g % {})", case.types) } else { "'entity'".into() };
+    client
+        .batch_execute(&format!(
+            "DO $$ BEGIN FOR c IN 0..{last} LOOP
+               INSERT INTO outbox (aggregate_type, aggregate_id, event_type, kind, entity_version, payload)
+               SELECT {aggregate}, 'e-' || (g % {entities}), 'Changed', 'event', g / {entities} + 1,
+                      jsonb_build_object('seq', g / {entities} + 1, 'pad', repeat('x', 200))
+               FROM generate_series(c * 1000, c * 1000 + 999) g;
+               COMMIT;
+             END LOOP; END $$",
+            last = chunks - 1,
+            entities = case.entities,
+        ))
+        .await
+        .expect("fill the outbox");
+}
+
+async fn run_case(stack: &Stack, case: &Case) -> ScaleFigures {
+    let db = TestDb::new(stack).await;
+    let config = db.write_config("");
+    db.migrate(&config);
+    let client = db.client().await;
+    fill(&client, case).await;
+    let relay = RelayProcess::start(&config);
+    let started = Instant::now();
+    let pid = relay.child.id();
+    let (mut rss_at_tenth, mut peak_rss) = (f64::NAN, 0.0f64);
+    loop {
+        let published: i64 = client
+            .query_one("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL", &[])
+            .await
+            .expect("count published")
+            .get(0);
+        let rss = rss_mib(pid);
+        peak_rss = peak_rss.max(rss);
+        if rss_at_tenth.is_nan() && published as usize >= case.rows / 10 {
+            rss_at_tenth = rss;
+        }
+        if published as usize >= case.rows {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(1_800), "the drain of {} took over 30 min", case.name);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let drain_rate = case.rows as f64 / started.elapsed().as_secs_f64();
+    let relay_cpu_per_100k = cpu_seconds(pid, false) * 100_000.0 / case.rows as f64;
+    peak_rss = peak_rss.max(peak_rss_mib(pid));
+    drop(relay);
+    db.cleanup().await;
+    ScaleFigures { drain_rate, relay_cpu_per_100k, rss_at_tenth, peak_rss }
+}
+
+/// Runs every case and writes the table to stdout and `target/bench-scale.md`.
+pub async fn run(stack: &Stack) {
+    let mut rows = String::new();
+    let mut reference: Option<ScaleFigures> = None;
+    for case in &CASES {
+        eprintln!("bench scale: {}", case.name);
+        let f = run_case(stack, case).await;
+        let (rate_ratio, rss_ratio) =
+            reference.as_ref().map_or((1.0, 1.0), |r| (f.drain_rate / r.drain_rate, f.peak_rss / r.peak_rss));
+        let row = format!(
+            "| {} | {:.0} msg/s ({:.2} x) | {:.2} s | {:.0} MiB / {:.0} MiB ({:.2} x) |\n",
+            case.name, f.drain_rate, rate_ratio, f.relay_cpu_per_100k, f.rss_at_tenth, f.peak_rss, rss_ratio
+        );
+        eprint!("{row}");
+        rows.push_str(&row);
+        reference.get_or_insert(f);
+    }
+    let report = format!(
+        "| backlog | drain rate (x the reference) | relay CPU per 100k rows | relay RSS at 10% of the drain / peak (peak x the reference) |\n\
+         |---|---|---|---|\n{rows}"
+    );
+    println!("{report}");
+    let _ = std::fs::write(stack.repo.join("target/bench-scale.md"), &report);
+}
