@@ -29,6 +29,23 @@ struct ScaleFigures {
     /// RSS when a tenth of the backlog was published, and the peak.
     rss_at_tenth: f64,
     peak_rss: f64,
+    /// WAL written during the drain, MiB per 100k rows, and the checkpoints
+    /// Postgres ran meanwhile (what a larger backlog costs Postgres).
+    wal_mib_per_100k: f64,
+    checkpoints: i64,
+}
+
+/// The server's WAL position (bytes) and its checkpoint count so far.
+async fn wal_and_checkpoints(client: &tokio_postgres::Client) -> (f64, i64) {
+    let row = client
+        .query_one(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::float8, \
+                    (SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter)",
+            &[],
+        )
+        .await
+        .expect("wal position and checkpoints");
+    (row.get(0), row.get(1))
 }
 
 fn rss_mib(pid: u32) -> f64 {
@@ -66,6 +83,7 @@ async fn run_case(stack: &Stack, case: &Case) -> ScaleFigures {
     db.migrate(&config);
     let client = db.client().await;
     fill(&client, case).await;
+    let (wal_before, checkpoints_before) = wal_and_checkpoints(&client).await;
     let relay = RelayProcess::start(&config);
     let started = Instant::now();
     let pid = relay.child.id();
@@ -88,11 +106,20 @@ async fn run_case(stack: &Stack, case: &Case) -> ScaleFigures {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let drain_rate = case.rows as f64 / started.elapsed().as_secs_f64();
+    let (wal_after, checkpoints_after) = wal_and_checkpoints(&client).await;
+    let wal_mib_per_100k = (wal_after - wal_before) / 1_048_576.0 * 100_000.0 / case.rows as f64;
     let relay_cpu_per_100k = cpu_seconds(pid, false) * 100_000.0 / case.rows as f64;
     peak_rss = peak_rss.max(peak_rss_mib(pid));
     drop(relay);
     db.cleanup().await;
-    ScaleFigures { drain_rate, relay_cpu_per_100k, rss_at_tenth, peak_rss }
+    ScaleFigures {
+        drain_rate,
+        relay_cpu_per_100k,
+        rss_at_tenth,
+        peak_rss,
+        wal_mib_per_100k,
+        checkpoints: checkpoints_after - checkpoints_before,
+    }
 }
 
 /// Runs every case and writes the table to stdout and `target/bench-scale.md`.
@@ -105,16 +132,24 @@ pub async fn run(stack: &Stack) {
         let (rate_ratio, rss_ratio) =
             reference.as_ref().map_or((1.0, 1.0), |r| (f.drain_rate / r.drain_rate, f.peak_rss / r.peak_rss));
         let row = format!(
-            "| {} | {:.0} msg/s ({:.2} x) | {:.2} s | {:.0} MiB / {:.0} MiB ({:.2} x) |\n",
-            case.name, f.drain_rate, rate_ratio, f.relay_cpu_per_100k, f.rss_at_tenth, f.peak_rss, rss_ratio
+            "| {} | {:.0} msg/s ({:.2} x) | {:.2} s | {:.0} MiB / {:.0} MiB ({:.2} x) | {:.0} MiB; {} |\n",
+            case.name,
+            f.drain_rate,
+            rate_ratio,
+            f.relay_cpu_per_100k,
+            f.rss_at_tenth,
+            f.peak_rss,
+            rss_ratio,
+            f.wal_mib_per_100k,
+            f.checkpoints
         );
         eprint!("{row}");
         rows.push_str(&row);
         reference.get_or_insert(f);
     }
     let report = format!(
-        "| backlog | drain rate (x the reference) | relay CPU per 100k rows | relay RSS at 10% of the drain / peak (peak x the reference) |\n\
-         |---|---|---|---|\n{rows}"
+        "| backlog | drain rate (x the reference) | relay CPU per 100k rows | relay RSS at 10% of the drain / peak (peak x the reference) | Postgres during the drain: WAL per 100k rows; checkpoints |\n\
+         |---|---|---|---|---|\n{rows}"
     );
     println!("{report}");
     let _ = std::fs::write(stack.repo.join("target/bench-scale.md"), &report);
