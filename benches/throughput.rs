@@ -22,15 +22,19 @@ const WRITERS: usize = 8;
 const LIVE_ROWS: usize = 20_000;
 const LIVE_RATE: f64 = 2_000.0;
 
-fn peak_rss_mib(pid: u32) -> f64 {
+/// A memory figure of `/proc/<pid>/status` in MiB (`field` e.g. `VmHWM:`).
+fn status_mib(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("VmHWM:")).map(|v| v.trim().trim_end_matches("kB").trim().to_string())
+            s.lines().find_map(|l| l.strip_prefix(field)).map(|v| v.trim().trim_end_matches("kB").trim().to_string())
         })
         .and_then(|v| v.parse::<f64>().ok())
-        .map(|kib| kib / 1024.0)
-        .unwrap_or(f64::NAN)
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    status_mib(pid, "VmHWM:")
 }
 
 /// Clock ticks per second of `/proc/*/stat` times (USER_HZ, 100 on Linux).

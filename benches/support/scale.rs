@@ -49,13 +49,7 @@ async fn wal_and_checkpoints(client: &tokio_postgres::Client) -> (f64, i64) {
 }
 
 fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("VmRSS:")).map(|v| v.trim().trim_end_matches("kB").trim().to_string())
-        })
-        .and_then(|v| v.parse::<f64>().ok())
-        .map_or(f64::NAN, |kib| kib / 1024.0)
+    status_mib(pid, "VmRSS:")
 }
 
 async fn fill(client: &tokio_postgres::Client, case: &Case) {

@@ -206,7 +206,7 @@ impl KafkaSink {
         if let Err(error) = facts.accepts(kind, &routed.topic, &routed.row.aggregate_type) {
             return self.hold(routed, error).await;
         }
-        let record = match self.builder.build(&routed.row, &routed.topic) {
+        let mut record = match self.builder.build(&routed.row, &routed.topic) {
             Ok(record) => record,
             Err(err) => return self.hold(routed, err.to_string()).await,
         };
@@ -222,7 +222,6 @@ impl KafkaSink {
         }
         routed.key = Some(record.key.clone());
         let bytes = record.payload.as_ref().map_or(0, bytes::Bytes::len);
-        let mut record = record;
         if let Some(partitions) = facts.partitions {
             let partition = partition::partition_for(&record.key, partitions);
             record.partition = Some(partition);
