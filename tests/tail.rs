@@ -227,26 +227,7 @@ async fn follow_prints_only_what_arrives_and_stops_on_sigterm() {
     insert_row(&client, "order", "before", 1).await;
     wait_all_published(&client, Duration::from_secs(60)).await;
 
-    let mut child = relay_command(&config)
-        .args(["tail", &db.topic("order"), "--follow", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start relay tail --follow");
-    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
-    let stdout = child.stdout.take().expect("stdout");
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = lines_tx.send(line);
-        }
-    });
-    let (ready_tx, ready) = std::sync::mpsc::channel::<String>();
-    let stderr = child.stderr.take().expect("stderr");
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = ready_tx.send(line);
-        }
-    });
+    let (child, lines, ready) = spawn_follow(&config, &db.topic("order"));
     let mut stderr_text = Vec::new();
     wait_for("relay tail to follow", Duration::from_secs(30), || {
         stderr_text.extend(ready.try_iter());
@@ -266,6 +247,43 @@ async fn follow_prints_only_what_arrives_and_stops_on_sigterm() {
     assert!(seen.iter().all(|l| l["key"] != json!("before")), "a record from before the start was printed: {seen:?}");
     assert_eq!(seen.len(), 1, "{seen:?}");
 
+    stop_tail(child).await;
+
+    assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0), "{}", relay.log_text());
+    db.cleanup().await;
+}
+
+/// Starts `relay tail TOPIC --follow --json`; its stdout and stderr lines
+/// arrive on the two receivers as they are printed.
+fn spawn_follow(
+    config: &PathBuf,
+    topic: &str,
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>, std::sync::mpsc::Receiver<String>) {
+    let mut child = relay_command(config)
+        .args(["tail", topic, "--follow", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start relay tail --follow");
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    let stdout = child.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let (stderr_tx, stderr_lines) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().expect("stderr");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = stderr_tx.send(line);
+        }
+    });
+    (child, lines, stderr_lines)
+}
+
+/// SIGTERM to `child`; asserts it exits 0.
+async fn stop_tail(mut child: std::process::Child) {
     let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
     let status = wait_for("relay tail to stop", Duration::from_secs(20), || {
         let status = child.try_wait().ok().flatten();
@@ -273,6 +291,48 @@ async fn follow_prints_only_what_arrives_and_stops_on_sigterm() {
     })
     .await;
     assert!(status.success(), "relay tail --follow exits 0 on SIGTERM: {status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_of_a_topic_that_does_not_exist_yet_prints_everything_published_to_it() {
+    let stack = Stack::from_env();
+    let db = TestDb::new(&stack).await;
+    let config = db.write_config("");
+    db.migrate(&config);
+    let client = db.client().await;
+    let (child, lines, stderr_lines) = spawn_follow(&config, &db.topic("order"));
+    let mut stderr_text = Vec::new();
+    wait_for("relay tail to wait for the topic", Duration::from_secs(30), || {
+        stderr_text.extend(stderr_lines.try_iter());
+        let waiting = stderr_text.iter().any(|l| l.contains("waiting for topic"));
+        async move { waiting.then_some(()) }
+    })
+    .await;
+
+    // A burst, all of it published before tail looks again: tail is
+    // stopped (SIGSTOP) while the relay creates the topic and sends it.
+    for n in 0..50 {
+        insert_row(&client, "order", &format!("burst-{n}"), 1).await;
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-STOP", &pid]).status().expect("kill -STOP").success());
+    let mut relay = RelayProcess::start(&config);
+    wait_all_published(&client, Duration::from_secs(60)).await;
+    assert!(Command::new("kill").args(["-CONT", &pid]).status().expect("kill -CONT").success());
+    let mut seen: Vec<Value> = Vec::new();
+    wait_for("all 50 records in relay tail's output", Duration::from_secs(60), || {
+        seen.extend(lines.try_iter().map(|l| serde_json::from_str::<Value>(&l).expect("JSON line")));
+        let count = seen.len();
+        async move { (count >= 50).then_some(()) }
+    })
+    .await;
+    stop_tail(child).await;
+    seen.extend(lines.try_iter().map(|l| serde_json::from_str::<Value>(&l).expect("JSON line")));
+    let mut keys: Vec<String> = seen.iter().map(|l| l["key"].as_str().unwrap_or_default().to_string()).collect();
+    keys.sort();
+    let mut expected: Vec<String> = (0..50).map(|n| format!("burst-{n}")).collect();
+    expected.sort();
+    assert_eq!(keys, expected, "each record once");
 
     assert_eq!(relay.terminate(Duration::from_secs(15)), Some(0), "{}", relay.log_text());
     db.cleanup().await;

@@ -7,6 +7,8 @@
 //! nothing any real consumer group sees. Without `--follow` it reads to the
 //! end offsets it saw at start and stops; without `--from-beginning` it
 //! starts at those end offsets (so only `--follow` prints anything).
+//! `--follow` of a topic that does not exist yet waits for it and reads it
+//! from the beginning: all of it was written after tail started.
 //!
 //! Values (and keys) are decoded by [`PayloadDecoder`]: the Confluent wire
 //! format through the registry when one is configured, else JSON text as it
@@ -119,7 +121,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<u64, TailError> {
     let decoder = PayloadDecoder::for_config(config)?;
-    let start = if options.from_beginning { Start::Beginning } else { Start::End };
+    let mut start = if options.from_beginning { Start::Beginning } else { Start::End };
     tokio::pin!(shutdown);
     let mut waiting = false;
     let mut reader = loop {
@@ -132,6 +134,10 @@ pub async fn run(
                     eprintln!("relay tail: waiting for topic {} ({reason})", options.topic);
                     waiting = true;
                 }
+                // Every record of a topic that did not exist when tail began
+                // was written after it began: read them all, or a burst
+                // published right after the topic was created is missed.
+                start = Start::Beginning;
                 tokio::select! {
                     _ = &mut shutdown => return Ok(0),
                     _ = tokio::time::sleep(TOPIC_WAIT) => {}
@@ -143,7 +149,7 @@ pub async fn run(
     if options.follow {
         // On stderr, so scripts reading stdout see records only; once it
         // is printed, every record written later is read.
-        let from = if options.from_beginning { "the beginning" } else { "the end" };
+        let from = if start == Start::Beginning { "the beginning" } else { "the end" };
         let partitions = reader.end_offsets().len();
         eprintln!("relay tail: following {} ({partitions} partitions) from {from}", options.topic);
     } else if !options.from_beginning {
