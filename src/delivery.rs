@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -88,13 +89,13 @@ pub type PendingDelivery = Pin<Box<dyn Future<Output = Result<Ack, PublishError>
 #[derive(Debug, Clone)]
 pub struct RoutedRow {
     pub row: OutboxRow,
-    pub topic: String,
+    pub topic: Arc<str>,
     /// The record key, once encoded (the dead-letter copy reuses it).
     pub key: Option<Bytes>,
 }
 
 impl RoutedRow {
-    pub fn new(row: OutboxRow, topic: String) -> Self {
+    pub fn new(row: OutboxRow, topic: Arc<str>) -> Self {
         Self { row, topic, key: None }
     }
 

@@ -37,7 +37,7 @@ pub async fn recover<S: PublishStateStore>(
                 .filter(|r| unrecorded.contains(&r.id))
                 .map(|r| Published {
                     id: r.id,
-                    topic: r.topic.clone(),
+                    topic: r.topic.as_str().into(),
                     partition: r.partition,
                     offset: r.offset,
                     xid: None,

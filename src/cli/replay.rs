@@ -223,7 +223,12 @@ async fn send(
     }
 }
 
-async fn outcome(id: i64, delivery: DeliveryFuture, topic: String, principal: String) -> (i64, Result<(), String>) {
+async fn outcome(
+    id: i64,
+    delivery: DeliveryFuture,
+    topic: std::sync::Arc<str>,
+    principal: String,
+) -> (i64, Result<(), String>) {
     let result = match delivery.await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err((err, _))) => Err(classify_for_topic(&err, &topic, &principal).to_string()),

@@ -44,7 +44,7 @@ pub struct ProgressRow {
 
 impl ProgressRow {
     pub fn new(row: &RoutedRow, ack: Ack) -> Self {
-        Self { id: row.row.id, topic: row.topic.clone(), partition: ack.partition, offset: ack.offset }
+        Self { id: row.row.id, topic: row.topic.to_string(), partition: ack.partition, offset: ack.offset }
     }
 }
 
@@ -53,7 +53,7 @@ impl ProgressRecord {
     pub fn outbound(&self, topic: &str) -> Result<Outbound, SinkError> {
         let payload = serde_json::to_vec(self).map_err(|e| SinkError::Transaction(e.to_string()))?;
         Ok(Outbound {
-            topic: topic.to_string(),
+            topic: topic.into(),
             key: Bytes::copy_from_slice(self.transactional_id.as_bytes()),
             payload: Some(Bytes::from(payload)),
             headers: OwnedHeaders::new(),

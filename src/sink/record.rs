@@ -2,6 +2,7 @@
 //! used by the sink, `relay replay` and the dead-letter copy, so all three
 //! send the same topic, key bytes and headers.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,7 +18,7 @@ use crate::telemetry::metrics;
 
 /// A record ready for the producer.
 pub struct Outbound {
-    pub topic: String,
+    pub topic: Arc<str>,
     pub key: Bytes,
     /// `None`: a tombstone (null value).
     pub payload: Option<Bytes>,
@@ -62,17 +63,17 @@ impl RecordBuilder {
     }
 
     /// The topic of `row`.
-    pub fn topic(&self, row: &OutboxRow) -> String {
+    pub fn topic(&self, row: &OutboxRow) -> Arc<str> {
         self.router.topic_of(row)
     }
 
     /// The record of `row` on `topic`: the value encoded by the codec, the
     /// key (entity id, as text or Avro; partitioning hashes these bytes) and
     /// the headers.
-    pub fn build(&self, row: &OutboxRow, topic: &str) -> Result<Outbound, CodecError> {
+    pub fn build(&self, row: &OutboxRow, topic: &Arc<str>) -> Result<Outbound, CodecError> {
         let payload = self.codec.encode(row, topic)?;
         let key = self.codec.encode_key(row, topic)?;
-        Ok(Outbound { topic: topic.to_string(), key, payload, headers: record_headers(row), partition: None })
+        Ok(Outbound { topic: Arc::clone(topic), key, payload, headers: record_headers(row), partition: None })
     }
 }
 
@@ -93,12 +94,12 @@ pub fn dead_letter(topic: &str, routed: &RoutedRow, reason: &str) -> Outbound {
         "kind": row.kind,
         "entity_version": row.entity_version,
         "occurred_at": row.occurred_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-        "topic": routed.topic,
+        "topic": &*routed.topic,
         "reason": reason,
         "payload": payload,
     });
     Outbound {
-        topic: topic.to_string(),
+        topic: topic.into(),
         key: routed.key.clone().unwrap_or_else(|| Bytes::copy_from_slice(row.aggregate_id.as_bytes())),
         payload: Some(Bytes::from(body.to_string())),
         headers: record_headers(row),

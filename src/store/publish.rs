@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::future::Future;
+use std::sync::Arc;
 
 use tokio_postgres::{Client, Statement};
 
@@ -12,7 +13,7 @@ use super::{get, Fence, OutboxSql, PreparedFence, Store, StoreError};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
     pub id: i64,
-    pub topic: String,
+    pub topic: Arc<str>,
     pub partition: i32,
     pub offset: i64,
     /// The writing transaction, where known (see [`PublishStateStore::in_progress`]).
@@ -160,7 +161,7 @@ impl PublishStateStore for PgPublishState {
         if bench_skips_publish_state() {
             return Ok(ids);
         }
-        let topics: Vec<&str> = rows.iter().map(|r| r.topic.as_str()).collect();
+        let topics: Vec<&str> = rows.iter().map(|r| &*r.topic).collect();
         let partitions: Vec<i32> = rows.iter().map(|r| r.partition).collect();
         let offsets: Vec<i64> = rows.iter().map(|r| r.offset).collect();
         let update = async { Ok(self.client.query(&self.publish, &[&ids, &topics, &partitions, &offsets]).await?) };
