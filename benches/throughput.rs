@@ -194,6 +194,9 @@ struct Figures {
     /// Postgres's part of it, split.
     drain_postgres: PostgresCpu,
     live: Vec<f64>,
+    /// The relay's own commit -> acknowledgement histogram over the live
+    /// phase: (bucket bound in seconds, rows in it or below).
+    live_relay: Vec<(f64, f64)>,
     live_rss: f64,
     write_rate: f64,
 }
@@ -264,6 +267,7 @@ async fn run_scenario(stack: &Stack, scenario: &Scenario) -> Figures {
         consume_new_with_latency(&bootstrap, &consumer_topic, LIVE_ROWS, &consumer_done, ready_tx)
     });
     ready_rx.recv_timeout(Duration::from_secs(60)).expect("consumer assigned");
+    let relay_before = latency_buckets(&relay).await;
     spawn_paced_workload(&db.url, LIVE_ROWS, ENTITIES, WRITERS, Some(LIVE_RATE)).await.expect("live workload");
     if scenario.publish_state {
         wait_all_published(&client, Duration::from_secs(600)).await;
@@ -273,10 +277,11 @@ async fn run_scenario(stack: &Stack, scenario: &Scenario) -> Figures {
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut live = consumer.join().expect("consumer");
     live.sort_by(|a, b| a.total_cmp(b));
+    let live_relay = bucket_delta(&relay_before, &latency_buckets(&relay).await);
     let live_rss = peak_rss_mib(relay.child.id());
     drop(relay);
     db.cleanup().await;
-    Figures { drain_rate, drain_rss, drain_cpu, drain_postgres, live, live_rss, write_rate }
+    Figures { drain_rate, drain_rss, drain_cpu, drain_postgres, live, live_relay, live_rss, write_rate }
 }
 
 /// The poll query's cost on a table with 1M published rows and 1,000
@@ -379,7 +384,7 @@ async fn main() {
         eprintln!("bench: {}", scenario.name);
         let f = run_scenario(&stack, scenario).await;
         let row = format!(
-            "| {} | {:.0} msg/s ({:.2} x baseline) | {:.2} s / {:.2} s / {:.2} s | {:.2} s / {:.2} s / {:.2} s | {:.1} ms / {:.1} ms ({} samples) | {:.0} MiB / {:.0} MiB | {:.0} rows/s |\n",
+            "| {} | {:.0} msg/s ({:.2} x baseline) | {:.2} s / {:.2} s / {:.2} s | {:.2} s / {:.2} s / {:.2} s | {:.1} ms / {:.1} ms ({} samples) | {} / {} | {:.0} MiB / {:.0} MiB | {:.0} rows/s |\n",
             scenario.name,
             f.drain_rate,
             f.drain_rate / baseline,
@@ -392,6 +397,8 @@ async fn main() {
             percentile(&f.live, 0.50) * 1000.0,
             percentile(&f.live, 0.99) * 1000.0,
             f.live.len(),
+            bucket_quantile(&f.live_relay, 0.50),
+            bucket_quantile(&f.live_relay, 0.99),
             f.drain_rss,
             f.live_rss,
             f.write_rate,
@@ -402,12 +409,49 @@ async fn main() {
     let plan = if only.is_none() { poll_query_cost(&stack).await } else { String::from("(skipped)") };
     let report = format!(
         "Baseline (Kafka ProducerPerformance, {ROWS} records of 300 B, acks=all, idempotent, lz4, linger 5 ms): **{baseline:.0} records/s**\n\n\
-         | relay | drain of a {ROWS}-row backlog | drain CPU per 100k rows: relay / Postgres / broker | Postgres's part: walsender / relay's SQL backends / rest | commit -> consumer latency at {LIVE_RATE} rows/s, p50 / p99 | peak RSS (drain / after live) | writers alone |\n\
-         |---|---|---|---|---|---|---|\n{rows}\n\
+         | relay | drain of a {ROWS}-row backlog | drain CPU per 100k rows: relay / Postgres / broker | Postgres's part: walsender / relay's SQL backends / rest | commit -> consumer latency at {LIVE_RATE} rows/s, p50 / p99 | the relay's own commit -> Kafka ack, p50 / p99 (histogram bucket) | peak RSS (drain / after live) | writers alone |\n\
+         |---|---|---|---|---|---|---|---|\n{rows}\n\
          Poll query on 1,000,000 published + 1,000 pending rows (`EXPLAIN (ANALYZE, BUFFERS)`):\n\n```\n{plan}\n```\n"
     );
     println!("{report}");
     let _ = std::fs::write(stack.repo.join("target/bench-throughput.md"), &report);
+}
+
+/// The relay's `outbox_relay_publish_latency_seconds` histogram: per bucket
+/// bound (seconds), the rows at or below it so far.
+async fn latency_buckets(relay: &RelayProcess) -> Vec<(f64, f64)> {
+    const PREFIX: &str = "outbox_relay_publish_latency_seconds_bucket{le=\"";
+    let url = format!("{}/metrics", relay.http_base().await);
+    let body = reqwest::get(url).await.expect("scrape /metrics").text().await.expect("metrics body");
+    body.lines()
+        .filter_map(|line| {
+            let (bound, count) = line.strip_prefix(PREFIX)?.split_once("\"} ")?;
+            let bound = if bound == "+Inf" { f64::INFINITY } else { bound.parse().ok()? };
+            Some((bound, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The rows each bucket gained between two scrapes.
+fn bucket_delta(before: &[(f64, f64)], after: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    after
+        .iter()
+        .map(|&(bound, count)| {
+            let earlier = before.iter().find(|(b, _)| *b == bound).map_or(0.0, |(_, c)| *c);
+            (bound, count - earlier)
+        })
+        .collect()
+}
+
+/// The smallest bucket bound holding at least the `q` share of the rows,
+/// as "<= N ms".
+fn bucket_quantile(buckets: &[(f64, f64)], q: f64) -> String {
+    let total = buckets.iter().map(|(_, c)| *c).fold(0.0, f64::max);
+    match buckets.iter().find(|(_, c)| total > 0.0 && *c >= q * total) {
+        Some((bound, _)) if bound.is_finite() => format!("<= {:.1} ms", bound * 1000.0),
+        Some(_) => "> largest bucket".into(),
+        None => "no samples".into(),
+    }
 }
 
 /// Joins a fresh group at the end of `topic`, signals `ready` once

@@ -643,9 +643,12 @@ pub fn spawn_paced_workload(
                         .expect("lock entity")
                         .get(0);
                     let payload = serde_json::json!({ "entity": entity, "seq": version, "pad": "x".repeat(200) });
+                    // occurred_at from the clock at the INSERT, the last
+                    // statement before COMMIT (not now(), the transaction's
+                    // start): latency figures then start at the commit.
                     tx.execute(
-                        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, kind, entity_version, payload)
-                         VALUES ('entity', $1, 'Changed', 'event', $2, $3)",
+                        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, kind, entity_version, payload, occurred_at)
+                         VALUES ('entity', $1, 'Changed', 'event', $2, $3, clock_timestamp())",
                         &[&entity, &version, &payload],
                     )
                     .await
