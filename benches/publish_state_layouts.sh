@@ -38,25 +38,21 @@ for f in "$repo"/migrations/*.sql; do
   sed -e 's/{{schema}}/public/g' -e 's/{{table}}/outbox/g' "$f"
 done > "$work/migrations.sql"
 
-# The relay's statement (src/store/publish.rs), 100 batches of 1,000 ids.
-update_batches() {
+# 100 transactions of `statement`, its @ROWS@ replaced by 1,000 ids with
+# their topic, partition and offset, as the relay binds them.
+batches() {
+  local statement="$1" b lo hi rows
   for b in $(seq 0 99); do
     lo=$((300001 + b * 1000)); hi=$((lo + 999))
+    rows="unnest(ARRAY(SELECT generate_series($lo, $hi))::bigint[], array_fill('bench.entity'::text, ARRAY[1000]), array_fill(3, ARRAY[1000]), ARRAY(SELECT generate_series($lo, $hi))::bigint[]) AS u(id, topic, part, off)"
     echo "BEGIN;"
-    echo "UPDATE outbox AS o SET published_at = now(), kafka_topic = u.topic, kafka_partition = u.part, kafka_offset = u.off, attempts = o.attempts + 1, last_error = NULL, waiting_for = NULL FROM unnest(ARRAY(SELECT generate_series($lo, $hi))::bigint[], array_fill('bench.entity'::text, ARRAY[1000]), array_fill(3, ARRAY[1000]), ARRAY(SELECT generate_series($lo, $hi))::bigint[]) AS u(id, topic, part, off) WHERE o.id = u.id RETURNING o.id \\g /dev/null"
+    echo "${statement//@ROWS@/$rows} \\g /dev/null"
     echo "COMMIT;"
   done
 }
-insert_batches() {
-  for b in $(seq 0 99); do
-    lo=$((300001 + b * 1000)); hi=$((lo + 999))
-    echo "BEGIN;"
-    echo "INSERT INTO outbox_published (id, published_at, kafka_topic, kafka_partition, kafka_offset) SELECT u.id, now(), u.topic, u.part, u.off FROM unnest(ARRAY(SELECT generate_series($lo, $hi))::bigint[], array_fill('bench.entity'::text, ARRAY[1000]), array_fill(3, ARRAY[1000]), ARRAY(SELECT generate_series($lo, $hi))::bigint[]) AS u(id, topic, part, off) RETURNING id \\g /dev/null"
-    echo "COMMIT;"
-  done
-}
-update_batches > "$work/update.sql"
-insert_batches > "$work/insert.sql"
+# The relay's statement (src/store/publish.rs), and the side table's INSERT.
+batches "UPDATE outbox AS o SET published_at = now(), kafka_topic = u.topic, kafka_partition = u.part, kafka_offset = u.off, attempts = o.attempts + 1, last_error = NULL, waiting_for = NULL FROM @ROWS@ WHERE o.id = u.id RETURNING o.id" > "$work/update.sql"
+batches "INSERT INTO outbox_published (id, published_at, kafka_topic, kafka_partition, kafka_offset) SELECT u.id, now(), u.topic, u.part, u.off FROM @ROWS@ RETURNING id" > "$work/insert.sql"
 
 # layout NAME FILLFACTOR SETUP_SQL WRITES_FILE
 layout() {

@@ -227,14 +227,8 @@ async fn follow_prints_only_what_arrives_and_stops_on_sigterm() {
     insert_row(&client, "order", "before", 1).await;
     wait_all_published(&client, Duration::from_secs(60)).await;
 
-    let (child, lines, ready) = spawn_follow(&config, &db.topic("order"));
-    let mut stderr_text = Vec::new();
-    wait_for("relay tail to follow", Duration::from_secs(30), || {
-        stderr_text.extend(ready.try_iter());
-        let following = stderr_text.iter().any(|l| l.contains("following"));
-        async move { following.then_some(()) }
-    })
-    .await;
+    let (child, lines, stderr_lines) = spawn_follow(&config, &db.topic("order"));
+    wait_for_line(&stderr_lines, "following").await;
 
     insert_row(&client, "order", "after", 1).await;
     let mut seen: Vec<Value> = Vec::new();
@@ -282,6 +276,17 @@ fn spawn_follow(
     (child, lines, stderr_lines)
 }
 
+/// Waits until a line containing `text` arrives on `lines`.
+async fn wait_for_line(lines: &std::sync::mpsc::Receiver<String>, text: &str) {
+    let mut seen = Vec::new();
+    wait_for(&format!("relay tail to print \"{text}\""), Duration::from_secs(30), || {
+        seen.extend(lines.try_iter());
+        let found = seen.iter().any(|l| l.contains(text));
+        async move { found.then_some(()) }
+    })
+    .await;
+}
+
 /// SIGTERM to `child`; asserts it exits 0.
 async fn stop_tail(mut child: std::process::Child) {
     let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
@@ -301,13 +306,7 @@ async fn follow_of_a_topic_that_does_not_exist_yet_prints_everything_published_t
     db.migrate(&config);
     let client = db.client().await;
     let (child, lines, stderr_lines) = spawn_follow(&config, &db.topic("order"));
-    let mut stderr_text = Vec::new();
-    wait_for("relay tail to wait for the topic", Duration::from_secs(30), || {
-        stderr_text.extend(stderr_lines.try_iter());
-        let waiting = stderr_text.iter().any(|l| l.contains("waiting for topic"));
-        async move { waiting.then_some(()) }
-    })
-    .await;
+    wait_for_line(&stderr_lines, "waiting for topic").await;
 
     // A burst, all of it published before tail looks again: tail is
     // stopped (SIGSTOP) while the relay creates the topic and sends it.
