@@ -252,7 +252,7 @@ async fn follow_prints_only_what_arrives_and_stops_on_sigterm() {
 fn spawn_follow(
     config: &PathBuf,
     topic: &str,
-) -> (std::process::Child, std::sync::mpsc::Receiver<String>, std::sync::mpsc::Receiver<String>) {
+) -> (TailChild, std::sync::mpsc::Receiver<String>, std::sync::mpsc::Receiver<String>) {
     let mut child = relay_command(config)
         .args(["tail", topic, "--follow", "--json"])
         .stdout(Stdio::piped())
@@ -273,7 +273,18 @@ fn spawn_follow(
             let _ = stderr_tx.send(line);
         }
     });
-    (child, lines, stderr_lines)
+    (TailChild(child), lines, stderr_lines)
+}
+
+/// A `relay tail` process, killed when dropped: a failed assertion must
+/// not leave it following a topic forever.
+struct TailChild(std::process::Child);
+
+impl Drop for TailChild {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Waits until a line containing `text` arrives on `lines`.
@@ -288,10 +299,10 @@ async fn wait_for_line(lines: &std::sync::mpsc::Receiver<String>, text: &str) {
 }
 
 /// SIGTERM to `child`; asserts it exits 0.
-async fn stop_tail(mut child: std::process::Child) {
-    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+async fn stop_tail(mut child: TailChild) {
+    let _ = Command::new("kill").arg("-TERM").arg(child.0.id().to_string()).status();
     let status = wait_for("relay tail to stop", Duration::from_secs(20), || {
-        let status = child.try_wait().ok().flatten();
+        let status = child.0.try_wait().ok().flatten();
         async move { status }
     })
     .await;
@@ -313,7 +324,7 @@ async fn follow_of_a_topic_that_does_not_exist_yet_prints_everything_published_t
     for n in 0..50 {
         insert_row(&client, "order", &format!("burst-{n}"), 1).await;
     }
-    let pid = child.id().to_string();
+    let pid = child.0.id().to_string();
     assert!(Command::new("kill").args(["-STOP", &pid]).status().expect("kill -STOP").success());
     let mut relay = RelayProcess::start(&config);
     wait_all_published(&client, Duration::from_secs(60)).await;
