@@ -233,7 +233,7 @@ async fn follow_prints_only_what_arrives_and_stops_on_sigterm() {
     insert_row(&client, "order", "after", 1).await;
     let mut seen: Vec<Value> = Vec::new();
     wait_for("the new record in relay tail's output", Duration::from_secs(60), || {
-        seen.extend(lines.try_iter().map(|l| serde_json::from_str::<Value>(&l).expect("JSON line")));
+        json_lines(&lines, &mut seen);
         let found = seen.iter().any(|l| l["key"] == json!("after"));
         async move { found.then_some(()) }
     })
@@ -259,21 +259,25 @@ fn spawn_follow(
         .stderr(Stdio::piped())
         .spawn()
         .expect("start relay tail --follow");
-    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
-    let stdout = child.stdout.take().expect("stdout");
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = lines_tx.send(line);
-        }
-    });
-    let (stderr_tx, stderr_lines) = std::sync::mpsc::channel::<String>();
-    let stderr = child.stderr.take().expect("stderr");
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = stderr_tx.send(line);
-        }
-    });
+    let lines = line_channel(child.stdout.take().expect("stdout"));
+    let stderr_lines = line_channel(child.stderr.take().expect("stderr"));
     (TailChild(child), lines, stderr_lines)
+}
+
+/// The lines `output` prints, on a channel as they are printed.
+fn line_channel(output: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(output).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+/// Moves the JSON lines that arrived on `lines` into `seen`.
+fn json_lines(lines: &std::sync::mpsc::Receiver<String>, seen: &mut Vec<Value>) {
+    seen.extend(lines.try_iter().map(|l| serde_json::from_str::<Value>(&l).expect("JSON line")));
 }
 
 /// A `relay tail` process, killed when dropped: a failed assertion must
@@ -331,13 +335,13 @@ async fn follow_of_a_topic_that_does_not_exist_yet_prints_everything_published_t
     assert!(Command::new("kill").args(["-CONT", &pid]).status().expect("kill -CONT").success());
     let mut seen: Vec<Value> = Vec::new();
     wait_for("all 50 records in relay tail's output", Duration::from_secs(60), || {
-        seen.extend(lines.try_iter().map(|l| serde_json::from_str::<Value>(&l).expect("JSON line")));
+        json_lines(&lines, &mut seen);
         let count = seen.len();
         async move { (count >= 50).then_some(()) }
     })
     .await;
     stop_tail(child).await;
-    seen.extend(lines.try_iter().map(|l| serde_json::from_str::<Value>(&l).expect("JSON line")));
+    json_lines(&lines, &mut seen);
     let mut keys: Vec<String> = seen.iter().map(|l| l["key"].as_str().unwrap_or_default().to_string()).collect();
     keys.sort();
     let mut expected: Vec<String> = (0..50).map(|n| format!("burst-{n}")).collect();
