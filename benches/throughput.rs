@@ -194,9 +194,10 @@ struct Figures {
     /// Postgres's part of it, split.
     drain_postgres: PostgresCpu,
     live: Vec<f64>,
-    /// The relay's own commit -> acknowledgement histogram over the live
-    /// phase: (bucket bound in seconds, rows in it or below).
-    live_relay: Vec<(f64, f64)>,
+    /// The relay's own histograms over the live phase, each as (bucket
+    /// bound in seconds, samples in it or below), in the order of
+    /// [`RELAY_HISTOGRAMS`].
+    live_relay: [Vec<(f64, f64)>; 3],
     live_rss: f64,
     write_rate: f64,
 }
@@ -267,7 +268,7 @@ async fn run_scenario(stack: &Stack, scenario: &Scenario) -> Figures {
         consume_new_with_latency(&bootstrap, &consumer_topic, LIVE_ROWS, &consumer_done, ready_tx)
     });
     ready_rx.recv_timeout(Duration::from_secs(60)).expect("consumer assigned");
-    let relay_before = latency_buckets(&relay).await;
+    let relay_before = relay_histograms(&relay).await;
     spawn_paced_workload(&db.url, LIVE_ROWS, ENTITIES, WRITERS, Some(LIVE_RATE)).await.expect("live workload");
     if scenario.publish_state {
         wait_all_published(&client, Duration::from_secs(600)).await;
@@ -277,7 +278,8 @@ async fn run_scenario(stack: &Stack, scenario: &Scenario) -> Figures {
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut live = consumer.join().expect("consumer");
     live.sort_by(|a, b| a.total_cmp(b));
-    let live_relay = bucket_delta(&relay_before, &latency_buckets(&relay).await);
+    let relay_after = relay_histograms(&relay).await;
+    let live_relay = std::array::from_fn(|i| bucket_delta(&relay_before[i], &relay_after[i]));
     let live_rss = peak_rss_mib(relay.child.id());
     drop(relay);
     db.cleanup().await;
@@ -384,7 +386,7 @@ async fn main() {
         eprintln!("bench: {}", scenario.name);
         let f = run_scenario(&stack, scenario).await;
         let row = format!(
-            "| {} | {:.0} msg/s ({:.2} x baseline) | {:.2} s / {:.2} s / {:.2} s | {:.2} s / {:.2} s / {:.2} s | {:.1} ms / {:.1} ms ({} samples) | {} / {} | {:.0} MiB / {:.0} MiB | {:.0} rows/s |\n",
+            "| {} | {:.0} msg/s ({:.2} x baseline) | {:.2} s / {:.2} s / {:.2} s | {:.2} s / {:.2} s / {:.2} s | {:.1} ms / {:.1} ms ({} samples) | {} / {} | {} / {} | {:.0} MiB / {:.0} MiB | {:.0} rows/s |\n",
             scenario.name,
             f.drain_rate,
             f.drain_rate / baseline,
@@ -397,8 +399,10 @@ async fn main() {
             percentile(&f.live, 0.50) * 1000.0,
             percentile(&f.live, 0.99) * 1000.0,
             f.live.len(),
-            bucket_quantile(&f.live_relay, 0.50),
-            bucket_quantile(&f.live_relay, 0.99),
+            bucket_quantile(&f.live_relay[0], 0.50),
+            bucket_quantile(&f.live_relay[0], 0.99),
+            bucket_quantile(&f.live_relay[1], 0.99),
+            bucket_quantile(&f.live_relay[2], 0.99),
             f.drain_rss,
             f.live_rss,
             f.write_rate,
@@ -409,23 +413,32 @@ async fn main() {
     let plan = if only.is_none() { poll_query_cost(&stack).await } else { String::from("(skipped)") };
     let report = format!(
         "Baseline (Kafka ProducerPerformance, {ROWS} records of 300 B, acks=all, idempotent, lz4, linger 5 ms): **{baseline:.0} records/s**\n\n\
-         | relay | drain of a {ROWS}-row backlog | drain CPU per 100k rows: relay / Postgres / broker | Postgres's part: walsender / relay's SQL backends / rest | commit -> consumer latency at {LIVE_RATE} rows/s, p50 / p99 | the relay's own commit -> Kafka ack, p50 / p99 (histogram bucket) | peak RSS (drain / after live) | writers alone |\n\
-         |---|---|---|---|---|---|---|---|\n{rows}\n\
+         | relay | drain of a {ROWS}-row backlog | drain CPU per 100k rows: relay / Postgres / broker | Postgres's part: walsender / relay's SQL backends / rest | commit -> consumer latency at {LIVE_RATE} rows/s, p50 / p99 | the relay's own commit -> Kafka ack, p50 / p99 (histogram bucket) | its outer parts, p99: commit -> read from the slot (Postgres) / producer -> ack (Kafka) | peak RSS (drain / after live) | writers alone |\n\
+         |---|---|---|---|---|---|---|---|---|\n{rows}\n\
          Poll query on 1,000,000 published + 1,000 pending rows (`EXPLAIN (ANALYZE, BUFFERS)`):\n\n```\n{plan}\n```\n"
     );
     println!("{report}");
     let _ = std::fs::write(stack.repo.join("target/bench-throughput.md"), &report);
 }
 
-/// The relay's `outbox_relay_publish_latency_seconds` histogram: per bucket
-/// bound (seconds), the rows at or below it so far.
-async fn latency_buckets(relay: &RelayProcess) -> Vec<(f64, f64)> {
-    const PREFIX: &str = "outbox_relay_publish_latency_seconds_bucket{le=\"";
+/// The relay's latency histograms the harness reports: the whole commit ->
+/// acknowledgement, and its Postgres and Kafka parts.
+const RELAY_HISTOGRAMS: [&str; 3] =
+    ["outbox_relay_publish_latency_seconds", "outbox_relay_source_delay_seconds", "outbox_relay_kafka_ack_seconds"];
+
+/// Each of [`RELAY_HISTOGRAMS`] from one scrape: per bucket bound
+/// (seconds), the samples at or below it so far.
+async fn relay_histograms(relay: &RelayProcess) -> [Vec<(f64, f64)>; 3] {
     let url = format!("{}/metrics", relay.http_base().await);
     let body = reqwest::get(url).await.expect("scrape /metrics").text().await.expect("metrics body");
+    RELAY_HISTOGRAMS.map(|name| buckets_of(&body, name))
+}
+
+fn buckets_of(body: &str, name: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{le=\"");
     body.lines()
         .filter_map(|line| {
-            let (bound, count) = line.strip_prefix(PREFIX)?.split_once("\"} ")?;
+            let (bound, count) = line.strip_prefix(prefix.as_str())?.split_once("\"} ")?;
             let bound = if bound == "+Inf" { f64::INFINITY } else { bound.parse().ok()? };
             Some((bound, count.trim().parse().ok()?))
         })

@@ -91,6 +91,42 @@ async fn rows_arrive_with_key_topic_headers_payload_and_publish_state() {
     db.cleanup().await;
 }
 
+/// The publish latency's two outer parts are measured: commit -> read from
+/// the slot once per transaction with outbox rows, producer -> Kafka's
+/// acknowledgement once per record. Transactions without outbox rows do
+/// not count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latency_parts_are_measured_per_transaction_and_per_record() {
+    let stack = Stack::from_env();
+    let db = TestDb::new(&stack).await;
+    let config = db.write_config("");
+    db.migrate(&config);
+    let client = db.client().await;
+    client.batch_execute("CREATE TABLE other (n int)").await.expect("create other table");
+
+    let relay = RelayProcess::start(&config);
+    for tx in 0..5 {
+        let mut statements = String::from("BEGIN;");
+        for entity in 0..4 {
+            statements.push_str(&format!(
+                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, kind, payload) \
+                 VALUES ('order', 'e-{entity}', 'Changed', 'event', '{{\"seq\": {tx}}}');"
+            ));
+        }
+        statements.push_str("COMMIT; INSERT INTO other VALUES (1);");
+        client.batch_execute(&statements).await.expect("write a transaction of four rows");
+    }
+    assert_eq!(wait_all_published(&client, Duration::from_secs(60)).await, 20);
+
+    let count = |name: &'static str| {
+        let relay = &relay;
+        async move { relay.metric(&format!("{name}_count")).await }
+    };
+    assert_eq!(count("outbox_relay_publish_latency_seconds").await, Some(20.0), "{}", relay.warnings());
+    assert_eq!(count("outbox_relay_kafka_ack_seconds").await, Some(20.0), "one per record");
+    assert_eq!(count("outbox_relay_source_delay_seconds").await, Some(5.0), "one per transaction with outbox rows");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commit_order_beats_id_order() {
     let stack = Stack::from_env();

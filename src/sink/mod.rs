@@ -33,6 +33,7 @@ pub mod topics;
 pub mod transaction;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures::FutureExt;
 use rdkafka::error::KafkaError;
@@ -230,6 +231,7 @@ impl KafkaSink {
         let partition = record.partition;
         match record::produce(&self.producer, record).await {
             Ok(delivery) => {
+                let handed_over = Instant::now();
                 metrics::bytes_produced(bytes);
                 metrics::producer_queue(self.producer.in_flight_count());
                 if !self.holder.keeps_payloads() {
@@ -238,19 +240,22 @@ impl KafkaSink {
                 }
                 // Cloned per row for the error message of a refused delivery.
                 let (topic, principal) = (routed.topic.clone(), Arc::clone(&self.principal));
-                let pending: PendingDelivery = Box::pin(delivery.map(move |outcome| match outcome {
-                    // A report of success without an offset (librdkafka's
-                    // -1001, e.g. a retry answered DUPLICATE_SEQUENCE_NUMBER)
-                    // was seen for a message no consumer could find: never
-                    // record it as published; the run restarts and sends it
-                    // again (a duplicate at worst, never a loss).
-                    Ok(Ok(delivery)) if delivery.offset < 0 => Err(PublishError::Retriable(format!(
-                        "delivery report without an offset (partition {}, offset {}); not counted as published",
-                        delivery.partition, delivery.offset
-                    ))),
-                    Ok(Ok(delivery)) => Ok(Ack { partition: delivery.partition, offset: delivery.offset }),
-                    Ok(Err((err, _))) => Err(classify_for_topic(&err, &topic, &principal)),
-                    Err(_canceled) => Err(PublishError::Retriable("producer closed before delivery".into())),
+                let pending: PendingDelivery = Box::pin(delivery.map(move |outcome| {
+                    metrics::kafka_ack(handed_over.elapsed());
+                    match outcome {
+                        // A report of success without an offset (librdkafka's
+                        // -1001, e.g. a retry answered DUPLICATE_SEQUENCE_NUMBER)
+                        // was seen for a message no consumer could find: never
+                        // record it as published; the run restarts and sends it
+                        // again (a duplicate at worst, never a loss).
+                        Ok(Ok(delivery)) if delivery.offset < 0 => Err(PublishError::Retriable(format!(
+                            "delivery report without an offset (partition {}, offset {}); not counted as published",
+                            delivery.partition, delivery.offset
+                        ))),
+                        Ok(Ok(delivery)) => Ok(Ack { partition: delivery.partition, offset: delivery.offset }),
+                        Ok(Err((err, _))) => Err(classify_for_topic(&err, &topic, &principal)),
+                        Err(_canceled) => Err(PublishError::Retriable("producer closed before delivery".into())),
+                    }
                 }));
                 let pending = match partition {
                     Some(partition) => self.first_writes.sent(&routed.topic, partition, pending),

@@ -211,6 +211,8 @@ struct Decoder {
     final_lsn: Lsn,
     xid: u32,
     in_transaction: bool,
+    /// The transaction being decoded has outbox rows.
+    has_rows: bool,
     last_boundary: Lsn,
 }
 
@@ -219,6 +221,7 @@ impl Decoder {
         Ok(match event {
             ReplicationEvent::Begin { commit_time_micros, final_lsn, xid } => {
                 self.in_transaction = true;
+                self.has_rows = false;
                 self.xid = xid;
                 self.final_lsn = Lsn(final_lsn.as_u64());
                 self.committed_at = pg_epoch_micros_to_utc(commit_time_micros);
@@ -236,6 +239,7 @@ impl Decoder {
                     Some((id, layout)) if *id == relation_id => {
                         let mut row = layout.row(&values, self.committed_at)?;
                         row.xid = Some(self.xid);
+                        self.has_rows = true;
                         tracing::trace!(row_id = row.id, "row read");
                         Some(SourceEvent::Row(row))
                     }
@@ -246,6 +250,9 @@ impl Decoder {
             ReplicationEvent::Commit { end_lsn, .. } => {
                 tracing::trace!(end_lsn = %end_lsn, "commit");
                 self.in_transaction = false;
+                if let Some(committed_at) = self.committed_at.filter(|_| self.has_rows) {
+                    metrics::source_delay(committed_at);
+                }
                 self.boundary(Lsn(end_lsn.as_u64()))
             }
             ReplicationEvent::KeepAlive { wal_end, .. } => {

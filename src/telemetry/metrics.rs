@@ -12,6 +12,8 @@ use metrics::{
 pub const PUBLISHED_TOTAL: &str = "outbox_relay_published_total";
 pub const PUBLISHED_BYTES_TOTAL: &str = "outbox_relay_published_bytes_total";
 pub const PUBLISH_LATENCY_SECONDS: &str = "outbox_relay_publish_latency_seconds";
+pub const SOURCE_DELAY_SECONDS: &str = "outbox_relay_source_delay_seconds";
+pub const KAFKA_ACK_SECONDS: &str = "outbox_relay_kafka_ack_seconds";
 pub const PUBLISH_ERRORS_TOTAL: &str = "outbox_relay_publish_errors_total";
 pub const HELD_ROWS_TOTAL: &str = "outbox_relay_held_rows_total";
 pub const HELD_ENTITIES: &str = "outbox_relay_held_entities";
@@ -49,6 +51,16 @@ pub fn describe() {
         PUBLISH_LATENCY_SECONDS,
         Unit::Seconds,
         "From the row's commit (or occurred_at) to Kafka's acknowledgement."
+    );
+    describe_histogram!(
+        SOURCE_DELAY_SECONDS,
+        Unit::Seconds,
+        "Logical mode: from a transaction's commit to the relay reading its commit from the slot, once per transaction with outbox rows (the Postgres side of the publish latency)."
+    );
+    describe_histogram!(
+        KAFKA_ACK_SECONDS,
+        Unit::Seconds,
+        "From handing a record to the producer to its delivery report (linger, broker, network; the Kafka side of the publish latency)."
     );
     describe_counter!(PUBLISH_ERRORS_TOTAL, "Failed deliveries, by class (retriable, permanent).");
     describe_counter!(TRANSACTIONS_TOTAL, "Exactly-once mode: Kafka transactions, by outcome (committed, aborted).");
@@ -198,6 +210,21 @@ pub fn queue_full() {
 pub fn checkpoint_batch(rows: usize, took: Duration) {
     histogram!(CHECKPOINT_BATCH_ROWS).record(rows as f64);
     histogram!(CHECKPOINT_BATCH_SECONDS).record(took.as_secs_f64());
+}
+
+/// A transaction with outbox rows, committed at `committed_at`, was read
+/// from the slot just now.
+pub fn source_delay(committed_at: chrono::DateTime<chrono::Utc>) {
+    static DELAY: OnceLock<Histogram> = OnceLock::new();
+    let delay = (chrono::Utc::now() - committed_at).to_std().unwrap_or_default();
+    DELAY.get_or_init(|| histogram!(SOURCE_DELAY_SECONDS)).record(delay.as_secs_f64());
+}
+
+/// A record's delivery report came back `took` after it was handed to
+/// the producer.
+pub fn kafka_ack(took: Duration) {
+    static ACK: OnceLock<Histogram> = OnceLock::new();
+    ACK.get_or_init(|| histogram!(KAFKA_ACK_SECONDS)).record(took.as_secs_f64());
 }
 
 pub fn source_position(position: u64) {
