@@ -4,6 +4,7 @@ use tokio_postgres::Client;
 
 use crate::config::{Config, SourceMode};
 use crate::source::{poll, slot};
+use crate::store::{Store, StoreError};
 
 /// The migrations, in order, compiled into the binary.
 const MIGRATIONS: &[(&str, &str)] = &[
@@ -14,6 +15,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("0005_waiting", include_str!("../migrations/0005_waiting.sql")),
     ("0006_leader", include_str!("../migrations/0006_leader.sql")),
     ("0007_tombstones", include_str!("../migrations/0007_tombstones.sql")),
+    ("0008_side_table", include_str!("../migrations/0008_side_table.sql")),
 ];
 
 /// Why migrating failed.
@@ -25,6 +27,8 @@ pub enum MigrateError {
     Postgres(#[from] tokio_postgres::Error),
     #[error(transparent)]
     Slot(#[from] slot::SlotError),
+    #[error("moving the publish state into checkpoint.publish_state's layout failed: {0}")]
+    Layout(#[from] StoreError),
 }
 
 /// Applies every migration not yet recorded, each in its own transaction,
@@ -56,6 +60,10 @@ pub async fn migrate(client: &mut Client, config: &Config) -> Result<Vec<String>
             applied.push(version.to_string());
         }
         tx.commit().await?;
+    }
+    let moved = Store::new(config).move_publish_state(client).await?;
+    if moved > 0 {
+        tracing::info!(rows = moved, layout = ?config.checkpoint.publish_state, "moved publish state into the configured layout");
     }
     if config.source.mode == SourceMode::Logical {
         slot::ensure_publication_and_slot(client, config).await?;

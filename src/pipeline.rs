@@ -115,6 +115,9 @@ impl PipelineError {
             Self::Store(StoreError::NoTable(table)) => {
                 return ErrorPolicy::Operator(format!("outbox table {table} does not exist: run `relay migrate`"))
             }
+            Self::Store(StoreError::Layout { .. }) => {
+                return ErrorPolicy::Operator("run `relay migrate` with this config".into())
+            }
             Self::Store(e) => e.sql_state(),
             Self::Poll(PollError::Store(StoreError::NoTable(table))) => {
                 return ErrorPolicy::Operator(format!("outbox table {table} does not exist: run `relay migrate`"))
@@ -454,6 +457,10 @@ struct Prepared {
 /// entities. Publish-state writes go through `fence`.
 async fn prepare(config: &Config, fence: Fence) -> Result<Prepared, PipelineError> {
     let client = database::connect(&config.postgres).await?;
+    let store = Store::new(config);
+    // Before anything reads "unpublished": in the other layout every
+    // published row would look unpublished.
+    store.check_publish_state_layout(&client).await?;
     let plan = if config.source.mode == SourceMode::Logical {
         slot::take_over(&client, &config.source.slot_name).await.map_err(SlotError::from)?;
         // Recovers a missing, invalidated or over-budget slot first, so a
@@ -468,7 +475,6 @@ async fn prepare(config: &Config, fence: Fence) -> Result<Prepared, PipelineErro
     } else {
         None
     };
-    let store = Store::new(config);
     let control = database::connect(&config.postgres).await?;
     let publish_state = PgPublishState::new(client, store.sql(), fence).await?;
     let released = publish_state.release_orphaned_waiters(&store).await?;

@@ -224,6 +224,7 @@ impl Default for CheckpointConfig {
             batch_rows: checkpoint_batch_rows(),
             flush_interval_ms: checkpoint_flush_interval_ms(),
             max_in_flight: max_in_flight(),
+            publish_state: Default::default(),
         }
     }
 }

@@ -571,6 +571,25 @@ pub struct CheckpointConfig {
     /// Deliveries awaiting their acknowledgement at most (bounds memory).
     #[serde(default = "defaults::max_in_flight")]
     pub max_in_flight: usize,
+    /// Where a published row's state is recorded.
+    #[serde(default)]
+    pub publish_state: PublishStateLayout,
+}
+
+/// Where the relay records that a row was published (`checkpoint.publish_state`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PublishStateLayout {
+    /// In the outbox row itself (`published_at`, `kafka_topic`,
+    /// `kafka_partition`, `kafka_offset`, `attempts`): one `UPDATE` of
+    /// the row per published row.
+    #[default]
+    OutboxRow,
+    /// In the side table `<table>_relay_published`, one `INSERT` per
+    /// published row; the outbox row is written only for held rows. About
+    /// a fifth of the Postgres work; logical mode only. The view
+    /// `<table>_publish_state` shows both layouts alike.
+    SideTable,
 }
 
 /// Log output format.
@@ -682,7 +701,19 @@ impl Config {
         self.validate_routing()?;
         self.validate_codec_and_limits()?;
         self.validate_delivery()?;
-        self.validate_leader()
+        self.validate_leader()?;
+        self.validate_publish_state()
+    }
+
+    /// checkpoint.publish_state against source.mode.
+    fn validate_publish_state(&self) -> Result<(), ConfigError> {
+        if self.checkpoint.publish_state == PublishStateLayout::SideTable && self.source.mode == SourceMode::Poll {
+            return Err(ConfigError::Invalid {
+                key: "checkpoint.publish_state".into(),
+                message: "\"side_table\" needs source.mode = \"logical\": poll mode finds the rows to publish through the outbox row's own `published_at`. Use \"outbox_row\" (the default) with poll mode".into(),
+            });
+        }
+        Ok(())
     }
 
     /// kafka.delivery and its transactions.
@@ -1099,6 +1130,20 @@ mod tests {
         assert_eq!(config.routing.topic_template, "outbox.{aggregate_type}");
         assert_eq!(config.kafka.compression, "lz4");
         assert_eq!(config.outbox.columns.aggregate_id, "aggregate_id");
+    }
+
+    #[test]
+    fn the_side_table_layout_is_refused_in_poll_mode_and_names_the_key() {
+        let side = format!("{MINIMAL}\n[checkpoint]\npublish_state = \"side_table\"");
+        let config = Config::from_toml_str(&side).expect("side table in logical mode");
+        assert_eq!(config.checkpoint.publish_state, PublishStateLayout::SideTable);
+        let err =
+            Config::from_toml_str(&format!("{side}\n[source]\nmode = \"poll\"")).expect_err("must fail").to_string();
+        assert!(err.contains("checkpoint.publish_state") && err.contains("source.mode"), "{err}");
+        let err = Config::from_toml_str(&format!("{MINIMAL}\n[checkpoint]\npublish_state = \"beside\""))
+            .expect_err("unknown layout")
+            .to_string();
+        assert!(err.contains("side_table") && err.contains("outbox_row"), "{err}");
     }
 
     #[test]

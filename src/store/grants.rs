@@ -8,8 +8,9 @@
 //! - `USAGE` on the outbox's schema, `SELECT` on the outbox (catch-up,
 //!   poll, replay), `UPDATE` on the publish-state columns only, `DELETE`
 //!   when retention is enabled;
-//! - its own tables: the lease (`_relay_leader`) and, in logical mode, the
-//!   catch-up marker (`_relay_catchup`).
+//! - its own tables: the lease (`_relay_leader`), in logical mode the
+//!   catch-up marker (`_relay_catchup`), and with `checkpoint.publish_state
+//!   = "side_table"` the publish-state table (`_relay_published`).
 //!
 //! Everything else it calls needs no grant: LISTEN, `pg_notify`, the
 //! catalogs, and ending its own stale walsender (same role).
@@ -17,7 +18,7 @@
 use tokio_postgres::Client;
 
 use super::{ident, StoreError};
-use crate::config::{Config, SourceMode};
+use crate::config::{Config, PublishStateLayout, SourceMode};
 
 /// The publish-state columns the relay (and `relay held`) writes.
 pub const PUBLISH_STATE_COLUMNS: &[&str] = &[
@@ -104,6 +105,8 @@ impl Privilege {
                 Some("the leader lease (one active relay among the sidecars)")
             } else if table.name.ends_with("_relay_catchup") {
                 Some("logical mode: the catch-up marker of slot recovery")
+            } else if table.name.ends_with("_relay_published") {
+                Some("checkpoint.publish_state = \"side_table\": record publish state (DELETE: retention)")
             } else {
                 None
             }
@@ -144,6 +147,16 @@ pub fn required(config: &Config) -> Vec<Privilege> {
     let leader = quoted(&format!("{table}_relay_leader"));
     for privilege in ["SELECT", "INSERT", "UPDATE"] {
         required.push(Privilege::Table { privilege, table: leader.clone() });
+    }
+    if config.checkpoint.publish_state == PublishStateLayout::SideTable {
+        let published = quoted(&format!("{table}_relay_published"));
+        let mut privileges = vec!["SELECT", "INSERT", "UPDATE"];
+        if config.retention.enabled {
+            privileges.push("DELETE");
+        }
+        for privilege in privileges {
+            required.push(Privilege::Table { privilege, table: published.clone() });
+        }
     }
     if logical {
         let catchup = quoted(&format!("{table}_relay_catchup"));
@@ -306,6 +319,19 @@ mod tests {
         assert!(!sql.contains("REPLICATION;"), "{sql}");
         assert!(!sql.contains("_relay_catchup"), "{sql}");
         assert!(sql.contains("GRANT DELETE ON \"public\".\"outbox\" TO \"r\";"), "{sql}");
+    }
+
+    #[test]
+    fn the_side_table_layout_needs_its_table_and_retention_delete_on_it() {
+        let sql = grants_sql(&config("[checkpoint]\npublish_state = \"side_table\"\n[retention]\nenabled = true"), "r");
+        for privilege in ["SELECT", "INSERT", "UPDATE", "DELETE"] {
+            assert!(
+                sql.contains(&format!("GRANT {privilege} ON \"public\".\"outbox_relay_published\" TO \"r\";")),
+                "{sql}"
+            );
+        }
+        let default = grants_sql(&config("[retention]\nenabled = true"), "r");
+        assert!(!default.contains("_relay_published"), "{default}");
     }
 
     #[test]

@@ -35,8 +35,13 @@ pub struct Released {
     pub skipped: Option<i64>,
 }
 
-/// Rows that are held or waiting: not published, `last_error` set, not skipped.
-const NOT_SETTLED: &str = "published_at IS NULL AND last_error IS NOT NULL AND skipped_at IS NULL";
+impl super::OutboxSql {
+    /// Rows (aliased `o`) that are held or waiting: not published,
+    /// `last_error` set, not skipped.
+    fn not_settled(&self) -> String {
+        format!("{} AND o.last_error IS NOT NULL AND o.skipped_at IS NULL", self.unpublished("o"))
+    }
+}
 
 impl Store {
     /// The entities that have a held row, with the first such row of each,
@@ -44,11 +49,12 @@ impl Store {
     pub async fn held_entities(&self, client: &Client) -> Result<Vec<(String, String, i64)>, StoreError> {
         let s = &self.sql;
         let sql = format!(
-            "SELECT {t}::text, {a}::text, min({id})::bigint FROM {table} WHERE {NOT_SETTLED} GROUP BY 1, 2",
+            "SELECT o.{t}::text, o.{a}::text, min(o.{id})::bigint FROM {table} AS o WHERE {not_settled} GROUP BY 1, 2",
             t = s.aggregate_type,
             a = s.aggregate_id,
             id = s.id,
-            table = s.table
+            table = s.table,
+            not_settled = s.not_settled(),
         );
         let n = &s.names;
         client
@@ -75,15 +81,17 @@ impl Store {
         let s = &self.sql;
         let sql = format!(
             "UPDATE {table} AS w SET last_error = NULL, waiting_for = NULL, retry_requested_at = now() \
-             WHERE w.published_at IS NULL AND w.skipped_at IS NULL AND w.waiting_for IS NOT NULL \
+             WHERE {w_unpublished} AND w.skipped_at IS NULL AND w.waiting_for IS NOT NULL AND w.last_error IS NOT NULL \
              AND NOT EXISTS (SELECT 1 FROM {table} AS h \
                  WHERE h.{t} = w.{t} AND h.{a} = w.{a} AND h.{id} < w.{id} \
-                 AND h.published_at IS NULL AND h.skipped_at IS NULL \
+                 AND {h_unpublished} AND h.skipped_at IS NULL \
                  AND h.last_error IS NOT NULL AND h.waiting_for IS NULL)",
             table = s.table,
             t = s.aggregate_type,
             a = s.aggregate_id,
             id = s.id,
+            w_unpublished = s.unpublished("w"),
+            h_unpublished = s.unpublished("h"),
         );
         Ok(client.execute(&sql, &[]).await?)
     }
@@ -95,9 +103,11 @@ impl Store {
             return Ok(false);
         }
         let sql = format!(
-            "SELECT 1 FROM {} WHERE {} = ANY($1) \
-             AND (published_at IS NOT NULL OR last_error IS NULL OR skipped_at IS NOT NULL) LIMIT 1",
-            self.sql.table, self.sql.id
+            "SELECT 1 FROM {} AS o WHERE o.{} = ANY($1) \
+             AND ({} OR o.last_error IS NULL OR o.skipped_at IS NOT NULL) LIMIT 1",
+            self.sql.table,
+            self.sql.id,
+            self.sql.published("o"),
         );
         Ok(client.query_opt(&sql, &[&blockers]).await?.is_some())
     }
@@ -106,14 +116,15 @@ impl Store {
     pub async fn held_rows(&self, client: &Client) -> Result<Vec<HeldRow>, StoreError> {
         let s = &self.sql;
         let sql = format!(
-            "SELECT {id}::bigint, {t}::text, {a}::text, {e}::text, attempts, last_error, waiting_for, \
-             {o}::timestamptz FROM {table} WHERE {NOT_SETTLED} ORDER BY {id}",
+            "SELECT o.{id}::bigint, o.{t}::text, o.{a}::text, o.{e}::text, o.attempts, o.last_error, o.waiting_for, \
+             o.{occurred}::timestamptz FROM {table} AS o WHERE {not_settled} ORDER BY o.{id}",
             id = s.id,
             t = s.aggregate_type,
             a = s.aggregate_id,
             e = s.event_type,
-            o = s.occurred_at,
-            table = s.table
+            occurred = s.occurred_at,
+            table = s.table,
+            not_settled = s.not_settled(),
         );
         let n = &s.names;
         client
@@ -168,12 +179,13 @@ impl Store {
         let row = tx
             .query_opt(
                 &format!(
-                    "SELECT {t}::text, {a}::text, published_at IS NOT NULL, last_error IS NOT NULL, \
-                     skipped_at IS NOT NULL FROM {table} WHERE {id} = $1 FOR UPDATE",
+                    "SELECT o.{t}::text, o.{a}::text, {published}, o.last_error IS NOT NULL, \
+                     o.skipped_at IS NOT NULL FROM {table} AS o WHERE o.{id} = $1 FOR UPDATE",
                     t = s.aggregate_type,
                     a = s.aggregate_id,
                     id = s.id,
-                    table = s.table
+                    table = s.table,
+                    published = s.published("o"),
                 ),
                 &[&id],
             )
@@ -195,12 +207,13 @@ impl Store {
         let blocker: Option<i64> = tx
             .query_one(
                 &format!(
-                    "SELECT min({id})::bigint FROM {table} WHERE {t}::text = $1 AND {a}::text = $2 AND {id} < $3 \
-                     AND {NOT_SETTLED}",
+                    "SELECT min(o.{id})::bigint FROM {table} AS o WHERE o.{t}::text = $1 AND o.{a}::text = $2 \
+                     AND o.{id} < $3 AND {not_settled}",
                     t = s.aggregate_type,
                     a = s.aggregate_id,
                     id = s.id,
-                    table = s.table
+                    table = s.table,
+                    not_settled = s.not_settled(),
                 ),
                 &[&aggregate_type, &aggregate_id, &id],
             )
@@ -224,12 +237,14 @@ impl Store {
         let rows = tx
             .query(
                 &format!(
-                    "UPDATE {table} SET last_error = NULL, waiting_for = NULL, retry_requested_at = now() \
-                     WHERE {t}::text = $1 AND {a}::text = $2 AND {id} >= $3 AND {NOT_SETTLED} RETURNING {id}::bigint",
+                    "UPDATE {table} AS o SET last_error = NULL, waiting_for = NULL, retry_requested_at = now() \
+                     WHERE o.{t}::text = $1 AND o.{a}::text = $2 AND o.{id} >= $3 AND {not_settled} \
+                     RETURNING o.{id}::bigint",
                     table = s.table,
                     t = s.aggregate_type,
                     a = s.aggregate_id,
-                    id = s.id
+                    id = s.id,
+                    not_settled = s.not_settled(),
                 ),
                 &[&entity.0, &entity.1, &from_id],
             )

@@ -19,6 +19,7 @@
 mod catchup;
 pub mod grants;
 mod held;
+mod layout;
 mod leader;
 mod publish;
 mod rows;
@@ -51,6 +52,10 @@ pub enum StoreError {
     },
     #[error("outbox table {0} not found; run `relay migrate`")]
     NoTable(String),
+    /// The publish state in Postgres is kept in the other layout than
+    /// `checkpoint.publish_state` names.
+    #[error("checkpoint.publish_state = \"{configured}\", but {found}: run `relay migrate` with this config (it moves the publish state into the configured layout), then start the relay again")]
+    Layout { configured: &'static str, found: String },
     #[error(transparent)]
     Row(#[from] RowError),
     #[error("row {0} does not exist")]
@@ -94,6 +99,10 @@ pub struct OutboxSql {
     pub catchup_table: String,
     /// `"schema"."table_relay_leader"`.
     pub leader_table: String,
+    /// `"schema"."table_relay_published"`: publish state in the side-table layout.
+    pub published_table: String,
+    /// `checkpoint.publish_state = "side_table"`.
+    pub side_table: bool,
     pub id: String,
     pub aggregate_type: String,
     pub aggregate_id: String,
@@ -112,6 +121,8 @@ impl OutboxSql {
             table: format!("{}.{}", ident(schema), ident(table)),
             catchup_table: format!("{}.{}", ident(schema), ident(&format!("{table}_relay_catchup"))),
             leader_table: format!("{}.{}", ident(schema), ident(&format!("{table}_relay_leader"))),
+            published_table: format!("{}.{}", ident(schema), ident(&format!("{table}_relay_published"))),
+            side_table: config.checkpoint.publish_state == crate::config::PublishStateLayout::SideTable,
             id: ident(&c.id),
             aggregate_type: ident(&c.aggregate_type),
             aggregate_id: ident(&c.aggregate_id),
@@ -146,9 +157,11 @@ impl Store {
     }
 
     /// Deletes up to `batch_rows` published rows older than `max_age_secs`
-    /// through the partial index on `published_at`, skipping locked rows, so
-    /// the cost stays flat as the table grows and it never waits on writers.
-    /// Held rows have no `published_at` and are never deleted.
+    /// through the index on `published_at` (the outbox's partial one, or
+    /// the side table's), skipping locked rows, so the cost stays flat as
+    /// the table grows and it never waits on writers. Held rows have no
+    /// `published_at` and are never deleted. In the side-table layout the
+    /// outbox rows and their side rows go in one statement.
     pub async fn delete_published_before(
         &self,
         client: &Client,
@@ -156,11 +169,21 @@ impl Store {
         batch_rows: i64,
     ) -> Result<u64, StoreError> {
         let (table, id) = (&self.sql.table, &self.sql.id);
-        let sql = format!(
-            "DELETE FROM {table} WHERE {id} IN (SELECT {id} FROM {table} \
-             WHERE published_at IS NOT NULL AND published_at < now() - make_interval(secs => $1) \
-             ORDER BY published_at LIMIT $2 FOR UPDATE SKIP LOCKED)"
-        );
+        let sql = if self.sql.side_table {
+            let published = &self.sql.published_table;
+            format!(
+                "WITH gone AS (DELETE FROM {published} WHERE id IN (SELECT id FROM {published} \
+                   WHERE published_at < now() - make_interval(secs => $1) \
+                   ORDER BY published_at LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING id) \
+                 DELETE FROM {table} WHERE {id} IN (SELECT id FROM gone)"
+            )
+        } else {
+            format!(
+                "DELETE FROM {table} WHERE {id} IN (SELECT {id} FROM {table} \
+                 WHERE published_at IS NOT NULL AND published_at < now() - make_interval(secs => $1) \
+                 ORDER BY published_at LIMIT $2 FOR UPDATE SKIP LOCKED)"
+            )
+        };
         Ok(client.execute(&sql, &[&max_age_secs, &batch_rows]).await?)
     }
 }

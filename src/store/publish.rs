@@ -54,9 +54,10 @@ impl super::Store {
     /// Which of `ids` exist and are not recorded as published.
     pub async fn unpublished_among(&self, client: &Client, ids: &[i64]) -> Result<HashSet<i64>, StoreError> {
         let sql = format!(
-            "SELECT {id}::bigint FROM {table} WHERE {id} = ANY($1) AND published_at IS NULL",
+            "SELECT o.{id}::bigint FROM {table} AS o WHERE o.{id} = ANY($1) AND {unpublished}",
             id = self.sql.id,
-            table = self.sql.table
+            table = self.sql.table,
+            unpublished = self.sql.unpublished("o"),
         );
         client.query(&sql, &[&ids]).await?.iter().map(|r| get(r, 0, &self.sql.names.id, "bigint")).collect()
     }
@@ -64,16 +65,18 @@ impl super::Store {
     /// Which of `ids` are recorded as published.
     pub async fn published_among(&self, client: &Client, ids: &[i64]) -> Result<HashSet<i64>, StoreError> {
         let sql = format!(
-            "SELECT {id}::bigint FROM {table} WHERE {id} = ANY($1) AND published_at IS NOT NULL",
+            "SELECT o.{id}::bigint FROM {table} AS o WHERE o.{id} = ANY($1) AND {published}",
             id = self.sql.id,
-            table = self.sql.table
+            table = self.sql.table,
+            published = self.sql.published("o"),
         );
         client.query(&sql, &[&ids]).await?.iter().map(|r| get(r, 0, &self.sql.names.id, "bigint")).collect()
     }
 }
 
-/// [`PublishStateStore`] on Postgres: one `UPDATE ... FROM unnest(...)
-/// RETURNING id` per batch, statements prepared once. Every write runs in a
+/// [`PublishStateStore`] on Postgres: one statement per batch (`UPDATE ...
+/// FROM unnest(...) RETURNING id` of the outbox rows, or in the side-table
+/// layout an `INSERT ... SELECT` of side rows), prepared once. Every write runs in a
 /// transaction behind the fence of the lease term that makes it
 /// ([`PreparedFence::begin`]): once another relay took over, nothing is
 /// written and the write fails with [`StoreError::Fenced`].
@@ -88,23 +91,16 @@ pub struct PgPublishState {
 impl PgPublishState {
     pub async fn new(client: Client, sql: &OutboxSql, fence: Fence) -> Result<Self, StoreError> {
         let (table, id) = (&sql.table, &sql.id);
-        let publish = client
-            .prepare(&format!(
-                "UPDATE {table} AS o SET published_at = now(), kafka_topic = u.topic, \
-                 kafka_partition = u.part, kafka_offset = u.off, attempts = o.attempts + 1, \
-                 last_error = NULL, waiting_for = NULL \
-                 FROM unnest($1::bigint[], $2::text[], $3::int[], $4::bigint[]) AS u(id, topic, part, off) \
-                 WHERE o.{id} = u.id RETURNING o.{id}"
-            ))
-            .await?;
+        let publish = client.prepare(&publish_statement(sql)).await?;
         // Matches published rows too (leaving them as they are), so that
         // "not matched" only ever means "not visible yet".
+        let unpublished = sql.unpublished("o");
         let hold = client
             .prepare(&format!(
                 "UPDATE {table} AS o SET \
-                 attempts = CASE WHEN o.published_at IS NULL THEN o.attempts + u.tried ELSE o.attempts END, \
-                 last_error = CASE WHEN o.published_at IS NULL THEN u.err ELSE o.last_error END, \
-                 waiting_for = CASE WHEN o.published_at IS NULL THEN u.behind ELSE o.waiting_for END \
+                 attempts = CASE WHEN {unpublished} THEN o.attempts + u.tried ELSE o.attempts END, \
+                 last_error = CASE WHEN {unpublished} THEN u.err ELSE o.last_error END, \
+                 waiting_for = CASE WHEN {unpublished} THEN u.behind ELSE o.waiting_for END \
                  FROM unnest($1::bigint[], $2::text[], $3::int[], $4::bigint[]) AS u(id, err, tried, behind) \
                  WHERE o.{id} = u.id RETURNING o.{id}"
             ))
@@ -142,6 +138,42 @@ impl PgPublishState {
 
     fn ids(&self, rows: Vec<tokio_postgres::Row>) -> Result<Vec<i64>, StoreError> {
         rows.iter().map(|r| get(r, 0, &self.id_column, "bigint")).collect()
+    }
+}
+
+/// The statement that records a batch of published rows: `$1` ids, `$2`
+/// topics, `$3` partitions, `$4` offsets; returns the ids it matched (rows
+/// visible to it). Published again (after a crash), a row's state is
+/// overwritten with the latest delivery, in both layouts.
+fn publish_statement(sql: &OutboxSql) -> String {
+    let (table, id) = (&sql.table, &sql.id);
+    const ROWS: &str = "unnest($1::bigint[], $2::text[], $3::int[], $4::bigint[]) AS u(id, topic, part, off)";
+    if sql.side_table {
+        let published = &sql.published_table;
+        // The outbox row is written only when it carries an error from an
+        // earlier attempt (a released held or waiting row): publishing
+        // clears it, as in the outbox-row layout. The join with the outbox
+        // is what tells a row not visible yet (not matched). An id twice in
+        // one batch is recorded once (ON CONFLICT may touch a row only once
+        // per statement).
+        format!(
+            "WITH u AS (SELECT * FROM {ROWS}), \
+             cleared AS (UPDATE {table} AS o SET last_error = NULL, waiting_for = NULL FROM u \
+               WHERE o.{id} = u.id AND (o.last_error IS NOT NULL OR o.waiting_for IS NOT NULL)) \
+             INSERT INTO {published} AS p (id, published_at, kafka_topic, kafka_partition, kafka_offset, attempts) \
+             SELECT DISTINCT ON (u.id) u.id, now(), u.topic, u.part, u.off, o.attempts + 1 \
+               FROM u JOIN {table} AS o ON o.{id} = u.id ORDER BY u.id \
+             ON CONFLICT (id) DO UPDATE SET published_at = EXCLUDED.published_at, kafka_topic = EXCLUDED.kafka_topic, \
+               kafka_partition = EXCLUDED.kafka_partition, kafka_offset = EXCLUDED.kafka_offset, attempts = p.attempts + 1 \
+             RETURNING p.id"
+        )
+    } else {
+        format!(
+            "UPDATE {table} AS o SET published_at = now(), kafka_topic = u.topic, \
+             kafka_partition = u.part, kafka_offset = u.off, attempts = o.attempts + 1, \
+             last_error = NULL, waiting_for = NULL \
+             FROM {ROWS} WHERE o.{id} = u.id RETURNING o.{id}"
+        )
     }
 }
 

@@ -114,7 +114,7 @@ impl RowQuery {
                SELECT l.*, row_number() OVER (ORDER BY l.{id}) AS relay_n, \
                  sum(coalesce(pg_column_size(l.{payload}), 0)) OVER (ORDER BY l.{id}) AS relay_upto \
                FROM (SELECT * FROM {table} AS o \
-                 WHERE o.published_at IS NULL AND o.last_error IS NULL AND ({condition}) \
+                 WHERE {unpublished} AND o.last_error IS NULL AND ({condition}) \
                  AND NOT EXISTS (SELECT 1 FROM unnest($3::bigint[], $4::bigint[]) AS r(lo, hi) \
                    WHERE o.{id} BETWEEN r.lo AND r.hi) \
                  ORDER BY o.{id} LIMIT $1) AS l\
@@ -123,6 +123,7 @@ impl RowQuery {
             table = sql.table,
             id = sql.id,
             payload = ident(&sql.names.payload),
+            unpublished = sql.unpublished("o"),
         )
     }
 
@@ -146,13 +147,14 @@ impl RowQuery {
     fn replay_from_where(sql: &OutboxSql) -> String {
         format!(
             "FROM {table} AS o \
-             WHERE o.published_at IS NOT NULL AND o.{id} > $1 AND o.{id} <= $2 \
+             WHERE {published} AND o.{id} > $1 AND o.{id} <= $2 \
              AND ($3::timestamptz IS NULL OR o.{occurred}::timestamptz >= $3) \
              AND ($4::text IS NULL OR o.{aggregate_type}::text = $4)",
             table = sql.table,
             id = sql.id,
             occurred = sql.occurred_at,
             aggregate_type = sql.aggregate_type,
+            published = sql.published("o"),
         )
     }
 }
@@ -196,11 +198,15 @@ impl Store {
 
     /// The highest published id (0 when none): where a replay ends by default.
     pub async fn max_published_id(&self, client: &Client) -> Result<i64, StoreError> {
-        let sql = format!(
-            "SELECT max(o.{id})::bigint FROM {table} AS o WHERE o.published_at IS NOT NULL",
-            id = self.sql.id,
-            table = self.sql.table
-        );
+        let sql = if self.sql.side_table {
+            format!("SELECT max(id)::bigint FROM {}", self.sql.published_table)
+        } else {
+            format!(
+                "SELECT max(o.{id})::bigint FROM {table} AS o WHERE o.published_at IS NOT NULL",
+                id = self.sql.id,
+                table = self.sql.table
+            )
+        };
         Ok(client.query_one(&sql, &[]).await?.try_get::<_, Option<i64>>(0)?.unwrap_or(0))
     }
 }

@@ -34,28 +34,16 @@ pub struct Status {
 }
 
 impl Store {
-    /// Reads the status; cheap on a large table (partial indexes only).
-    /// `logical`: also read the slot.
+    /// Reads the status; cheap on a large table (partial indexes and
+    /// primary-key ranges only). `logical`: also read the slot.
     pub async fn status(&self, client: &Client, logical: bool) -> Result<Status, StoreError> {
-        let table = &self.sql.table;
-        let occurred = &self.sql.occurred_at;
-        let row = client
-            .query_one(
-                &format!(
-                    "SELECT count(*) FILTER (WHERE last_error IS NULL), \
-                     extract(epoch FROM now() - min({occurred}::timestamptz) FILTER (WHERE last_error IS NULL))::float8, \
-                     count(*) FILTER (WHERE last_error IS NOT NULL AND skipped_at IS NULL), \
-                     count(*) FILTER (WHERE waiting_for IS NOT NULL AND skipped_at IS NULL), \
-                     count(*) FILTER (WHERE skipped_at IS NOT NULL) \
-                     FROM {table} WHERE published_at IS NULL"
-                ),
-                &[],
-            )
-            .await?;
-        let last: Option<chrono::DateTime<chrono::Utc>> = client
-            .query_one(&format!("SELECT max(published_at) FROM {table} WHERE published_at IS NOT NULL"), &[])
-            .await?
-            .try_get(0)?;
+        let row = client.query_one(&self.counts_statement(), &[]).await?;
+        let last_published = if self.sql.side_table {
+            format!("SELECT max(published_at) FROM {}", self.sql.published_table)
+        } else {
+            format!("SELECT max(published_at) FROM {} WHERE published_at IS NOT NULL", self.sql.table)
+        };
+        let last: Option<chrono::DateTime<chrono::Utc>> = client.query_one(&last_published, &[]).await?.try_get(0)?;
         let (mut retained, mut active) = (None, None);
         if logical {
             if let Some(slot) = client
@@ -84,6 +72,49 @@ impl Store {
             slot_active: active,
             leader,
         })
+    }
+}
+
+impl Store {
+    /// Pending count, oldest pending age (seconds), held, waiting, skipped.
+    ///
+    /// In the side-table layout nothing on the outbox row marks it
+    /// published, so pending rows are found by id: those above the highest
+    /// published id, plus released held rows below it (through the
+    /// released-rows index). A row of a transaction that commits after
+    /// rows with higher ids were published is not counted until it is
+    /// published, a moment later: the slot streams it.
+    fn counts_statement(&self) -> String {
+        let (table, id, occurred) = (&self.sql.table, &self.sql.id, &self.sql.occurred_at);
+        if !self.sql.side_table {
+            return format!(
+                "SELECT count(*) FILTER (WHERE last_error IS NULL), \
+                 extract(epoch FROM now() - min({occurred}::timestamptz) FILTER (WHERE last_error IS NULL))::float8, \
+                 count(*) FILTER (WHERE last_error IS NOT NULL AND skipped_at IS NULL), \
+                 count(*) FILTER (WHERE waiting_for IS NOT NULL AND skipped_at IS NULL), \
+                 count(*) FILTER (WHERE skipped_at IS NOT NULL) \
+                 FROM {table} WHERE published_at IS NULL"
+            );
+        }
+        let published = &self.sql.published_table;
+        format!(
+            "WITH m AS (SELECT coalesce(max(id), 0) AS top FROM {published}), \
+             pending AS (\
+               SELECT o.{occurred}::timestamptz AS at FROM {table} AS o, m WHERE o.{id} > m.top AND o.last_error IS NULL \
+               UNION ALL \
+               SELECT o.{occurred}::timestamptz FROM {table} AS o, m \
+               WHERE o.retry_requested_at IS NOT NULL AND o.published_at IS NULL AND o.{id} <= m.top \
+                 AND o.last_error IS NULL AND {unpublished}), \
+             held AS (SELECT \
+               count(*) FILTER (WHERE skipped_at IS NULL) AS held, \
+               count(*) FILTER (WHERE waiting_for IS NOT NULL AND skipped_at IS NULL) AS waiting, \
+               count(*) FILTER (WHERE skipped_at IS NOT NULL) AS skipped \
+               FROM {table} WHERE last_error IS NOT NULL) \
+             SELECT (SELECT count(*) FROM pending), \
+               (SELECT extract(epoch FROM now() - min(at))::float8 FROM pending), \
+               held.held, held.waiting, held.skipped FROM held",
+            unpublished = self.sql.unpublished("o"),
+        )
     }
 }
 

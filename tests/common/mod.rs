@@ -566,7 +566,8 @@ pub async fn insert_state(
 pub async fn wait_all_published(client: &Client, deadline: Duration) -> i64 {
     wait_for("every outbox row to be marked published", deadline, || async {
         let row = client
-            .query_one("SELECT count(*) FILTER (WHERE published_at IS NULL), count(*) FROM outbox", &[])
+            // The view shows both publish-state layouts alike.
+            .query_one("SELECT count(*) FILTER (WHERE published_at IS NULL), count(*) FROM outbox_publish_state", &[])
             .await
             .ok()?;
         let (pending, total): (i64, i64) = (row.get(0), row.get(1));
@@ -677,7 +678,11 @@ pub async fn assert_all_present(client: &Client, records: &[Record]) {
     let ids: std::collections::HashSet<&str> =
         records.iter().filter_map(|r| r.headers.get("event_id").map(String::as_str)).collect();
     let rows = client
-        .query("SELECT event_id::text, id, kafka_partition, kafka_offset, published_at::text FROM outbox", &[])
+        .query(
+            "SELECT o.event_id::text, o.id, s.kafka_partition, s.kafka_offset, s.published_at::text \
+             FROM outbox AS o JOIN outbox_publish_state AS s USING (id)",
+            &[],
+        )
         .await
         .expect("read event ids");
     let at: HashMap<(i32, i64), &str> = records
