@@ -18,8 +18,9 @@
 #                    of any layout whose UPDATE cannot be HOT
 #   hot_ff70/ff50    no index names published_at, fillfactor 70 / 50: the
 #                    UPDATE can be HOT when the page has room
-#   side_table       publish state in its own narrow table (id PK): one
-#                    INSERT per row instead of an UPDATE of the outbox row
+#   side_table       checkpoint.publish_state = "side_table": the relay's
+#                    INSERT into outbox_relay_published (migration 0008)
+#                    instead of an UPDATE of the outbox row
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 port="${RELAY_PG_PORT:-55432}"
@@ -50,14 +51,15 @@ batches() {
     echo "COMMIT;"
   done
 }
-# The relay's statement (src/store/publish.rs), and the side table's INSERT.
+# The relay's statements (src/store/publish.rs): the outbox-row layout's
+# UPDATE and the side-table layout's INSERT.
 batches "UPDATE outbox AS o SET published_at = now(), kafka_topic = u.topic, kafka_partition = u.part, kafka_offset = u.off, attempts = o.attempts + 1, last_error = NULL, waiting_for = NULL FROM @ROWS@ WHERE o.id = u.id RETURNING o.id" > "$work/update.sql"
-batches "INSERT INTO outbox_published (id, published_at, kafka_topic, kafka_partition, kafka_offset) SELECT u.id, now(), u.topic, u.part, u.off FROM @ROWS@ RETURNING id" > "$work/insert.sql"
+batches "WITH u AS (SELECT * FROM @ROWS@), cleared AS (UPDATE outbox AS o SET last_error = NULL, waiting_for = NULL FROM u WHERE o.id = u.id AND (o.last_error IS NOT NULL OR o.waiting_for IS NOT NULL)) INSERT INTO outbox_relay_published AS p (id, published_at, kafka_topic, kafka_partition, kafka_offset, attempts) SELECT DISTINCT ON (u.id) u.id, now(), u.topic, u.part, u.off, o.attempts + 1 FROM u JOIN outbox AS o ON o.id = u.id ORDER BY u.id ON CONFLICT (id) DO UPDATE SET published_at = EXCLUDED.published_at, kafka_topic = EXCLUDED.kafka_topic, kafka_partition = EXCLUDED.kafka_partition, kafka_offset = EXCLUDED.kafka_offset, attempts = p.attempts + 1 RETURNING p.id" > "$work/insert.sql"
 
 # layout NAME FILLFACTOR SETUP_SQL WRITES_FILE
 layout() {
   local name="$1" fillfactor="$2" setup="$3" writes="$4"
-  psql "$url" -c "DROP TABLE IF EXISTS outbox, outbox_published CASCADE" 2>/dev/null
+  psql "$url" -c "DROP TABLE IF EXISTS outbox, outbox_relay_published CASCADE" 2>/dev/null
   psql "$url" -f "$work/migrations.sql" >/dev/null
   psql "$url" -c "ALTER TABLE outbox SET (fillfactor = $fillfactor)"
   psql "$url" -c "
@@ -89,7 +91,7 @@ drop_published_indexes="DROP INDEX outbox_unpublished_idx, outbox_published_at_i
   layout pk_unpublished 100 "DROP INDEX outbox_published_at_idx, outbox_released_idx; ALTER TABLE outbox DROP CONSTRAINT outbox_event_id_key" "$work/update.sql"
   layout hot_ff70 70 "$drop_published_indexes" "$work/update.sql"
   layout hot_ff50 50 "$drop_published_indexes" "$work/update.sql"
-  layout side_table 100 "CREATE TABLE outbox_published (id bigint PRIMARY KEY, published_at timestamptz NOT NULL, kafka_topic text, kafka_partition int, kafka_offset bigint)" "$work/insert.sql"
+  layout side_table 100 "INSERT INTO outbox_relay_published SELECT id, published_at, kafka_topic, kafka_partition, kafka_offset, attempts FROM outbox WHERE published_at IS NOT NULL; ANALYZE outbox_relay_published" "$work/insert.sql"
 } > "$work/results"
 
 echo "| layout | seconds per 100k rows | x current | WAL per 100k | HOT updates |"

@@ -71,6 +71,15 @@ async fn rows_are_recorded_beside_the_outbox_row_with_partition_and_offset() {
     assert_eq!(status["pending"], 0, "{status}");
     assert!(status["last_published_at"].is_string(), "{status}");
     relay.terminate(Duration::from_secs(20));
+
+    // `relay replay` finds the published rows through the side table.
+    let from_id: i64 =
+        client.query_one("SELECT id FROM outbox ORDER BY id OFFSET 50 LIMIT 1", &[]).await.expect("an id").get(0);
+    let output =
+        relay_command(&config).args(["replay", "--from-id", &from_id.to_string()]).output().expect("relay replay");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("replayed 10 rows"), "{stdout}");
     db.cleanup().await;
 }
 
