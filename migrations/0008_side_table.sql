@@ -1,7 +1,8 @@
 -- Publish state beside the outbox row (`checkpoint.publish_state =
 -- "side_table"`, logical mode): one narrow row per published outbox row,
 -- inserted by the relay in the same fenced transaction in which the default
--- layout updates the outbox row. The outbox row itself is then written only
+-- layout updates the outbox row. A row published twice (a catch-up and the
+-- stream) keeps its first record. The outbox row itself is then written only
 -- for held and waiting rows. Empty with the default layout; `relay migrate`
 -- moves the publish state of published rows into the layout the config
 -- names.
@@ -10,8 +11,7 @@ CREATE TABLE IF NOT EXISTS "{{schema}}"."{{table}}_relay_published" (
     published_at    timestamptz NOT NULL DEFAULT now(),
     kafka_topic     text,
     kafka_partition int,
-    kafka_offset    bigint,
-    attempts        int         NOT NULL DEFAULT 1
+    kafka_offset    bigint
 );
 
 -- Last publish time and retention, in this layout.
@@ -34,7 +34,10 @@ SELECT o.id,
        coalesce(p.kafka_topic, o.kafka_topic)         AS kafka_topic,
        coalesce(p.kafka_partition, o.kafka_partition) AS kafka_partition,
        coalesce(p.kafka_offset, o.kafka_offset)       AS kafka_offset,
-       coalesce(p.attempts, o.attempts)               AS attempts,
+       -- Publishing counts one attempt; a row published before the move to
+       -- this layout has it counted in the outbox row already.
+       CASE WHEN p.id IS NOT NULL AND o.published_at IS NULL
+            THEN o.attempts + 1 ELSE o.attempts END    AS attempts,
        o.last_error,
        o.waiting_for,
        o.retry_requested_at,

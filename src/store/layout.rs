@@ -62,8 +62,8 @@ impl Store {
         let moved = if self.sql.side_table {
             tx.execute(
                 &format!(
-                    "INSERT INTO {published} (id, published_at, kafka_topic, kafka_partition, kafka_offset, attempts) \
-                     SELECT {id}, published_at, kafka_topic, kafka_partition, kafka_offset, attempts \
+                    "INSERT INTO {published} (id, published_at, kafka_topic, kafka_partition, kafka_offset) \
+                     SELECT {id}, published_at, kafka_topic, kafka_partition, kafka_offset \
                      FROM {table} WHERE published_at IS NOT NULL ON CONFLICT (id) DO NOTHING"
                 ),
                 &[],
@@ -74,7 +74,7 @@ impl Store {
                 .execute(
                     &format!(
                         "UPDATE {table} AS o SET published_at = p.published_at, kafka_topic = p.kafka_topic, \
-                         kafka_partition = p.kafka_partition, kafka_offset = p.kafka_offset, attempts = p.attempts \
+                         kafka_partition = p.kafka_partition, kafka_offset = p.kafka_offset, attempts = o.attempts + 1 \
                          FROM {published} AS p WHERE o.{id} = p.id AND o.published_at IS NULL"
                     ),
                     &[],

@@ -85,6 +85,8 @@ pub struct PgPublishState {
     publish: Statement,
     hold: Statement,
     id_column: String,
+    /// `checkpoint.publish_state = "side_table"`.
+    side_table: bool,
     fence: PreparedFence,
 }
 
@@ -106,7 +108,7 @@ impl PgPublishState {
             ))
             .await?;
         let fence = fence.prepare(&client).await?;
-        Ok(Self { client, publish, hold, id_column: sql.names.id.clone(), fence })
+        Ok(Self { client, publish, hold, id_column: sql.names.id.clone(), side_table: sql.side_table, fence })
     }
 
     /// Runs `write` (statements on this connection) in a transaction behind
@@ -142,30 +144,32 @@ impl PgPublishState {
 }
 
 /// The statement that records a batch of published rows: `$1` ids, `$2`
-/// topics, `$3` partitions, `$4` offsets; returns the ids it matched (rows
-/// visible to it). Published again (after a crash), a row's state is
-/// overwritten with the latest delivery, in both layouts.
+/// topics, `$3` partitions, `$4` offsets. In the outbox-row layout it
+/// returns the ids it matched: the rows visible to it. In the side table it
+/// records every row and returns nothing. A row published again
+/// (the catch-up and the stream both sent it) gets the latest delivery in
+/// the outbox-row layout and keeps its first in the side table.
 fn publish_statement(sql: &OutboxSql) -> String {
     let (table, id) = (&sql.table, &sql.id);
     const ROWS: &str = "unnest($1::bigint[], $2::text[], $3::int[], $4::bigint[]) AS u(id, topic, part, off)";
     if sql.side_table {
         let published = &sql.published_table;
-        // The outbox row is written only when it carries an error from an
-        // earlier attempt (a released held or waiting row): publishing
-        // clears it, as in the outbox-row layout. The join with the outbox
-        // is what tells a row not visible yet (not matched). An id twice in
-        // one batch is recorded once (ON CONFLICT may touch a row only once
-        // per statement).
+        // One index probe per row, no write to the outbox row: the outbox
+        // row is updated only when it carries an error from an earlier
+        // attempt (a released held or waiting row, found through the small
+        // held-rows index); publishing clears it, as in the outbox-row
+        // layout. A row recorded already keeps its first record (a plain
+        // INSERT behind NOT EXISTS: no speculative insertion, about half
+        // the WAL of ON CONFLICT). Every row is recorded, visible yet or
+        // not: its commit was decoded, so it is committed, and the side row
+        // needs nothing of it. An id twice in one batch is inserted once.
         format!(
             "WITH u AS (SELECT * FROM {ROWS}), \
-             cleared AS (UPDATE {table} AS o SET last_error = NULL, waiting_for = NULL FROM u \
-               WHERE o.{id} = u.id AND (o.last_error IS NOT NULL OR o.waiting_for IS NOT NULL)) \
-             INSERT INTO {published} AS p (id, published_at, kafka_topic, kafka_partition, kafka_offset, attempts) \
-             SELECT DISTINCT ON (u.id) u.id, now(), u.topic, u.part, u.off, o.attempts + 1 \
-               FROM u JOIN {table} AS o ON o.{id} = u.id ORDER BY u.id \
-             ON CONFLICT (id) DO UPDATE SET published_at = EXCLUDED.published_at, kafka_topic = EXCLUDED.kafka_topic, \
-               kafka_partition = EXCLUDED.kafka_partition, kafka_offset = EXCLUDED.kafka_offset, attempts = p.attempts + 1 \
-             RETURNING p.id"
+             cleared AS (UPDATE {table} AS o SET last_error = NULL, waiting_for = NULL \
+               WHERE o.{id} = ANY($1) AND o.last_error IS NOT NULL) \
+             INSERT INTO {published} (id, published_at, kafka_topic, kafka_partition, kafka_offset) \
+             SELECT DISTINCT ON (u.id) u.id, now(), u.topic, u.part, u.off FROM u \
+             WHERE NOT EXISTS (SELECT 1 FROM {published} AS p WHERE p.id = u.id) ORDER BY u.id"
         )
     } else {
         format!(
@@ -196,8 +200,13 @@ impl PublishStateStore for PgPublishState {
         let topics: Vec<&str> = rows.iter().map(|r| &*r.topic).collect();
         let partitions: Vec<i32> = rows.iter().map(|r| r.partition).collect();
         let offsets: Vec<i64> = rows.iter().map(|r| r.offset).collect();
-        let update = async { Ok(self.client.query(&self.publish, &[&ids, &topics, &partitions, &offsets]).await?) };
-        let matched = self.fenced(update).await?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] = [&ids, &topics, &partitions, &offsets];
+        if self.side_table {
+            // Every row is recorded by it (inserted, or there already).
+            self.fenced(async { Ok(self.client.execute(&self.publish, &params).await?) }).await?;
+            return Ok(ids);
+        }
+        let matched = self.fenced(async { Ok(self.client.query(&self.publish, &params).await?) }).await?;
         self.ids(matched)
     }
 
