@@ -160,10 +160,22 @@ async fn a_slot_invalidated_by_max_slot_wal_keep_size_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_dropped_while_the_relay_is_down_loses_nothing() {
+    a_dropped_slot_loses_nothing("").await;
+}
+
+/// The same in the side-table layout, with small catch-up batches: each
+/// batch of the catch-up starts after the last one there, and none is
+/// skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_dropped_while_the_relay_is_down_loses_nothing_in_the_side_table_layout() {
+    a_dropped_slot_loses_nothing("checkpoint.publish_state = \"side_table\"\nsource.batch_rows = 50").await;
+}
+
+async fn a_dropped_slot_loses_nothing(extra: &str) {
     let _serial = SERIAL.lock().await;
     let stack = Stack::from_env();
     let db = TestDb::new(&stack).await;
-    let config = db.write_config("");
+    let config = db.write_config(extra);
     db.migrate(&config);
     let client = db.client().await;
     run_then_stop(&db, &config, 300).await;

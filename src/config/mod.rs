@@ -587,7 +587,7 @@ pub enum PublishStateLayout {
     OutboxRow,
     /// In the side table `<table>_relay_published`, one `INSERT` per
     /// published row; the outbox row is written only for held rows. About
-    /// a fifth of the Postgres work; logical mode only. The view
+    /// a third of the Postgres work; logical mode only. The view
     /// `<table>_publish_state` shows both layouts alike.
     SideTable,
 }

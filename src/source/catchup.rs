@@ -134,29 +134,52 @@ pub async fn catch_up(
 ) -> Result<CatchUpOutcome, PollError> {
     let store = Store::new(config);
     let table = store.table_layout(client).await?;
-    let sql = RowQuery::catch_up(store.sql(), &table.columns, &plan.condition);
-    tracing::debug!(sql = %sql, "catch-up query");
-    let statement = client.prepare(&sql).await?;
-    let round = BatchRound {
-        client,
-        statement: &statement,
-        limit: i64::try_from(config.source.batch_rows).unwrap_or(i64::MAX),
-        max_bytes: config.source.batch_max_bytes,
-        layout: &table.layout,
-    };
+    let id = crate::store::ident(&config.outbox.columns.id);
+    // In the side-table layout nothing narrows "unpublished" on the outbox,
+    // so each batch starts after the last one instead of at the table's
+    // first row (which would make the phase quadratic in the table). Safe
+    // here, unlike in poll mode: every row the phase is for committed
+    // before the slot was created (a later commit is streamed), and a row
+    // released meanwhile restarts the run (`Store::blocker_released`).
+    let side_table = store.sql().side_table;
+    let mut after = i64::MIN;
     let mut outcome = CatchUpOutcome { rows: 0, batches: 0, finished: false };
+    let mut prepared: Option<(i64, tokio_postgres::Statement)> = None;
     while !*stop.borrow() {
+        let cursor = if side_table { after } else { i64::MIN };
+        let statement = match prepared.take() {
+            Some((at, statement)) if at == cursor => statement,
+            _ => {
+                let condition = if side_table {
+                    format!("({}) AND o.{id} > {cursor}", plan.condition)
+                } else {
+                    plan.condition.clone()
+                };
+                let sql = RowQuery::catch_up(store.sql(), &table.columns, &condition);
+                tracing::debug!(sql = %sql, "catch-up query");
+                client.prepare(&sql).await?
+            }
+        };
+        let round = BatchRound {
+            client,
+            statement: &statement,
+            limit: i64::try_from(config.source.batch_rows).unwrap_or(i64::MAX),
+            max_bytes: config.source.batch_max_bytes,
+            layout: &table.layout,
+        };
         match round.send(PollBatch(outcome.batches + 1), out, confirmed, stop).await? {
             Round::Empty => {
                 outcome.finished = true;
                 break;
             }
             Round::Stopped => break,
-            Round::Sent { rows, .. } => {
+            Round::Sent { rows, runs } => {
                 outcome.batches += 1;
                 outcome.rows += rows as u64;
+                after = runs.last().unwrap_or(after).max(after);
             }
         }
+        prepared = Some((cursor, statement));
     }
     if outcome.finished {
         if plan.marker {

@@ -193,6 +193,11 @@ impl IdRuns {
         runs
     }
 
+    /// The highest id of these runs.
+    pub fn last(&self) -> Option<i64> {
+        self.hi.last().copied()
+    }
+
     /// These runs and `other`'s.
     pub fn union<'a>(all: impl IntoIterator<Item = &'a IdRuns>) -> Self {
         let mut runs = Self::default();

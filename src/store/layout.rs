@@ -8,7 +8,7 @@
 //! - **side_table** (logical mode): one row per published outbox row in
 //!   `<table>_relay_published`. Recording it is an `INSERT` of a narrow row
 //!   instead of a new version of the whole outbox row with its index
-//!   entries, about a fifth of the Postgres work (`scripts/bench
+//!   entries, about a third of the Postgres work (`scripts/bench
 //!   publish-state`). The outbox row is written only for held and waiting
 //!   rows, which the partial index `<table>_held_idx` finds.
 //!
@@ -22,11 +22,14 @@ use super::{OutboxSql, Store, StoreError};
 
 impl OutboxSql {
     /// SQL that is true when the outbox row aliased `alias` is published.
-    /// In the side-table layout a row published before the move to it
-    /// has both, so either counts.
+    /// In the side-table layout only the side row counts: the move to it
+    /// gave every row published before it its side row, and a relay does
+    /// not start before that (see [`Store::check_publish_state_layout`]).
+    /// One primary-key probe, never an `OR` that would keep the planner
+    /// from probing by id.
     pub fn published(&self, alias: &str) -> String {
         if self.side_table {
-            format!("({alias}.published_at IS NOT NULL OR {})", self.side_row(alias))
+            self.side_row(alias)
         } else {
             format!("{alias}.published_at IS NOT NULL")
         }
