@@ -419,7 +419,8 @@ async fn main() {
     let only = std::env::var("BENCH_SCENARIOS").ok();
     let mut rows = String::new();
     for scenario in &scenarios {
-        if only.as_deref().is_some_and(|o| !o.split(',').any(|n| scenario.name.starts_with(n.trim()))) {
+        // Prefixes separated by `;` (scenario names contain commas).
+        if only.as_deref().is_some_and(|o| !o.split(';').any(|n| scenario.name.starts_with(n.trim()))) {
             continue;
         }
         eprintln!("bench: {}", scenario.name);

@@ -464,7 +464,8 @@ def measure(system, rows, rates, phase_secs):
         # Kafka has every row; the relay's own bookkeeping is done when every
         # row's publish state is recorded (not counted in the CPU above).
         end = time.time() + 120
-        while system.pg.sql(system.db, "SELECT count(*) FROM outbox WHERE published_at IS NULL") != "0":
+        # The view reads either publish-state layout.
+        while system.pg.sql(system.db, "SELECT count(*) FROM outbox_publish_state WHERE published_at IS NULL") != "0":
             if time.time() > end:
                 raise Failure("the relay did not record every row's publish state")
             time.sleep(0.05)
