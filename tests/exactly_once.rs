@@ -59,8 +59,13 @@ fn start_relay(config: &PathBuf, delay_ms: u64) -> RelayProcess {
     RelayProcess { child, log }
 }
 
+/// Published rows, in either publish-state layout.
 async fn published(client: &tokio_postgres::Client) -> i64 {
-    client.query_one("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL", &[]).await.expect("count").get(0)
+    client
+        .query_one("SELECT count(*) FROM outbox_publish_state WHERE published_at IS NOT NULL", &[])
+        .await
+        .expect("count")
+        .get(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -71,6 +76,13 @@ async fn kill_dash_nine_never_shows_a_row_twice_to_read_committed_consumers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_dash_nine_in_poll_mode_never_shows_a_row_twice_to_read_committed_consumers() {
     kill_dash_nine_six_times("source.mode = \"poll\"").await;
+}
+
+/// The recovery from the progress topic records the rows of committed
+/// Kafka transactions in the side table too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_dash_nine_with_publish_state_in_the_side_table_never_shows_a_row_twice() {
+    kill_dash_nine_six_times("checkpoint.publish_state = \"side_table\"").await;
 }
 
 /// Writes 3,000 rows at 300 rows/s while the relay (`extra` keys) is killed
@@ -148,7 +160,11 @@ async fn kill_dash_nine_six_times(extra: &str) {
     let at: HashMap<&str, (i32, i64)> =
         committed.iter().map(|r| (r.event_id.as_str(), (r.partition, r.offset))).collect();
     let rows = client
-        .query("SELECT event_id::text, kafka_partition, kafka_offset FROM outbox", &[])
+        .query(
+            "SELECT o.event_id::text, s.kafka_partition, s.kafka_offset \
+             FROM outbox AS o JOIN outbox_publish_state AS s USING (id)",
+            &[],
+        )
         .await
         .expect("publish state");
     let wrong = rows
