@@ -163,9 +163,54 @@ struct Scenario {
     name: &'static str,
     extra_toml: String,
     avro: bool,
-    /// False: the relay records no publish state (bench-only switch), to
-    /// measure what recording it costs; completion is read from Kafka.
-    publish_state: bool,
+    publish_state: PublishState,
+}
+
+/// Where a bench run's relay records publish state, if at all.
+#[derive(Clone, Copy, PartialEq)]
+enum PublishState {
+    /// The default: in the outbox row.
+    OutboxRow,
+    /// `checkpoint.publish_state = "side_table"`.
+    SideTable,
+    /// None recorded (bench-only switch), to measure what recording it
+    /// costs; completion is read from Kafka.
+    Skipped,
+}
+
+impl PublishState {
+    /// The config lines that select it.
+    fn toml(self) -> &'static str {
+        match self {
+            PublishState::SideTable => "checkpoint.publish_state = \"side_table\"\n",
+            PublishState::OutboxRow | PublishState::Skipped => "",
+        }
+    }
+
+    /// A cheap query that is true once `total` rows' publish state is
+    /// recorded (no scan of the whole outbox: its CPU would count as the
+    /// drain's).
+    fn recorded_query(self, total: usize) -> String {
+        match self {
+            // An index-only count of the narrow side table.
+            PublishState::SideTable => format!("SELECT count(*) >= {total} FROM outbox_relay_published"),
+            // Through the partial index of unpublished rows, which empties.
+            PublishState::OutboxRow | PublishState::Skipped => {
+                "SELECT NOT EXISTS (SELECT 1 FROM outbox WHERE published_at IS NULL)".to_string()
+            }
+        }
+    }
+}
+
+/// The relay's own count of acknowledged rows over all topics (the sum of
+/// `outbox_relay_published_total`'s series), read from `/metrics`.
+async fn relay_acknowledged(relay: &RelayProcess) -> Option<f64> {
+    let body = reqwest::get(format!("{}/metrics", relay.http_base().await)).await.ok()?.text().await.ok()?;
+    let series = body
+        .lines()
+        .filter(|l| l.starts_with("outbox_relay_published_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    Some(series.sum())
 }
 
 /// Waits until the publish state of all `total` rows is recorded without
@@ -178,23 +223,26 @@ struct Scenario {
 async fn wait_recorded(
     client: &tokio_postgres::Client,
     relay: &RelayProcess,
-    topic: &str,
-    scenario: &Scenario,
+    publish_state: PublishState,
     total: usize,
     deadline: Duration,
 ) {
-    let acknowledged = format!("outbox_relay_published_total{{topic=\"{topic}\"}}");
     wait_for("the relay to count every row acknowledged", deadline, || async {
-        (relay.metric(&acknowledged).await? >= total as f64).then_some(())
+        (relay_acknowledged(relay).await? >= total as f64).then_some(())
     })
     .await;
-    let done = if scenario.extra_toml.contains("side_table") {
-        // An index-only count of the narrow side table.
-        format!("SELECT count(*) >= {total} FROM outbox_relay_published")
-    } else {
-        // Through the partial index of unpublished rows, which empties.
-        "SELECT NOT EXISTS (SELECT 1 FROM outbox WHERE published_at IS NULL)".to_string()
-    };
+    wait_recorded_in_postgres(client, publish_state, total, deadline).await;
+}
+
+/// Waits until Postgres holds the publish state of `total` rows, one
+/// cheap query per 100 ms.
+async fn wait_recorded_in_postgres(
+    client: &tokio_postgres::Client,
+    publish_state: PublishState,
+    total: usize,
+    deadline: Duration,
+) {
+    let done = publish_state.recorded_query(total);
     wait_for("every row's publish state to be recorded", deadline, || async {
         client.query_one(&done, &[]).await.ok()?.get::<_, bool>(0).then_some(())
     })
@@ -237,7 +285,7 @@ struct Figures {
 
 async fn run_scenario(stack: &Stack, scenario: &Scenario) -> Figures {
     let db = TestDb::new(stack).await;
-    let config = db.write_config(&scenario.extra_toml);
+    let config = db.write_config(&format!("{}\n{}", scenario.extra_toml, scenario.publish_state.toml()));
     db.migrate(&config);
     if scenario.avro {
         let output = relay_command(&config).args(["schemas", "register"]).output().expect("register schemas");
@@ -265,12 +313,13 @@ async fn run_scenario(stack: &Stack, scenario: &Scenario) -> Figures {
     })
     .await;
     let (postgres_before, broker_before) = (postgres_cpu_seconds(stack), broker_cpu_seconds(stack));
-    let skip: &[(&str, &str)] = if scenario.publish_state { &[] } else { &[("RELAY_BENCH_SKIP_PUBLISH_STATE", "1")] };
+    let recorded = scenario.publish_state != PublishState::Skipped;
+    let skip: &[(&str, &str)] = if recorded { &[] } else { &[("RELAY_BENCH_SKIP_PUBLISH_STATE", "1")] };
     let relay = RelayProcess::start_with_env(&config, skip);
     let started = Instant::now();
     let topic = db.topic("entity");
-    if scenario.publish_state {
-        wait_recorded(&client, &relay, &topic, scenario, ROWS, Duration::from_secs(900)).await;
+    if recorded {
+        wait_recorded(&client, &relay, scenario.publish_state, ROWS, Duration::from_secs(900)).await;
     } else {
         wait_kafka_holds(stack, &topic, ROWS as i64, Duration::from_secs(900)).await;
     }
@@ -303,8 +352,8 @@ async fn run_scenario(stack: &Stack, scenario: &Scenario) -> Figures {
     ready_rx.recv_timeout(Duration::from_secs(60)).expect("consumer assigned");
     let relay_before = relay_histograms(&relay).await;
     spawn_paced_workload(&db.url, LIVE_ROWS, ENTITIES, WRITERS, Some(LIVE_RATE)).await.expect("live workload");
-    if scenario.publish_state {
-        wait_recorded(&client, &relay, &topic, scenario, ROWS + LIVE_ROWS, Duration::from_secs(600)).await;
+    if recorded {
+        wait_recorded(&client, &relay, scenario.publish_state, ROWS + LIVE_ROWS, Duration::from_secs(600)).await;
     } else {
         wait_kafka_holds(stack, &topic, (ROWS + LIVE_ROWS) as i64, Duration::from_secs(600)).await;
     }
@@ -386,26 +435,36 @@ async fn main() {
 
     let schemas = stack.repo.join("benches/schemas");
     let scenarios = [
-        Scenario { name: "logical, JSON", extra_toml: String::new(), avro: false, publish_state: true },
+        Scenario {
+            name: "logical, JSON",
+            extra_toml: String::new(),
+            avro: false,
+            publish_state: PublishState::OutboxRow,
+        },
         Scenario {
             name: "logical, JSON, no publish state (bench only)",
             extra_toml: String::new(),
             avro: false,
-            publish_state: false,
+            publish_state: PublishState::Skipped,
         },
         Scenario {
             name: "logical, JSON, side table",
-            extra_toml: "checkpoint.publish_state = \"side_table\"".into(),
+            extra_toml: String::new(),
             avro: false,
-            publish_state: true,
+            publish_state: PublishState::SideTable,
         },
         Scenario {
             name: "logical, JSON, exactly-once",
             extra_toml: "kafka.delivery = \"exactly_once\"".into(),
             avro: false,
-            publish_state: true,
+            publish_state: PublishState::OutboxRow,
         },
-        Scenario { name: "poll, JSON", extra_toml: "source.mode = \"poll\"".into(), avro: false, publish_state: true },
+        Scenario {
+            name: "poll, JSON",
+            extra_toml: "source.mode = \"poll\"".into(),
+            avro: false,
+            publish_state: PublishState::OutboxRow,
+        },
         Scenario {
             name: "logical, Avro",
             extra_toml: format!(
@@ -413,7 +472,7 @@ async fn main() {
                 schemas.display()
             ),
             avro: true,
-            publish_state: true,
+            publish_state: PublishState::OutboxRow,
         },
     ];
     let only = std::env::var("BENCH_SCENARIOS").ok();

@@ -6,12 +6,24 @@ use tokio_postgres::Client;
 
 use super::{get, LeaseState, Store, StoreError};
 
+/// Pending rows are counted one by one up to this many; above it
+/// `pending` is estimated from the range of pending ids, so a sample costs
+/// the same on a backlog of a million rows as on one of ten thousand
+/// (counting a million rows took Postgres 0.2-0.7 s, each sample).
+pub const PENDING_COUNT_LIMIT: i64 = 10_000;
+
 /// The outbox's publish state.
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
-    /// Rows not yet published, not held and not waiting.
+    /// Rows not yet published, not held and not waiting: counted when at
+    /// most [`PENDING_COUNT_LIMIT`], estimated above it.
     pub pending: i64,
-    /// Age of the oldest pending row, seconds.
+    /// `pending` is an estimate: over [`PENDING_COUNT_LIMIT`] rows are
+    /// pending, and the estimate is the span of their ids (it also counts
+    /// ids that never committed and held rows among them).
+    pub pending_estimated: bool,
+    /// Age of the oldest pending row, seconds; above
+    /// [`PENDING_COUNT_LIMIT`] the oldest of that many lowest pending ids.
     pub oldest_pending_age_seconds: Option<f64>,
     /// Rows held or waiting (not published, `last_error` set), except those
     /// an operator skipped.
@@ -60,8 +72,16 @@ impl Store {
         }
         let held = get(&row, 2, "last_error", "bigint")?;
         let leader = self.lease().read(client).await?;
+        let counted: i64 = get(&row, 0, "published_at", "bigint")?;
+        let pending_estimated = counted > PENDING_COUNT_LIMIT;
+        let pending = if pending_estimated {
+            get::<Option<i64>>(&row, 5, &self.sql.names.id, "bigint")?.unwrap_or(0).max(counted)
+        } else {
+            counted
+        };
         Ok(Status {
-            pending: get(&row, 0, "published_at", "bigint")?,
+            pending,
+            pending_estimated,
             oldest_pending_age_seconds: get(&row, 1, &self.sql.names.occurred_at, "float8")?,
             held,
             waiting: get(&row, 3, "waiting_for", "bigint")?,
@@ -76,7 +96,11 @@ impl Store {
 }
 
 impl Store {
-    /// Pending count, oldest pending age (seconds), held, waiting, skipped.
+    /// Pending count (up to `PENDING_COUNT_LIMIT + 1`), oldest pending age
+    /// (seconds), held, waiting, skipped, and the span of pending ids (the
+    /// estimate when the count reached its limit). Every part reads a
+    /// bounded number of rows, through partial indexes and primary-key
+    /// ranges.
     ///
     /// In the side-table layout nothing on the outbox row marks it
     /// published, so pending rows are found by id: those above the highest
@@ -86,33 +110,42 @@ impl Store {
     /// published, a moment later: the slot streams it.
     fn counts_statement(&self) -> String {
         let (table, id, occurred) = (&self.sql.table, &self.sql.id, &self.sql.occurred_at);
+        let limit = PENDING_COUNT_LIMIT + 1;
+        let held = format!(
+            "held AS (SELECT \
+               count(*) FILTER (WHERE skipped_at IS NULL) AS held, \
+               count(*) FILTER (WHERE waiting_for IS NOT NULL AND skipped_at IS NULL) AS waiting, \
+               count(*) FILTER (WHERE skipped_at IS NOT NULL) AS skipped \
+               FROM {table} WHERE last_error IS NOT NULL)"
+        );
+        const COUNTS: &str = "SELECT (SELECT count(*) FROM pending), \
+             (SELECT extract(epoch FROM now() - min(at))::float8 FROM pending), \
+             held.held, held.waiting, held.skipped";
         if !self.sql.side_table {
+            // The lowest pending ids through the unpublished-rows index.
             return format!(
-                "SELECT count(*) FILTER (WHERE last_error IS NULL), \
-                 extract(epoch FROM now() - min({occurred}::timestamptz) FILTER (WHERE last_error IS NULL))::float8, \
-                 count(*) FILTER (WHERE last_error IS NOT NULL AND skipped_at IS NULL), \
-                 count(*) FILTER (WHERE waiting_for IS NOT NULL AND skipped_at IS NULL), \
-                 count(*) FILTER (WHERE skipped_at IS NOT NULL) \
-                 FROM {table} WHERE published_at IS NULL"
+                "WITH pending AS (SELECT {occurred}::timestamptz AS at FROM {table} \
+                   WHERE published_at IS NULL AND last_error IS NULL ORDER BY {id} LIMIT {limit}), \
+                 {held} \
+                 {COUNTS}, \
+                 (SELECT (max({id}) - min({id}) + 1)::bigint FROM {table} WHERE published_at IS NULL) \
+                 FROM held"
             );
         }
         let published = &self.sql.published_table;
         format!(
             "WITH m AS (SELECT coalesce(max(id), 0) AS top FROM {published}), \
              pending AS (\
-               SELECT o.{occurred}::timestamptz AS at FROM {table} AS o, m WHERE o.{id} > m.top AND o.last_error IS NULL \
+               (SELECT o.{occurred}::timestamptz AS at FROM {table} AS o, m \
+                WHERE o.{id} > m.top AND o.last_error IS NULL ORDER BY o.{id} LIMIT {limit}) \
                UNION ALL \
-               SELECT o.{occurred}::timestamptz FROM {table} AS o, m \
-               WHERE o.retry_requested_at IS NOT NULL AND o.published_at IS NULL AND o.{id} <= m.top \
-                 AND o.last_error IS NULL AND {unpublished}), \
-             held AS (SELECT \
-               count(*) FILTER (WHERE skipped_at IS NULL) AS held, \
-               count(*) FILTER (WHERE waiting_for IS NOT NULL AND skipped_at IS NULL) AS waiting, \
-               count(*) FILTER (WHERE skipped_at IS NOT NULL) AS skipped \
-               FROM {table} WHERE last_error IS NOT NULL) \
-             SELECT (SELECT count(*) FROM pending), \
-               (SELECT extract(epoch FROM now() - min(at))::float8 FROM pending), \
-               held.held, held.waiting, held.skipped FROM held",
+               (SELECT o.{occurred}::timestamptz FROM {table} AS o, m \
+                WHERE o.retry_requested_at IS NOT NULL AND o.published_at IS NULL AND o.{id} <= m.top \
+                  AND o.last_error IS NULL AND {unpublished} LIMIT {limit})), \
+             {held} \
+             {COUNTS}, \
+             (SELECT (coalesce(max(o.{id}), 0) - (SELECT top FROM m))::bigint FROM {table} AS o) \
+             FROM held",
             unpublished = self.sql.unpublished("o"),
         )
     }
@@ -120,7 +153,15 @@ impl Store {
 
 impl std::fmt::Display for Status {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "pending rows:            {}", self.pending)?;
+        if self.pending_estimated {
+            writeln!(
+                f,
+                "pending rows:            about {} (over {PENDING_COUNT_LIMIT}: estimated from their ids)",
+                self.pending
+            )?;
+        } else {
+            writeln!(f, "pending rows:            {}", self.pending)?;
+        }
         match self.oldest_pending_age_seconds {
             Some(age) => writeln!(f, "oldest pending row age:  {age:.1} s")?,
             None => writeln!(f, "oldest pending row age:  -")?,
