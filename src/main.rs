@@ -119,9 +119,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { json, max_lag_seconds } => {
-            let client = relay::database::connect(&config.postgres).await?;
+            let mut client = relay::database::connect(&config.postgres).await?;
             let logical = config.source.mode == relay::config::SourceMode::Logical;
-            let status = relay::store::Store::new(&config).status(&client, logical).await?;
+            let status = relay::store::Store::new(&config).status(&mut client, logical).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {

@@ -66,7 +66,7 @@ async fn check_postgres(config: &Config) -> Verdict {
         detail: String::new(),
         warning: None,
     };
-    let client = match database::connect(&config.postgres).await {
+    let mut client = match database::connect(&config.postgres).await {
         Ok(client) => client,
         Err(err) => return fail(format!("{}; check postgres.url and that Postgres is running", ErrorChain(&err))),
     };
@@ -89,7 +89,7 @@ async fn check_postgres(config: &Config) -> Verdict {
     }
     let table = config.outbox_table_sql();
     let warning = pooling_warning(config, &client).await;
-    match Store::new(config).status(&client, false).await {
+    match Store::new(config).status(&mut client, false).await {
         Ok(status) => Verdict {
             component: "postgres",
             problem: None,

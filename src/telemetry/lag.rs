@@ -24,7 +24,7 @@ pub async fn sample(config: Config, health: Health, mut stop: watch::Receiver<bo
         if client.as_ref().is_none_or(|c| c.is_closed()) {
             client = crate::database::connect(&config.postgres).await.ok();
         }
-        if let Some(c) = &client {
+        if let Some(c) = client.as_mut() {
             match store.status(c, logical).await {
                 Ok(s) => {
                     metrics::lag(&s);
