@@ -58,7 +58,7 @@ impl Store {
         // Every part is written for an index; right after a bulk insert,
         // before autovacuum's ANALYZE, the planner would guess otherwise
         // (`last_error IS NOT NULL`: 99.5% of the rows) and scan and sort
-        // the whole outbox on each sample (0.2-0.6 s for a million rows).
+        // the whole outbox on each sample (0.6-0.7 s for a million rows).
         tx.batch_execute("SET LOCAL enable_seqscan = off; SET LOCAL enable_sort = off").await?;
         let row = tx.query_one(&self.counts_statement(), &[]).await?;
         let last: Option<chrono::DateTime<chrono::Utc>> = tx.query_one(&last_published, &[]).await?.try_get(0)?;
