@@ -300,18 +300,7 @@ async fn run_scenario(stack: &Stack, scenario: &Scenario) -> Figures {
     let write_rate = ROWS as f64 / started.elapsed().as_secs_f64();
     // The writers' sessions gone first: a backend that exits during the
     // drain moves its whole CPU time into the postmaster's reaped total.
-    wait_for("the writers' sessions to end", Duration::from_secs(60), || async {
-        let others: i64 = client
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
-                &[],
-            )
-            .await
-            .ok()?
-            .get(0);
-        (others == 0).then_some(())
-    })
-    .await;
+    wait_other_sessions_ended(&client, "the writers' sessions to end", Duration::from_secs(60)).await;
     let (postgres_before, broker_before) = (postgres_cpu_seconds(stack), broker_cpu_seconds(stack));
     let recorded = scenario.publish_state != PublishState::Skipped;
     let skip: &[(&str, &str)] = if recorded { &[] } else { &[("RELAY_BENCH_SKIP_PUBLISH_STATE", "1")] };

@@ -22,18 +22,7 @@ fn status_json(config: &PathBuf) -> serde_json::Value {
 /// Sequential scans of the outbox so far, once every other session of the
 /// database has ended (a backend reports its counts when it exits).
 async fn outbox_seq_scans(client: &tokio_postgres::Client) -> i64 {
-    wait_for("the other sessions to end", std::time::Duration::from_secs(30), || async {
-        let others: i64 = client
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
-                &[],
-            )
-            .await
-            .ok()?
-            .get(0);
-        (others == 0).then_some(())
-    })
-    .await;
+    wait_other_sessions_ended(client, "the other sessions to end", std::time::Duration::from_secs(30)).await;
     client.batch_execute("SELECT pg_stat_clear_snapshot()").await.expect("fresh statistics");
     client
         .query_one("SELECT seq_scan FROM pg_stat_user_tables WHERE relname = 'outbox'", &[])

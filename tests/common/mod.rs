@@ -562,6 +562,23 @@ pub async fn insert_state(
         .get(0)
 }
 
+/// Waits until `client`'s is the only session on its database: a backend
+/// reports its statistics (and its CPU to the postmaster) when it exits.
+pub async fn wait_other_sessions_ended(client: &Client, what: &str, deadline: Duration) {
+    wait_for(what, deadline, || async {
+        let others: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .ok()?
+            .get(0);
+        (others == 0).then_some(())
+    })
+    .await;
+}
+
 /// Waits until every row of the outbox is published; returns the count.
 pub async fn wait_all_published(client: &Client, deadline: Duration) -> i64 {
     wait_for("every outbox row to be marked published", deadline, || async {
