@@ -156,8 +156,7 @@ async fn skip_settles_the_row_and_releases_the_rows_behind_it() {
     assert!(row.get::<_, Option<String>>(2).unwrap_or_default().contains("too large"), "why it was held stays");
     assert!(held_ids(&config).is_empty());
     let status = wait_for("relay status to settle", Duration::from_secs(30), || async {
-        let output = relay_command(&config).args(["status", "--json"]).output().expect("relay status");
-        let status: serde_json::Value = serde_json::from_slice(&output.stdout).expect("status JSON");
+        let status = status_json(&config);
         (status["pending"] == serde_json::json!(0)).then_some(status)
     })
     .await;

@@ -8,18 +8,11 @@
 mod common;
 
 use std::collections::HashSet;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
 
 const SIDE_TABLE: &str = "checkpoint.publish_state = \"side_table\"";
-
-fn status_json(config: &PathBuf) -> serde_json::Value {
-    let output = relay_command(config).args(["status", "--json"]).output().expect("relay status");
-    assert!(output.status.success(), "relay status: {}", String::from_utf8_lossy(&output.stderr));
-    serde_json::from_slice(&output.stdout).expect("status JSON")
-}
 
 /// Every record of `topic` up to its end offsets, with the number of
 /// event ids seen more than once.

@@ -310,8 +310,7 @@ async fn permanent_error_holds_the_row_and_its_entity_but_not_others() {
     })
     .await;
     let status = wait_for("relay status to show nothing pending", Duration::from_secs(30), || async {
-        let output = relay_command(&config).args(["status", "--json"]).output().expect("relay status");
-        let status: serde_json::Value = serde_json::from_slice(&output.stdout).expect("status JSON");
+        let status = status_json(&config);
         (status["pending"] == serde_json::json!(0)).then_some(status)
     })
     .await;

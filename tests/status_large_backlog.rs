@@ -9,15 +9,7 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use common::*;
-
-fn status_json(config: &PathBuf) -> serde_json::Value {
-    let output = relay_command(config).args(["status", "--json"]).output().expect("relay status");
-    assert!(output.status.success(), "relay status: {}", String::from_utf8_lossy(&output.stderr));
-    serde_json::from_slice(&output.stdout).expect("status JSON")
-}
 
 /// Sequential scans of the outbox so far, once every other session of the
 /// database has ended (a backend reports its counts when it exits).

@@ -229,6 +229,13 @@ async fn drop_slots_and_database(admin_url: &str, slot: &str, name: &str) {
     eprintln!("cleanup of {name}: gave up dropping the database and its slots: {last_error}");
 }
 
+/// `relay status --json` through the real binary, parsed.
+pub fn status_json(config: &PathBuf) -> serde_json::Value {
+    let output = relay_command(config).args(["status", "--json"]).output().expect("relay status");
+    assert!(output.status.success(), "relay status: {}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).expect("status JSON")
+}
+
 /// A `relay` command with no inherited `RELAY__*` overrides (the stack's
 /// environment would otherwise point it at the shared database).
 pub fn relay_command(config: &PathBuf) -> Command {
