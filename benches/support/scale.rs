@@ -6,6 +6,12 @@
 //! is recorded, sampling its RSS every 500 ms. Ratios are against the first
 //! case, measured in the same run. `BENCH_SCALE_PUBLISH_STATE=side_table`
 //! runs every case with publish state in the side table.
+//!
+//! The many-topics case has a second baseline: librdkafka alone
+//! (`librdkafka_baseline.py`, Python's confluent-kafka with the relay's
+//! producer settings) over one topic and over the same 100, paced at the
+//! rate the relay drained them and unpaced, so the report says how much of
+//! the relay's growth is the client library's.
 
 use super::*;
 
@@ -117,6 +123,72 @@ async fn run_case(stack: &Stack, case: &Case, publish_state: PublishState) -> Sc
     }
 }
 
+/// What librdkafka alone did in one run of `librdkafka_baseline.py`.
+#[derive(serde::Deserialize)]
+struct ClientFigures {
+    rate: f64,
+    cpu_per_100k: f64,
+    peak_rss_mib: f64,
+}
+
+/// Runs librdkafka alone over `topics` fresh topics of six partitions:
+/// `messages` records at `rate` per second (0: as fast as it goes).
+fn librdkafka_alone(stack: &Stack, topics: usize, messages: usize, rate: f64) -> ClientFigures {
+    let python = std::env::var("RELAY_PYTHON").expect("RELAY_PYTHON: run the scale bench with scripts/bench scale");
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let prefix = format!("bench-scale-client-{}-{nanos}", std::process::id());
+    let output = Command::new(python)
+        .arg(stack.repo.join("benches/support/librdkafka_baseline.py"))
+        .args([&stack.bootstrap, &prefix, &topics.to_string(), &messages.to_string(), &format!("{rate:.0}")])
+        .output()
+        .expect("run benches/support/librdkafka_baseline.py");
+    assert!(output.status.success(), "librdkafka baseline failed: {}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).expect("librdkafka baseline: one JSON line")
+}
+
+/// The relay's growth from one topic to 100 next to librdkafka's own, as
+/// a markdown table.
+fn many_topics_against_the_client(stack: &Stack, reference: &ScaleFigures, topics: &ScaleFigures) -> String {
+    const MESSAGES: usize = 300_000;
+    let rate = topics.drain_rate;
+    eprintln!("bench scale: librdkafka alone, 1 and 100 topics, paced at {rate:.0} msg/s and unpaced");
+    let paced_one = librdkafka_alone(stack, 1, MESSAGES, rate);
+    let paced_many = librdkafka_alone(stack, 100, MESSAGES, rate);
+    let free_one = librdkafka_alone(stack, 1, MESSAGES, 0.0);
+    let free_many = librdkafka_alone(stack, 100, MESSAGES, 0.0);
+    format!(
+        "\nOne topic against 100 (600 partitions): the relay's growth next to librdkafka's alone \
+         (Python confluent-kafka, the relay's producer settings, 300k records of the same shape; \
+         paced at the relay's 100-topic drain rate, {rate:.0} msg/s, and unpaced).\n\n\
+         | | 1 topic | 100 topics | growth |\n\
+         |---|---|---|---|\n\
+         | relay: drain rate | {:.0} msg/s | {:.0} msg/s | {:.2} x |\n\
+         | relay: CPU per 100k | {:.2} s | {:.2} s | +{:.2} s |\n\
+         | relay: peak RSS | {:.0} MiB | {:.0} MiB | +{:.0} MiB |\n\
+         | librdkafka alone, unpaced: rate | {:.0} msg/s | {:.0} msg/s | {:.2} x |\n\
+         | librdkafka alone, paced: CPU per 100k | {:.2} s | {:.2} s | +{:.2} s |\n\
+         | librdkafka alone, unpaced: peak RSS | {:.0} MiB | {:.0} MiB | +{:.0} MiB |\n",
+        reference.drain_rate,
+        topics.drain_rate,
+        topics.drain_rate / reference.drain_rate,
+        reference.relay_cpu_per_100k,
+        topics.relay_cpu_per_100k,
+        topics.relay_cpu_per_100k - reference.relay_cpu_per_100k,
+        reference.peak_rss,
+        topics.peak_rss,
+        topics.peak_rss - reference.peak_rss,
+        free_one.rate,
+        free_many.rate,
+        free_many.rate / free_one.rate,
+        paced_one.cpu_per_100k,
+        paced_many.cpu_per_100k,
+        paced_many.cpu_per_100k - paced_one.cpu_per_100k,
+        free_one.peak_rss_mib,
+        free_many.peak_rss_mib,
+        free_many.peak_rss_mib - free_one.peak_rss_mib,
+    )
+}
+
 /// Runs every case and writes the table to stdout and `target/bench-scale.md`.
 pub async fn run(stack: &Stack) {
     let publish_state = match std::env::var("BENCH_SCALE_PUBLISH_STATE").as_deref() {
@@ -126,6 +198,7 @@ pub async fn run(stack: &Stack) {
     };
     let mut rows = String::new();
     let mut reference: Option<ScaleFigures> = None;
+    let mut many_topics = String::new();
     for case in &CASES {
         eprintln!("bench scale: {}", case.name);
         let f = run_case(stack, case, publish_state).await;
@@ -145,7 +218,11 @@ pub async fn run(stack: &Stack) {
         );
         eprint!("{row}");
         rows.push_str(&row);
-        reference.get_or_insert(f);
+        match &reference {
+            Some(first) if case.types > 1 => many_topics = many_topics_against_the_client(stack, first, &f),
+            Some(_) => {}
+            None => reference = Some(f),
+        }
     }
     let layout = match publish_state {
         PublishState::SideTable => "publish state in the side table",
@@ -154,7 +231,7 @@ pub async fn run(stack: &Stack) {
     let report = format!(
         "Logical mode, JSON, at-least-once, {layout}.\n\n\
          | backlog | drain rate (x the reference) | relay CPU per 100k rows | relay RSS at 10% of the drain / peak (peak x the reference) | Postgres during the drain: WAL per 100k rows; checkpoints |\n\
-         |---|---|---|---|---|\n{rows}"
+         |---|---|---|---|---|\n{rows}{many_topics}"
     );
     println!("{report}");
     let _ = std::fs::write(stack.repo.join("target/bench-scale.md"), &report);
