@@ -78,6 +78,27 @@ async fn fill(client: &tokio_postgres::Client, case: &Case) {
         .expect("fill the outbox");
 }
 
+/// Deletes the case's topics: 600 partitions left behind per run slow the
+/// broker for every run after it on the same stack.
+async fn delete_topics(stack: &Stack, db: &TestDb, case: &Case) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let names: Vec<String> = if case.types > 1 {
+        (0..case.types).map(|i| db.topic(&format!("entity{i}"))).collect()
+    } else {
+        vec![db.topic("entity")]
+    };
+    let admin: AdminClient<DefaultClientContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", &stack.bootstrap).create().expect("admin client");
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let results = admin.delete_topics(&names, &AdminOptions::new()).await.expect("delete the case's topics");
+    for result in results {
+        if let Err((topic, code)) = result {
+            eprintln!("bench scale: could not delete topic {topic}: {code}");
+        }
+    }
+}
+
 async fn run_case(stack: &Stack, case: &Case, publish_state: PublishState) -> ScaleFigures {
     let db = TestDb::new(stack).await;
     let config = db.write_config(publish_state.toml());
@@ -112,6 +133,7 @@ async fn run_case(stack: &Stack, case: &Case, publish_state: PublishState) -> Sc
     let relay_cpu_per_100k = cpu_seconds(pid, false) * 100_000.0 / case.rows as f64;
     peak_rss = peak_rss.max(peak_rss_mib(pid));
     drop(relay);
+    delete_topics(stack, &db, case).await;
     db.cleanup().await;
     ScaleFigures {
         drain_rate,
