@@ -197,36 +197,23 @@ fn many_topics_against_the_client(stack: &Stack, reference: &ScaleFigures, topic
     let paced_many = librdkafka_alone(stack, 100, MESSAGES, rate);
     let free_one = librdkafka_alone(stack, 1, MESSAGES, 0.0);
     let free_many = librdkafka_alone(stack, 100, MESSAGES, 0.0);
+    // One row of the table: a figure for 1 and for 100 topics, and the
+    // growth as a ratio (rates) or a difference (costs).
+    let row = |what: &str, unit: &str, digits: usize, one: f64, many: f64, ratio: bool| {
+        let growth = if ratio { format!("{:.2} x", many / one) } else { format!("+{:.digits$} {unit}", many - one) };
+        format!("| {what} | {one:.digits$} {unit} | {many:.digits$} {unit} | {growth} |\n")
+    };
     format!(
         "\nOne topic against 100 (600 partitions): the relay's growth next to librdkafka's alone \
          (Python confluent-kafka, the relay's producer settings, 300k records of the same shape; \
          paced at the relay's 100-topic drain rate, {rate:.0} msg/s, and unpaced).\n\n\
-         | | 1 topic | 100 topics | growth |\n\
-         |---|---|---|---|\n\
-         | relay: drain rate | {:.0} msg/s | {:.0} msg/s | {:.2} x |\n\
-         | relay: CPU per 100k | {:.2} s | {:.2} s | +{:.2} s |\n\
-         | relay: peak RSS | {:.0} MiB | {:.0} MiB | +{:.0} MiB |\n\
-         | librdkafka alone, unpaced: rate | {:.0} msg/s | {:.0} msg/s | {:.2} x |\n\
-         | librdkafka alone, paced: CPU per 100k | {:.2} s | {:.2} s | +{:.2} s |\n\
-         | librdkafka alone, unpaced: peak RSS | {:.0} MiB | {:.0} MiB | +{:.0} MiB |\n",
-        reference.drain_rate,
-        topics.drain_rate,
-        topics.drain_rate / reference.drain_rate,
-        reference.relay_cpu_per_100k,
-        topics.relay_cpu_per_100k,
-        topics.relay_cpu_per_100k - reference.relay_cpu_per_100k,
-        reference.peak_rss,
-        topics.peak_rss,
-        topics.peak_rss - reference.peak_rss,
-        free_one.rate,
-        free_many.rate,
-        free_many.rate / free_one.rate,
-        paced_one.cpu_per_100k,
-        paced_many.cpu_per_100k,
-        paced_many.cpu_per_100k - paced_one.cpu_per_100k,
-        free_one.peak_rss_mib,
-        free_many.peak_rss_mib,
-        free_many.peak_rss_mib - free_one.peak_rss_mib,
+         | | 1 topic | 100 topics | growth |\n|---|---|---|---|\n{}{}{}{}{}{}",
+        row("relay: drain rate", "msg/s", 0, reference.drain_rate, topics.drain_rate, true),
+        row("relay: CPU per 100k", "s", 2, reference.relay_cpu_per_100k, topics.relay_cpu_per_100k, false),
+        row("relay: peak RSS", "MiB", 0, reference.peak_rss, topics.peak_rss, false),
+        row("librdkafka alone, unpaced: rate", "msg/s", 0, free_one.rate, free_many.rate, true),
+        row("librdkafka alone, paced: CPU per 100k", "s", 2, paced_one.cpu_per_100k, paced_many.cpu_per_100k, false),
+        row("librdkafka alone, unpaced: peak RSS", "MiB", 0, free_one.peak_rss_mib, free_many.peak_rss_mib, false),
     )
 }
 
