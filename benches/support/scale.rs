@@ -200,7 +200,7 @@ fn many_topics_against_the_client(stack: &Stack, reference: &ScaleFigures, topic
     // One row of the table: a figure for 1 and for 100 topics, and the
     // growth as a ratio (rates) or a difference (costs).
     let row = |what: &str, unit: &str, digits: usize, one: f64, many: f64, ratio: bool| {
-        let growth = if ratio { format!("{:.2} x", many / one) } else { format!("+{:.digits$} {unit}", many - one) };
+        let growth = if ratio { format!("{:.2} x", many / one) } else { format!("{:+.digits$} {unit}", many - one) };
         format!("| {what} | {one:.digits$} {unit} | {many:.digits$} {unit} | {growth} |\n")
     };
     format!(
