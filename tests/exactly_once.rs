@@ -455,3 +455,112 @@ async fn migrate_creates_the_compacted_progress_topic() {
     assert_eq!(policy.as_deref(), Some("compact"), "{resource:?}");
     db.cleanup().await;
 }
+
+/// Records publish state with plain SQL (outbox-row layout), failing every
+/// call after the first `allowed`: a recovery killed part-way.
+struct CutShort {
+    client: tokio_postgres::Client,
+    allowed: std::sync::atomic::AtomicUsize,
+}
+
+impl relay::store::PublishStateStore for CutShort {
+    fn record_published(
+        &self,
+        rows: &[&relay::store::Published],
+    ) -> impl std::future::Future<Output = Result<Vec<i64>, relay::store::StoreError>> + Send {
+        let rows: Vec<(i64, i32, i64)> = rows.iter().map(|r| (r.id, r.partition, r.offset)).collect();
+        let allowed = self.allowed.load(std::sync::atomic::Ordering::SeqCst);
+        self.allowed.store(allowed.saturating_sub(1), std::sync::atomic::Ordering::SeqCst);
+        async move {
+            if allowed == 0 {
+                return Err(relay::store::StoreError::NoTable("test: the recovery was cut short here".into()));
+            }
+            let mut ids = Vec::new();
+            for (id, partition, offset) in rows {
+                self.client
+                    .execute(
+                        "UPDATE outbox SET published_at = now(), kafka_partition = $2, kafka_offset = $3 WHERE id = $1",
+                        &[&id, &partition, &offset],
+                    )
+                    .await?;
+                ids.push(id);
+            }
+            Ok(ids)
+        }
+    }
+
+    async fn record_held(&self, _rows: &[&relay::store::HeldState]) -> Result<Vec<i64>, relay::store::StoreError> {
+        Ok(Vec::new())
+    }
+
+    async fn in_progress(&self, _xids: &[u32]) -> Result<std::collections::HashSet<u32>, relay::store::StoreError> {
+        Ok(Default::default())
+    }
+}
+
+/// Two committed transactions whose rows a crash kept from being recorded,
+/// and a recovery killed after recording one of them: the next start still
+/// records both, so neither is sent again. (Seen in CI: a relay killed
+/// during its recovery had recorded the newer transaction only; the next
+/// one stopped reading the progress topic at that record and sent the
+/// older one's 204 rows a second time to read_committed consumers.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovery_cut_short_leaves_nothing_to_send_twice() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use relay::sink::progress::{ProgressRecord, ProgressRow};
+    let stack = Stack::from_env();
+    let db = TestDb::new(&stack).await;
+    let progress = db.topic("progress");
+    let extra = format!("{EXACTLY_ONCE}\nkafka.progress_topic = \"{progress}\"");
+    db.migrate(&db.write_config(&extra));
+    let config = relay::Config::from_toml_str(&db.config_toml(&extra)).expect("config");
+    relay::sink::progress::ensure_topic(&config).await.expect("progress topic");
+    let client = db.client().await;
+    let ids: Vec<i64> = client
+        .query(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, kind, payload)
+             SELECT 'entity', 'e-' || g, 'Changed', 'event', '{}'::jsonb FROM generate_series(1, 4) g RETURNING id",
+            &[],
+        )
+        .await
+        .expect("insert")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+
+    // Two committed transactions, oldest first, as the sink writes them.
+    let producer: FutureProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", &stack.bootstrap).create().expect("producer");
+    let topic = db.topic("entity");
+    for (n, pair) in ids.chunks(2).enumerate() {
+        let rows = pair
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| ProgressRow { id, topic: topic.clone(), partition: 0, offset: (n * 2 + i) as i64 })
+            .collect();
+        let record = ProgressRecord { transactional_id: config.transactional_id(), rows };
+        let payload = serde_json::to_vec(&record).expect("json");
+        let key = config.transactional_id();
+        producer
+            .send(FutureRecord::to(&progress).key(&key).payload(&payload), Duration::from_secs(30))
+            .await
+            .expect("progress record delivered");
+    }
+
+    let cut_short = CutShort { client: db.client().await, allowed: 1.into() };
+    let first = relay::checkpoint::progress::recover(&config, &cut_short, &client).await;
+    assert!(first.is_err(), "the first recovery stops after one record: {first:?}");
+    let whole = CutShort { client: db.client().await, allowed: usize::MAX.into() };
+    relay::checkpoint::progress::recover(&config, &whole, &client).await.expect("the next recovery");
+
+    for (i, id) in ids.iter().enumerate() {
+        let row = client
+            .query_one("SELECT published_at IS NOT NULL, kafka_offset FROM outbox WHERE id = $1", &[id])
+            .await
+            .expect("row");
+        let (published, offset): (bool, Option<i64>) = (row.get(0), row.get(1));
+        assert!(published, "row {id} is recorded as published, so no start sends it again");
+        assert_eq!(offset, Some(i as i64), "row {id} recorded where its transaction put it");
+    }
+    db.cleanup().await;
+}

@@ -2,10 +2,13 @@
 //! committed transaction carried but whose publish state a crash kept from
 //! being recorded. The progress records are read back newest first
 //! (after `init_transactions`, so no open transaction of an earlier
-//! producer can still commit); each one's unrecorded rows are recorded with
-//! the partition and offset it names, until a record whose rows are all
-//! recorded: the checkpoint stage records in commit order, so every older
-//! one is recorded too.
+//! producer can still commit) until a record whose rows are all recorded:
+//! the checkpoint stage records in commit order, so every older one is
+//! recorded too. The unrecorded ones are then recorded oldest first, with
+//! the partition and offset each names, so a recovery cut short (a kill
+//! -9 during it) keeps that order too: were a newer record recorded before
+//! an older one, the next start would stop at the newer one and send the
+//! older one's rows again.
 
 use tokio_postgres::Client;
 
@@ -23,29 +26,35 @@ pub async fn recover<S: PublishStateStore>(
 ) -> Result<usize, CheckpointError> {
     let store = Store::new(config);
     let mut reader = ProgressReader::open(config).await?;
-    let mut recorded = 0;
-    while let Some(window) = reader.older().await? {
+    // Newest first, each with its rows not recorded yet.
+    let mut unrecorded_records: Vec<Vec<Published>> = Vec::new();
+    'read: while let Some(window) = reader.older().await? {
         for record in window {
             let ids: Vec<i64> = record.rows.iter().map(|r| r.id).collect();
             let unrecorded = store.unpublished_among(client, &ids).await?;
             if unrecorded.is_empty() {
-                return Ok(done(recorded));
+                break 'read;
             }
-            let rows: Vec<Published> = record
-                .rows
-                .iter()
-                .filter(|r| unrecorded.contains(&r.id))
-                .map(|r| Published {
-                    id: r.id,
-                    topic: r.topic.as_str().into(),
-                    partition: r.partition,
-                    offset: r.offset,
-                    xid: None,
-                })
-                .collect();
-            let refs: Vec<&Published> = rows.iter().collect();
-            recorded += state.record_published(&refs).await?.len();
+            unrecorded_records.push(
+                record
+                    .rows
+                    .iter()
+                    .filter(|r| unrecorded.contains(&r.id))
+                    .map(|r| Published {
+                        id: r.id,
+                        topic: r.topic.as_str().into(),
+                        partition: r.partition,
+                        offset: r.offset,
+                        xid: None,
+                    })
+                    .collect(),
+            );
         }
+    }
+    let mut recorded = 0;
+    for rows in unrecorded_records.iter().rev() {
+        let refs: Vec<&Published> = rows.iter().collect();
+        recorded += state.record_published(&refs).await?.len();
     }
     Ok(done(recorded))
 }
