@@ -539,10 +539,14 @@ async fn a_recovery_cut_short_leaves_nothing_to_send_twice() {
             .map(|(i, &id)| ProgressRow { id, topic: topic.clone(), partition: 0, offset: (n * 2 + i) as i64 })
             .collect();
         let record = ProgressRecord { transactional_id: config.transactional_id(), rows };
-        let payload = serde_json::to_vec(&record).expect("json");
-        let key = config.transactional_id();
+        // The record exactly as the sink writes it inside a transaction.
+        let outbound = record.outbound(&progress).expect("progress record");
+        let payload = outbound.payload.expect("a progress record has a payload");
         producer
-            .send(FutureRecord::to(&progress).key(&key).payload(&payload), Duration::from_secs(30))
+            .send(
+                FutureRecord::to(&progress).key(outbound.key.as_ref()).payload(payload.as_ref()),
+                Duration::from_secs(30),
+            )
             .await
             .expect("progress record delivered");
     }
