@@ -33,7 +33,7 @@ use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, Producer};
+use rdkafka::producer::Producer;
 
 use crate::codec::{Codec, SchemaError};
 use crate::config::Config;
@@ -144,7 +144,7 @@ pub async fn replay(config: &Config, filter: &ReplayFilter) -> Result<ReplaySumm
 
     let codec = Codec::prepare(config).await?;
     let builder = RecordBuilder::new(TopicRouter::new(&config.routing), codec);
-    let producer: FutureProducer = sink::idempotent_config(&config.kafka).create().map_err(ReplayError::Producer)?;
+    let producer = sink::reports::create(&sink::idempotent_config(&config.kafka)).map_err(ReplayError::Producer)?;
     let principal = config.kafka.principal();
     let statement = client.prepare(&RowQuery::replay(store.sql(), &table.columns)).await?;
     let limit = i64::try_from(config.source.batch_rows).unwrap_or(i64::MAX);
@@ -206,7 +206,7 @@ fn progress_bar(total: u64) -> ProgressBar {
 /// enqueues it (the shared produce loop waits while librdkafka's queue is full).
 /// `principal` names the relay in an authorization refusal.
 async fn send(
-    producer: &FutureProducer,
+    producer: &sink::KafkaProducer,
     builder: &RecordBuilder,
     row: &OutboxRow,
     (replayed_at, principal): (&str, &str),
@@ -225,14 +225,14 @@ async fn send(
 
 async fn outcome(
     id: i64,
-    delivery: DeliveryFuture,
+    delivery: sink::reports::Report,
     topic: std::sync::Arc<str>,
     principal: String,
 ) -> (i64, Result<(), String>) {
     let result = match delivery.await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err((err, _))) => Err(classify_for_topic(&err, &topic, &principal).to_string()),
-        Err(_canceled) => Err("producer closed before delivery".to_string()),
+        Ok(_) => Ok(()),
+        Err(KafkaError::Canceled) => Err("producer closed before delivery".to_string()),
+        Err(err) => Err(classify_for_topic(&err, &topic, &principal).to_string()),
     };
     (id, result)
 }

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use rdkafka::producer::FutureProducer;
+use super::reports::KafkaProducer;
 
 use super::record;
 use super::topics::Topics;
@@ -105,7 +105,7 @@ pub enum HeldAt {
 
 struct DeadLetter {
     topic: String,
-    producer: FutureProducer,
+    producer: KafkaProducer,
     topics: Topics,
 }
 
@@ -123,7 +123,7 @@ impl Holder {
     }
 
     /// Sends a JSON copy of every held row, with the reason, to `topic`.
-    pub fn with_dead_letter(mut self, topic: String, producer: FutureProducer, topics: Topics) -> Self {
+    pub fn with_dead_letter(mut self, topic: String, producer: KafkaProducer, topics: Topics) -> Self {
         self.dead_letter = Some(Arc::new(DeadLetter { topic, producer, topics }));
         self
     }
@@ -180,7 +180,7 @@ impl DeadLetter {
         match record::produce(&self.producer, record::dead_letter(&topic, row, reason)).await {
             Ok(delivery) => {
                 tokio::spawn(async move {
-                    if let Ok(Err((err, _))) = delivery.await {
+                    if let Err(err) = delivery.await {
                         tracing::warn!(row_id, topic = %topic, error = %err, "dead-letter copy not delivered");
                     }
                 });

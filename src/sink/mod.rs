@@ -29,6 +29,7 @@ pub mod held;
 pub mod partition;
 pub mod progress;
 pub mod record;
+pub mod reports;
 pub mod topics;
 pub mod transaction;
 
@@ -37,13 +38,14 @@ use std::time::Instant;
 
 use futures::FutureExt;
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::producer::Producer;
 use rdkafka::ClientConfig;
 use tokio::sync::mpsc;
 
 pub use connection::{client_config, probe, ConnectError};
 pub use held::{HeldAt, HeldEntities, Holder, TooManyHeld};
 pub use record::{Outbound, RecordBuilder};
+pub use reports::KafkaProducer;
 pub use topics::Topics;
 pub use transaction::Transactions;
 
@@ -115,7 +117,7 @@ pub fn idempotent_config(config: &KafkaConfig) -> ClientConfig {
 
 /// Produces rows to Kafka.
 pub struct KafkaSink {
-    producer: FutureProducer,
+    producer: KafkaProducer,
     /// Who the ACLs must name, for held-row messages.
     principal: Arc<str>,
     topics: Topics,
@@ -134,7 +136,7 @@ impl KafkaSink {
     /// A sink whose held rows (and waiting rows) are decided by a holder
     /// over `held`, with the dead-letter topic if one is configured.
     pub fn new(config: &Config, held: HeldEntities, codec: Codec) -> Result<Self, SinkError> {
-        let producer: FutureProducer = producer_config(config).create().map_err(SinkError::Client)?;
+        let producer = reports::create(&producer_config(config)).map_err(SinkError::Client)?;
         let admin = client_config(&config.kafka).create().map_err(SinkError::Client)?;
         let principal: Arc<str> = config.kafka.principal().into();
         let topics = Topics::new(admin, producer.clone(), config.routing.clone(), Arc::clone(&principal));
@@ -221,7 +223,6 @@ impl KafkaSink {
                 return self.hold(routed, error).await;
             }
         }
-        routed.key = Some(record.key.clone());
         let bytes = record.payload.as_ref().map_or(0, bytes::Bytes::len);
         if let Some(partitions) = facts.partitions {
             let partition = partition::partition_for(&record.key, partitions);
@@ -229,12 +230,17 @@ impl KafkaSink {
             self.first_writes.ready(&routed.topic, partition).await;
         }
         let partition = record.partition;
+        // A clone of the key `Bytes` allocates; only a dead-letter copy needs it.
+        let key = if self.holder.keeps_payloads() { record.key.clone() } else { bytes::Bytes::new() };
         match record::produce(&self.producer, record).await {
             Ok(delivery) => {
                 let handed_over = Instant::now();
                 metrics::bytes_produced(bytes);
                 metrics::producer_queue(self.producer.in_flight_count());
-                if !self.holder.keeps_payloads() {
+                if self.holder.keeps_payloads() {
+                    // For the dead-letter copy of a row held from its report.
+                    routed.key = Some(key);
+                } else {
                     // Only a dead-letter copy needs it after this point.
                     routed.row.payload = None;
                 }
@@ -248,13 +254,15 @@ impl KafkaSink {
                         // was seen for a message no consumer could find: never
                         // record it as published; the run restarts and sends it
                         // again (a duplicate at worst, never a loss).
-                        Ok(Ok(delivery)) if delivery.offset < 0 => Err(PublishError::Retriable(format!(
+                        Ok(delivery) if delivery.offset < 0 => Err(PublishError::Retriable(format!(
                             "delivery report without an offset (partition {}, offset {}); not counted as published",
                             delivery.partition, delivery.offset
                         ))),
-                        Ok(Ok(delivery)) => Ok(Ack { partition: delivery.partition, offset: delivery.offset }),
-                        Ok(Err((err, _))) => Err(classify_for_topic(&err, &topic, &principal)),
-                        Err(_canceled) => Err(PublishError::Retriable("producer closed before delivery".into())),
+                        Ok(delivery) => Ok(Ack { partition: delivery.partition, offset: delivery.offset }),
+                        Err(KafkaError::Canceled) => {
+                            Err(PublishError::Retriable("producer closed before delivery".into()))
+                        }
+                        Err(err) => Err(classify_for_topic(&err, &topic, &principal)),
                     }
                 }));
                 let pending = match partition {
@@ -264,7 +272,12 @@ impl KafkaSink {
                 Ok(InFlight::Sent { row: routed, delivery: pending })
             }
             Err(err) => match classify_for_topic(&err, &routed.topic, &self.principal) {
-                PublishError::Permanent(error) => self.hold(routed, error).await,
+                PublishError::Permanent(error) => {
+                    if self.holder.keeps_payloads() {
+                        routed.key = Some(key);
+                    }
+                    self.hold(routed, error).await
+                }
                 retriable => Ok(self.failed(routed, retriable)),
             },
         }

@@ -8,13 +8,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{BaseRecord, Producer};
 
 use crate::codec::{Codec, CodecError};
 use crate::delivery::RoutedRow;
 use crate::outbox::OutboxRow;
 use crate::routing::TopicRouter;
 use crate::telemetry::metrics;
+
+use super::reports::{KafkaProducer, Report};
 
 /// A record ready for the producer.
 pub struct Outbound {
@@ -108,23 +110,29 @@ pub fn dead_letter(topic: &str, routed: &RoutedRow, reason: &str) -> Outbound {
     .with_header("held_reason", reason)
 }
 
-/// Hands `record` to the producer. While librdkafka's queue is full it
-/// waits for deliveries to drain it (backpressure) instead of buffering.
-pub async fn produce(producer: &FutureProducer, record: Outbound) -> Result<DeliveryFuture, KafkaError> {
-    let mut future_record =
-        FutureRecord::<[u8], [u8]>::to(&record.topic).key(record.key.as_ref()).headers(record.headers);
+/// Hands `record` to the producer; the [`Report`] resolves with its
+/// delivery report. While librdkafka's queue is full it waits for
+/// deliveries to drain it (backpressure) instead of buffering.
+pub async fn produce(producer: &KafkaProducer, record: Outbound) -> Result<Report, KafkaError> {
+    let mut report = producer.context().reserve();
+    let mut base_record = BaseRecord::<[u8], [u8], usize>::with_opaque_to(&record.topic, report.slot())
+        .key(record.key.as_ref())
+        .headers(record.headers);
     if let Some(payload) = record.payload.as_deref() {
-        future_record = future_record.payload(payload);
+        base_record = base_record.payload(payload);
     }
     if let Some(partition) = record.partition {
-        future_record = future_record.partition(partition);
+        base_record = base_record.partition(partition);
     }
     loop {
-        match producer.send_result(future_record) {
-            Ok(delivery) => return Ok(delivery),
+        match producer.send(base_record) {
+            Ok(()) => {
+                report.mark_sent();
+                return Ok(report);
+            }
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
                 metrics::queue_full();
-                future_record = returned;
+                base_record = returned;
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             Err((err, _)) => return Err(err),

@@ -19,7 +19,9 @@ use std::time::Duration;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::producer::Producer;
+
+use super::reports::KafkaProducer;
 
 use crate::config::{RoutingConfig, TopicKind};
 use crate::delivery::PublishError;
@@ -60,7 +62,7 @@ impl TopicFacts {
 #[derive(Clone)]
 pub struct Topics {
     admin: Arc<AdminClient<DefaultClientContext>>,
-    producer: FutureProducer,
+    producer: KafkaProducer,
     routing: RoutingConfig,
     /// Who the ACLs must name (`KafkaConfig::principal`), for messages.
     principal: Arc<str>,
@@ -80,7 +82,7 @@ impl Topics {
     /// `principal` is named in the messages of held rows (the ACL to grant).
     pub fn new(
         admin: AdminClient<DefaultClientContext>,
-        producer: FutureProducer,
+        producer: KafkaProducer,
         routing: RoutingConfig,
         principal: Arc<str>,
     ) -> Self {

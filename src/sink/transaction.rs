@@ -28,7 +28,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::producer::Producer;
+
+use super::reports::KafkaProducer;
 use tokio::sync::mpsc;
 
 use super::progress::{ProgressRecord, ProgressRow};
@@ -78,9 +80,9 @@ impl Transactions {
 }
 
 /// Runs a blocking transaction call of the producer off the runtime.
-async fn call<F>(producer: &FutureProducer, f: F) -> Result<(), KafkaError>
+async fn call<F>(producer: &KafkaProducer, f: F) -> Result<(), KafkaError>
 where
-    F: FnOnce(&FutureProducer) -> Result<(), KafkaError> + Send + 'static,
+    F: FnOnce(&KafkaProducer) -> Result<(), KafkaError> + Send + 'static,
 {
     let producer = producer.clone();
     match tokio::task::spawn_blocking(move || f(&producer)).await {
@@ -380,11 +382,7 @@ impl KafkaSink {
     /// takes the report (100 ms added to every transaction).
     async fn send_progress(&self, record: super::Outbound) -> Result<(), KafkaError> {
         let delivery = super::record::produce(&self.producer, record).await?;
-        match delivery.await {
-            Ok(Ok(_)) => {}
-            Ok(Err((err, _))) => return Err(err),
-            Err(_canceled) => return Err(KafkaError::Canceled),
-        }
+        delivery.await?;
         // The report reaches this task a moment before librdkafka counts
         // the message as gone; a flush that still sees it waits 100 ms.
         for _ in 0..SETTLE_STEPS {

@@ -126,6 +126,9 @@ struct PerMessage {
     last_publish: Gauge,
     in_flight: Gauge,
     producer_queue: Gauge,
+    /// Set per source transaction (logical mode).
+    source_position: Gauge,
+    confirmed_position: Gauge,
 }
 
 fn per_message() -> &'static PerMessage {
@@ -137,6 +140,8 @@ fn per_message() -> &'static PerMessage {
         last_publish: gauge!(LAST_PUBLISH_TIMESTAMP_SECONDS),
         in_flight: gauge!(IN_FLIGHT),
         producer_queue: gauge!(PRODUCER_QUEUE_MESSAGES),
+        source_position: gauge!(SOURCE_POSITION),
+        confirmed_position: gauge!(CONFIRMED_POSITION),
     })
 }
 
@@ -228,11 +233,11 @@ pub fn kafka_ack(took: Duration) {
 }
 
 pub fn source_position(position: u64) {
-    gauge!(SOURCE_POSITION).set(position as f64);
+    per_message().source_position.set(position as f64);
 }
 
 pub fn confirmed_position(position: u64) {
-    gauge!(CONFIRMED_POSITION).set(position as f64);
+    per_message().confirmed_position.set(position as f64);
 }
 
 pub fn restart(component: &'static str) {

@@ -1,0 +1,275 @@
+//! The relay's Kafka producer and its delivery reports, without a channel or
+//! a boxed sender per record.
+//!
+//! rdkafka's `FutureProducer` allocates a oneshot channel and boxes its
+//! sender for every record; both are made on the relay's thread and freed
+//! on the producer's polling thread, which defeats the allocator's
+//! per-thread caches. Here each record takes a slot in a table that the
+//! delivery callback fills and the record's [`Report`] future reads. Slots
+//! are reused, so the table grows to the most records in flight at once and
+//! then stays that size.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::FromClientConfigAndContext;
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::Message;
+use rdkafka::producer::{DeliveryResult, ProducerContext, ThreadedProducer};
+use rdkafka::ClientConfig;
+
+/// The producer the sink, the dead-letter copy and `relay replay` share:
+/// librdkafka's own thread serves the delivery reports into [`Reports`].
+pub type KafkaProducer = Arc<ThreadedProducer<Reports>>;
+
+/// Creates a producer with `config`.
+pub fn create(config: &ClientConfig) -> KafkaResult<KafkaProducer> {
+    Ok(Arc::new(ThreadedProducer::from_config_and_context(config, Reports::default())?))
+}
+
+/// Where a record was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    pub partition: i32,
+    /// librdkafka's -1001 when the broker did not say (see the sink).
+    pub offset: i64,
+}
+
+/// The delivery reports of records in flight, by slot.
+#[derive(Default)]
+pub struct Reports {
+    table: Mutex<Table>,
+}
+
+#[derive(Default)]
+struct Table {
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+}
+
+enum Slot {
+    Free,
+    /// Handed to a record; the waker of the task awaiting its report.
+    Waiting(Option<Waker>),
+    Done(Result<Delivered, KafkaError>),
+    /// Its [`Report`] was dropped before the report came: freed when it does.
+    Abandoned,
+}
+
+impl Table {
+    fn take(&mut self) -> usize {
+        match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot] = Slot::Waiting(None);
+                slot
+            }
+            None => {
+                self.slots.push(Slot::Waiting(None));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    fn release(&mut self, slot: usize) {
+        self.slots[slot] = Slot::Free;
+        self.free.push(slot);
+    }
+}
+
+impl Reports {
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        // The table stays consistent across a panic: every change is one
+        // assignment.
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A slot for a record about to be sent; its opaque is [`Report::slot`].
+    pub fn reserve(self: &Arc<Self>) -> Report {
+        let slot = self.lock().take();
+        Report { reports: Arc::clone(self), slot, sent: false, settled: false }
+    }
+
+    /// Slots in use (records in flight and reports not yet read).
+    #[cfg(test)]
+    fn in_use(&self) -> usize {
+        let table = self.lock();
+        table.slots.len() - table.free.len()
+    }
+
+    fn settle(&self, slot: usize, outcome: Result<Delivered, KafkaError>) {
+        let waker = {
+            let mut table = self.lock();
+            let Some(entry) = table.slots.get_mut(slot) else {
+                tracing::error!(slot, "delivery report for an unknown slot");
+                return;
+            };
+            match std::mem::replace(entry, Slot::Done(outcome)) {
+                Slot::Waiting(waker) => waker,
+                Slot::Abandoned => {
+                    table.release(slot);
+                    None
+                }
+                previous => {
+                    // A second report for one record: librdkafka never sends one.
+                    *entry = previous;
+                    tracing::error!(slot, "second delivery report for one record; ignored");
+                    None
+                }
+            }
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
+impl ClientContext for Reports {}
+
+impl ProducerContext for Reports {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, slot: usize) {
+        let outcome = match result {
+            Ok(message) => Ok(Delivered { partition: message.partition(), offset: message.offset() }),
+            Err((error, _)) => Err(error.clone()),
+        };
+        self.settle(slot, outcome);
+    }
+}
+
+/// The delivery report of one record, once it comes.
+pub struct Report {
+    reports: Arc<Reports>,
+    slot: usize,
+    /// Handed to librdkafka, which will report it.
+    sent: bool,
+    /// Read: the slot is free again.
+    settled: bool,
+}
+
+impl Report {
+    /// The record's opaque for librdkafka.
+    pub fn slot(&self) -> usize {
+        self.slot
+    }
+
+    /// librdkafka took the record: a report will come.
+    pub fn mark_sent(&mut self) {
+        self.sent = true;
+    }
+}
+
+impl Future for Report {
+    type Output = Result<Delivered, KafkaError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if self.settled {
+            return Poll::Ready(Err(KafkaError::Canceled));
+        }
+        let slot = self.slot;
+        let outcome = {
+            let mut table = self.reports.lock();
+            match &mut table.slots[slot] {
+                Slot::Waiting(waker) => {
+                    if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                        *waker = Some(cx.waker().clone());
+                    }
+                    return Poll::Pending;
+                }
+                Slot::Done(_) => match std::mem::replace(&mut table.slots[slot], Slot::Free) {
+                    Slot::Done(outcome) => {
+                        table.free.push(slot);
+                        outcome
+                    }
+                    _ => unreachable!("matched Done above"),
+                },
+                Slot::Free | Slot::Abandoned => Err(KafkaError::Canceled),
+            }
+        };
+        self.settled = true;
+        Poll::Ready(outcome)
+    }
+}
+
+impl Drop for Report {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let mut table = self.reports.lock();
+        match table.slots[self.slot] {
+            Slot::Waiting(_) if self.sent => table.slots[self.slot] = Slot::Abandoned,
+            Slot::Waiting(_) | Slot::Done(_) => table.release(self.slot),
+            Slot::Free | Slot::Abandoned => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::FutureExt;
+
+    fn reports() -> Arc<Reports> {
+        Arc::new(Reports::default())
+    }
+
+    #[test]
+    fn a_report_reads_its_own_slot_and_frees_it() {
+        let reports = reports();
+        let mut first = reports.reserve();
+        let mut second = reports.reserve();
+        first.mark_sent();
+        second.mark_sent();
+        assert!((&mut first).now_or_never().is_none(), "no report yet");
+        reports.settle(second.slot(), Ok(Delivered { partition: 1, offset: 7 }));
+        reports.settle(first.slot(), Ok(Delivered { partition: 0, offset: 3 }));
+        assert_eq!(first.now_or_never().expect("ready").expect("ok"), Delivered { partition: 0, offset: 3 });
+        assert_eq!(second.now_or_never().expect("ready").expect("ok"), Delivered { partition: 1, offset: 7 });
+        assert_eq!(reports.in_use(), 0);
+        let third = reports.reserve();
+        assert!(third.slot() < 2, "a freed slot is reused");
+    }
+
+    #[test]
+    fn an_error_report_is_the_reports_outcome() {
+        let reports = reports();
+        let mut report = reports.reserve();
+        report.mark_sent();
+        reports.settle(report.slot(), Err(KafkaError::Canceled));
+        assert!(matches!(report.now_or_never(), Some(Err(KafkaError::Canceled))));
+    }
+
+    #[test]
+    fn a_dropped_report_frees_its_slot_only_when_its_report_comes() {
+        let reports = reports();
+        let mut sent = reports.reserve();
+        sent.mark_sent();
+        let slot = sent.slot();
+        drop(sent);
+        assert_eq!(reports.in_use(), 1, "librdkafka still holds the record");
+        reports.settle(slot, Ok(Delivered { partition: 0, offset: 1 }));
+        assert_eq!(reports.in_use(), 0);
+        // A record never sent (the queue stayed full, the run ended) frees
+        // its slot at once: no report will come.
+        drop(reports.reserve());
+        assert_eq!(reports.in_use(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_report_wakes_the_task_awaiting_it() {
+        let reports = reports();
+        let mut report = reports.reserve();
+        report.mark_sent();
+        let slot = report.slot();
+        let settler = Arc::clone(&reports);
+        let waiter = tokio::spawn(report);
+        tokio::task::yield_now().await;
+        std::thread::spawn(move || settler.settle(slot, Ok(Delivered { partition: 2, offset: 9 })));
+        let outcome = waiter.await.expect("joined").expect("ok");
+        assert_eq!(outcome, Delivered { partition: 2, offset: 9 });
+    }
+}
