@@ -10,6 +10,9 @@
 //!    lease from `leader`, `cli` and `migrate` use them)
 //! ```
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
+
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -50,13 +53,13 @@ pub struct OutboxRow {
     pub id: i64,
     /// Unique message id consumers dedupe on.
     pub event_id: Uuid,
-    /// Entity type; routes to a topic.
-    pub aggregate_type: String,
+    /// Entity type; routes to a topic. Shared: few distinct values.
+    pub aggregate_type: Arc<str>,
     /// Entity id; the Kafka key.
     pub aggregate_id: String,
-    pub event_type: String,
+    pub event_type: Arc<str>,
     /// `event`, `state` or `command`.
-    pub kind: String,
+    pub kind: Arc<str>,
     pub entity_version: Option<i64>,
     /// The payload as JSON text, exactly as Postgres printed it; `None` (SQL
     /// NULL) for a tombstone: a state row saying the entity is gone.
@@ -109,6 +112,52 @@ pub struct RowLayout {
     headers: Option<usize>,
     occurred_at: usize,
     names: ColumnNames,
+    shared: SharedText,
+}
+
+/// The text values of the columns with few distinct values (aggregate
+/// type, event type, kind), one allocation each, shared by every row that
+/// has them: three allocations per row fewer.
+#[derive(Default)]
+struct SharedText(Mutex<HashSet<Arc<str>>>);
+
+/// Beyond this many distinct values, new ones are not kept (memory stays
+/// bounded whatever the table holds).
+const SHARED_TEXT_MAX: usize = 4096;
+
+impl SharedText {
+    fn get(&self, text: &str) -> Arc<str> {
+        let mut known = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(shared) = known.get(text) {
+            return Arc::clone(shared);
+        }
+        let shared: Arc<str> = text.into();
+        if known.len() < SHARED_TEXT_MAX {
+            known.insert(Arc::clone(&shared));
+        }
+        shared
+    }
+}
+
+impl Clone for SharedText {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+/// A cache: layouts are equal whatever it holds.
+impl PartialEq for SharedText {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for SharedText {}
+
+impl std::fmt::Debug for SharedText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedText")
+    }
 }
 
 impl RowLayout {
@@ -128,6 +177,7 @@ impl RowLayout {
             headers: find(&names.headers),
             occurred_at: need(&names.occurred_at)?,
             names: names.clone(),
+            shared: SharedText::default(),
         })
     }
 
@@ -168,10 +218,10 @@ impl RowLayout {
         Ok(OutboxRow {
             id,
             event_id,
-            aggregate_type: required(self.aggregate_type, &n.aggregate_type)?.to_string(),
+            aggregate_type: self.shared.get(required(self.aggregate_type, &n.aggregate_type)?),
             aggregate_id: required(self.aggregate_id, &n.aggregate_id)?.to_string(),
-            event_type: required(self.event_type, &n.event_type)?.to_string(),
-            kind: required(self.kind, &n.kind)?.to_string(),
+            event_type: self.shared.get(required(self.event_type, &n.event_type)?),
+            kind: self.shared.get(required(self.kind, &n.kind)?),
             entity_version,
             payload,
             headers,
@@ -286,6 +336,24 @@ mod tests {
         let mut bad = values.clone();
         bad[0] = v("seven");
         assert!(matches!(layout.row(&bad, None), Err(RowError::Malformed { .. })));
+        // Rows share the text of the few-valued columns; the entity id is their own.
+        let again = layout.row(&values, None).expect("row");
+        assert!(Arc::ptr_eq(&row.aggregate_type, &again.aggregate_type));
+        assert!(Arc::ptr_eq(&row.event_type, &again.event_type));
+        assert!(Arc::ptr_eq(&row.kind, &again.kind));
+        assert_eq!(&*again.kind, "event");
+    }
+
+    #[test]
+    fn shared_text_stays_bounded() {
+        let shared = SharedText::default();
+        for i in 0..SHARED_TEXT_MAX + 10 {
+            assert_eq!(&*shared.get(&format!("type-{i}")), format!("type-{i}"));
+        }
+        let kept = shared.0.lock().expect("lock").len();
+        assert_eq!(kept, SHARED_TEXT_MAX);
+        let late = format!("type-{}", SHARED_TEXT_MAX + 5);
+        assert!(!Arc::ptr_eq(&shared.get(&late), &shared.get(&late)), "values past the bound are not kept");
     }
 
     #[test]

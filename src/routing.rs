@@ -12,7 +12,7 @@ use crate::outbox::OutboxRow;
 const REMEMBERED_TOPICS: usize = 4096;
 
 /// Topic names by aggregate type, one map per kind (event, state).
-type RememberedTopics = [HashMap<String, Arc<str>>; 2];
+type RememberedTopics = [HashMap<Arc<str>, Arc<str>>; 2];
 
 /// Chooses the topic of each row from its aggregate type and kind.
 #[derive(Debug, Clone)]
@@ -42,7 +42,7 @@ impl TopicRouter {
         // the names are still right, or missing.
         let Ok(mut remembered) = self.remembered.lock() else { return make() };
         let names = &mut remembered[usize::from(kind == TopicKind::State)];
-        if let Some(topic) = names.get(row.aggregate_type.as_str()) {
+        if let Some(topic) = names.get(&*row.aggregate_type) {
             return Arc::clone(topic);
         }
         if names.len() >= REMEMBERED_TOPICS {

@@ -299,14 +299,14 @@ impl Codec {
                 let schema = self
                     .schemas
                     .get(&(kind, format!("{}/{}", row.aggregate_type, row.event_type)))
-                    .or_else(|| self.schemas.get(&(kind, row.aggregate_type.clone())))
+                    .or_else(|| self.schemas.get(&(kind, row.aggregate_type.to_string())))
                     .ok_or_else(|| CodecError::NoSchema {
                         map: match kind {
                             TopicKind::Event => "codec.schemas",
                             TopicKind::State => "codec.state_schemas",
                         },
-                        aggregate_type: row.aggregate_type.clone(),
-                        event_type: row.event_type.clone(),
+                        aggregate_type: row.aggregate_type.to_string(),
+                        event_type: row.event_type.to_string(),
                     })?;
                 let id = *schema
                     .ids

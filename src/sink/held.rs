@@ -146,7 +146,7 @@ impl Holder {
         let r = &row.row;
         match self.entities.blocker(&r.aggregate_type, &r.aggregate_id)? {
             blocker if blocker == r.id => {
-                self.entities.release(&(r.aggregate_type.clone(), r.aggregate_id.clone()), r.id);
+                self.entities.release(&(r.aggregate_type.to_string(), r.aggregate_id.clone()), r.id);
                 None
             }
             blocker => Some(blocker),

@@ -90,10 +90,10 @@ pub fn dead_letter(topic: &str, routed: &RoutedRow, reason: &str) -> Outbound {
     let body = serde_json::json!({
         "row_id": row.id,
         "event_id": row.event_id,
-        "aggregate_type": row.aggregate_type,
+        "aggregate_type": &*row.aggregate_type,
         "aggregate_id": row.aggregate_id,
-        "event_type": row.event_type,
-        "kind": row.kind,
+        "event_type": &*row.event_type,
+        "kind": &*row.kind,
         "entity_version": row.entity_version,
         "occurred_at": row.occurred_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
         "topic": &*routed.topic,
@@ -264,7 +264,7 @@ mod tests {
         assert_eq!(get("event_id"), Some(row.event_id.to_string()));
         assert_eq!(get("occurred_at"), Some(row.occurred_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)));
         assert_eq!(get("entity_version").as_deref(), Some("-9223372036854775808"));
-        assert_eq!(get("event_type"), Some(row.event_type.clone()));
+        assert_eq!(get("event_type"), Some(row.event_type.to_string()));
         assert_eq!(get("traceparent").as_deref(), Some("00-abc-def-01"));
         assert_eq!(get("n").as_deref(), Some("3"));
         assert_eq!(get("gone"), None);
