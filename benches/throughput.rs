@@ -164,6 +164,9 @@ struct Scenario {
     extra_toml: String,
     avro: bool,
     publish_state: PublishState,
+    /// `sslmode=disable` in the relay's Postgres URL: what TLS to Postgres
+    /// costs (the stack's Postgres serves TLS; the default `prefer` uses it).
+    plain_postgres: bool,
 }
 
 /// Where a bench run's relay records publish state, if at all.
@@ -286,6 +289,15 @@ struct Figures {
 async fn run_scenario(stack: &Stack, scenario: &Scenario) -> Figures {
     let db = TestDb::new(stack).await;
     let config = db.write_config(&format!("{}\n{}", scenario.extra_toml, scenario.publish_state.toml()));
+    if scenario.plain_postgres {
+        let text = std::fs::read_to_string(&config).expect("read config");
+        let plain = text.replace(
+            &format!("postgres.url = \"{}\"", db.url),
+            &format!("postgres.url = \"{}?sslmode=disable\"", db.url),
+        );
+        assert_ne!(plain, text, "the URL is in the config");
+        std::fs::write(&config, plain).expect("write config");
+    }
     db.migrate(&config);
     if scenario.avro {
         let output = relay_command(&config).args(["schemas", "register"]).output().expect("register schemas");
@@ -429,30 +441,42 @@ async fn main() {
             extra_toml: String::new(),
             avro: false,
             publish_state: PublishState::OutboxRow,
+            plain_postgres: false,
         },
         Scenario {
             name: "logical, JSON, no publish state (bench only)",
             extra_toml: String::new(),
             avro: false,
             publish_state: PublishState::Skipped,
+            plain_postgres: false,
         },
         Scenario {
             name: "logical, JSON, side table",
             extra_toml: String::new(),
             avro: false,
             publish_state: PublishState::SideTable,
+            plain_postgres: false,
+        },
+        Scenario {
+            name: "logical, JSON, side table, no TLS to Postgres",
+            extra_toml: String::new(),
+            avro: false,
+            publish_state: PublishState::SideTable,
+            plain_postgres: true,
         },
         Scenario {
             name: "logical, JSON, exactly-once",
             extra_toml: "kafka.delivery = \"exactly_once\"".into(),
             avro: false,
             publish_state: PublishState::OutboxRow,
+            plain_postgres: false,
         },
         Scenario {
             name: "poll, JSON",
             extra_toml: "source.mode = \"poll\"".into(),
             avro: false,
             publish_state: PublishState::OutboxRow,
+            plain_postgres: false,
         },
         Scenario {
             name: "logical, Avro",
@@ -462,6 +486,7 @@ async fn main() {
             ),
             avro: true,
             publish_state: PublishState::OutboxRow,
+            plain_postgres: false,
         },
     ];
     let only = std::env::var("BENCH_SCENARIOS").ok();
