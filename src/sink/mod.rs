@@ -231,7 +231,7 @@ impl KafkaSink {
         }
         let partition = record.partition;
         // A clone of the key `Bytes` allocates; only a dead-letter copy needs it.
-        let key = if self.holder.keeps_payloads() { record.key.clone() } else { bytes::Bytes::new() };
+        let key = self.holder.keeps_payloads().then(|| record.key.clone());
         match record::produce(&self.producer, record).await {
             Ok(delivery) => {
                 let handed_over = Instant::now();
@@ -239,7 +239,7 @@ impl KafkaSink {
                 metrics::producer_queue(self.producer.in_flight_count());
                 if self.holder.keeps_payloads() {
                     // For the dead-letter copy of a row held from its report.
-                    routed.key = Some(key);
+                    routed.key = key;
                 } else {
                     // Only a dead-letter copy needs it after this point.
                     routed.row.payload = None;
@@ -273,9 +273,7 @@ impl KafkaSink {
             }
             Err(err) => match classify_for_topic(&err, &routed.topic, &self.principal) {
                 PublishError::Permanent(error) => {
-                    if self.holder.keeps_payloads() {
-                        routed.key = Some(key);
-                    }
+                    routed.key = key;
                     self.hold(routed, error).await
                 }
                 retriable => Ok(self.failed(routed, retriable)),
