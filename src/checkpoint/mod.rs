@@ -24,11 +24,12 @@
 pub mod retention;
 
 use std::collections::HashSet;
+use std::pin::Pin;
 use std::time::Duration;
 
 use futures::FutureExt;
 use tokio::sync::{mpsc, watch};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tracing::Instrument;
 
 use crate::delivery::{waiting_reason, Ack, InFlight, PendingDelivery, PublishError, RoutedRow};
@@ -93,14 +94,18 @@ impl<S: PublishStateStore> Checkpoint<S> {
     /// Settles items in order until the sink is done, then records the rest.
     pub async fn run(self, mut input: mpsc::Receiver<InFlight>) -> Result<(), CheckpointError> {
         let mut batch = Batch::default();
-        let mut deadline = Instant::now() + self.flush_interval;
+        // One timer for the whole run, moved when a batch starts: a timer
+        // made afresh per item made tokio wake its own driver (a write to
+        // an eventfd) for nearly every row.
+        let flush_timer = tokio::time::sleep_until(Instant::now() + self.flush_interval);
+        tokio::pin!(flush_timer);
         loop {
             let item = if batch.is_empty() {
                 input.recv().await
             } else {
                 tokio::select! {
                     item = input.recv() => item,
-                    _ = tokio::time::sleep_until(deadline) => {
+                    () = &mut flush_timer => {
                         self.flush(&mut batch).await?;
                         continue;
                     }
@@ -109,7 +114,7 @@ impl<S: PublishStateStore> Checkpoint<S> {
             let Some(item) = item else { break };
             metrics::in_flight_dec();
             if batch.is_empty() {
-                deadline = Instant::now() + self.flush_interval;
+                flush_timer.as_mut().reset(Instant::now() + self.flush_interval);
             }
             match item {
                 InFlight::Boundary(boundary) => batch.boundary = Some(boundary),
@@ -118,11 +123,11 @@ impl<S: PublishStateStore> Checkpoint<S> {
                     batch.held.push(held_state(&row, waiting_reason(behind), Some(behind)));
                 }
                 InFlight::Sent { row, delivery } => {
-                    let outcome = self.await_delivery(delivery, &mut batch, &mut deadline).await?;
+                    let outcome = self.await_delivery(delivery, &mut batch, flush_timer.as_mut()).await?;
                     self.settle_delivery(row, outcome, &mut batch).await?;
                 }
             }
-            if batch.rows() >= self.batch_rows || Instant::now() >= deadline {
+            if batch.rows() >= self.batch_rows || Instant::now() >= flush_timer.deadline() {
                 self.flush(&mut batch).await?;
             }
         }
@@ -130,27 +135,27 @@ impl<S: PublishStateStore> Checkpoint<S> {
     }
 
     /// Waits for one delivery, recording what is already settled whenever
-    /// the flush interval passes meanwhile.
+    /// the flush timer fires meanwhile.
     async fn await_delivery(
         &self,
         mut delivery: PendingDelivery,
         batch: &mut Batch,
-        deadline: &mut Instant,
+        mut flush_timer: Pin<&mut Sleep>,
     ) -> Result<Result<Ack, PublishError>, CheckpointError> {
         loop {
             if batch.is_empty() {
                 return Ok((&mut delivery).await);
             }
             // Already acknowledged (the usual case while a backlog drains):
-            // no timer to arm and disarm for it.
+            // no timer to poll for it.
             if let Some(outcome) = (&mut delivery).now_or_never() {
                 return Ok(outcome);
             }
-            match tokio::time::timeout_at(*deadline, &mut delivery).await {
-                Ok(outcome) => return Ok(outcome),
-                Err(_) => {
+            tokio::select! {
+                outcome = &mut delivery => return Ok(outcome),
+                () = flush_timer.as_mut() => {
                     self.flush(batch).await?;
-                    *deadline = Instant::now() + self.flush_interval;
+                    flush_timer.as_mut().reset(Instant::now() + self.flush_interval);
                 }
             }
         }
