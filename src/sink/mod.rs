@@ -51,7 +51,7 @@ pub use transaction::Transactions;
 
 use crate::codec::Codec;
 use crate::config::{Config, Delivery, KafkaConfig, TopicKind};
-use crate::delivery::{classify_for_topic, Ack, InFlight, PendingDelivery, PublishError, RoutedRow};
+use crate::delivery::{classify_for_topic, InFlight, PendingDelivery, PublishError, RoutedRow};
 use crate::outbox::{OutboxRow, SourceEvent};
 use crate::routing::TopicRouter;
 use crate::telemetry::metrics;
@@ -258,7 +258,7 @@ impl KafkaSink {
                             "delivery report without an offset (partition {}, offset {}); not counted as published",
                             delivery.partition, delivery.offset
                         ))),
-                        Ok(delivery) => Ok(Ack { partition: delivery.partition, offset: delivery.offset }),
+                        Ok(ack) => Ok(ack),
                         Err(KafkaError::Canceled) => {
                             Err(PublishError::Retriable("producer closed before delivery".into()))
                         }

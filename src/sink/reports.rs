@@ -21,6 +21,8 @@ use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryResult, ProducerContext, ThreadedProducer};
 use rdkafka::ClientConfig;
 
+use crate::delivery::Ack;
+
 /// The producer the sink, the dead-letter copy and `relay replay` share:
 /// librdkafka's own thread serves the delivery reports into [`Reports`].
 pub type KafkaProducer = Arc<ThreadedProducer<Reports>>;
@@ -28,14 +30,6 @@ pub type KafkaProducer = Arc<ThreadedProducer<Reports>>;
 /// Creates a producer with `config`.
 pub fn create(config: &ClientConfig) -> KafkaResult<KafkaProducer> {
     Ok(Arc::new(ThreadedProducer::from_config_and_context(config, Reports::default())?))
-}
-
-/// Where a record was written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Delivered {
-    pub partition: i32,
-    /// librdkafka's -1001 when the broker did not say (see the sink).
-    pub offset: i64,
 }
 
 /// The delivery reports of records in flight, by slot.
@@ -54,7 +48,7 @@ enum Slot {
     Free,
     /// Handed to a record; the waker of the task awaiting its report.
     Waiting(Option<Waker>),
-    Done(Result<Delivered, KafkaError>),
+    Done(Result<Ack, KafkaError>),
     /// Its [`Report`] was dropped before the report came: freed when it does.
     Abandoned,
 }
@@ -99,7 +93,7 @@ impl Reports {
         table.slots.len() - table.free.len()
     }
 
-    fn settle(&self, slot: usize, outcome: Result<Delivered, KafkaError>) {
+    fn settle(&self, slot: usize, outcome: Result<Ack, KafkaError>) {
         let waker = {
             let mut table = self.lock();
             let Some(entry) = table.slots.get_mut(slot) else {
@@ -133,7 +127,7 @@ impl ProducerContext for Reports {
 
     fn delivery(&self, result: &DeliveryResult<'_>, slot: usize) {
         let outcome = match result {
-            Ok(message) => Ok(Delivered { partition: message.partition(), offset: message.offset() }),
+            Ok(message) => Ok(Ack { partition: message.partition(), offset: message.offset() }),
             Err((error, _)) => Err(error.clone()),
         };
         self.settle(slot, outcome);
@@ -163,7 +157,7 @@ impl Report {
 }
 
 impl Future for Report {
-    type Output = Result<Delivered, KafkaError>;
+    type Output = Result<Ack, KafkaError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         if self.settled {
@@ -225,10 +219,10 @@ mod tests {
         first.mark_sent();
         second.mark_sent();
         assert!((&mut first).now_or_never().is_none(), "no report yet");
-        reports.settle(second.slot(), Ok(Delivered { partition: 1, offset: 7 }));
-        reports.settle(first.slot(), Ok(Delivered { partition: 0, offset: 3 }));
-        assert_eq!(first.now_or_never().expect("ready").expect("ok"), Delivered { partition: 0, offset: 3 });
-        assert_eq!(second.now_or_never().expect("ready").expect("ok"), Delivered { partition: 1, offset: 7 });
+        reports.settle(second.slot(), Ok(Ack { partition: 1, offset: 7 }));
+        reports.settle(first.slot(), Ok(Ack { partition: 0, offset: 3 }));
+        assert_eq!(first.now_or_never().expect("ready").expect("ok"), Ack { partition: 0, offset: 3 });
+        assert_eq!(second.now_or_never().expect("ready").expect("ok"), Ack { partition: 1, offset: 7 });
         assert_eq!(reports.in_use(), 0);
         let third = reports.reserve();
         assert!(third.slot() < 2, "a freed slot is reused");
@@ -251,7 +245,7 @@ mod tests {
         let slot = sent.slot();
         drop(sent);
         assert_eq!(reports.in_use(), 1, "librdkafka still holds the record");
-        reports.settle(slot, Ok(Delivered { partition: 0, offset: 1 }));
+        reports.settle(slot, Ok(Ack { partition: 0, offset: 1 }));
         assert_eq!(reports.in_use(), 0);
         // A record never sent (the queue stayed full, the run ended) frees
         // its slot at once: no report will come.
@@ -268,8 +262,8 @@ mod tests {
         let settler = Arc::clone(&reports);
         let waiter = tokio::spawn(report);
         tokio::task::yield_now().await;
-        std::thread::spawn(move || settler.settle(slot, Ok(Delivered { partition: 2, offset: 9 })));
+        std::thread::spawn(move || settler.settle(slot, Ok(Ack { partition: 2, offset: 9 })));
         let outcome = waiter.await.expect("joined").expect("ok");
-        assert_eq!(outcome, Delivered { partition: 2, offset: 9 });
+        assert_eq!(outcome, Ack { partition: 2, offset: 9 });
     }
 }
