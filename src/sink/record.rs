@@ -115,7 +115,7 @@ pub fn dead_letter(topic: &str, routed: &RoutedRow, reason: &str) -> Outbound {
 /// deliveries to drain it (backpressure) instead of buffering.
 pub async fn produce(producer: &KafkaProducer, record: Outbound) -> Result<Report, KafkaError> {
     let mut report = producer.context().reserve();
-    let mut base_record = BaseRecord::<[u8], [u8], usize>::with_opaque_to(&record.topic, report.slot())
+    let mut base_record = BaseRecord::<[u8], [u8], usize>::with_opaque_to(&record.topic, report.ticket())
         .key(record.key.as_ref())
         .headers(record.headers);
     if let Some(payload) = record.payload.as_deref() {

@@ -8,6 +8,12 @@
 //! delivery callback fills and the record's [`Report`] future reads. Slots
 //! are reused, so the table grows to the most records in flight at once and
 //! then stays that size.
+//!
+//! The opaque librdkafka carries for a record is a ticket: the slot's index
+//! and how many times the slot was handed out. A report whose ticket is not
+//! the slot's current one (librdkafka reporting a record twice, or after
+//! its slot was reused) is logged and dropped instead of settling another
+//! record with the wrong partition and offset.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -40,8 +46,28 @@ pub struct Reports {
 
 #[derive(Default)]
 struct Table {
-    slots: Vec<Slot>,
+    slots: Vec<Entry>,
     free: Vec<usize>,
+}
+
+struct Entry {
+    /// Times this slot was handed out (wrapping): the high half of a ticket.
+    generation: u32,
+    state: Slot,
+}
+
+// A ticket packs two 32-bit halves into the opaque.
+const _: () = assert!(usize::BITS >= 64, "tickets need a 64-bit usize");
+
+/// A record's opaque: its slot's generation in the high 32 bits, the
+/// slot's index in the low 32.
+fn ticket(slot: usize, generation: u32) -> usize {
+    ((generation as usize) << 32) | slot
+}
+
+/// The slot and generation of a ticket.
+fn untie(ticket: usize) -> (usize, u32) {
+    (ticket & 0xffff_ffff, (ticket >> 32) as u32)
 }
 
 enum Slot {
@@ -54,21 +80,25 @@ enum Slot {
 }
 
 impl Table {
-    fn take(&mut self) -> usize {
+    /// A free slot, now waiting for a report, and its ticket.
+    fn take(&mut self) -> (usize, usize) {
         match self.free.pop() {
             Some(slot) => {
-                self.slots[slot] = Slot::Waiting(None);
-                slot
+                let entry = &mut self.slots[slot];
+                entry.generation = entry.generation.wrapping_add(1);
+                entry.state = Slot::Waiting(None);
+                (slot, ticket(slot, entry.generation))
             }
             None => {
-                self.slots.push(Slot::Waiting(None));
-                self.slots.len() - 1
+                self.slots.push(Entry { generation: 0, state: Slot::Waiting(None) });
+                let slot = self.slots.len() - 1;
+                (slot, ticket(slot, 0))
             }
         }
     }
 
     fn release(&mut self, slot: usize) {
-        self.slots[slot] = Slot::Free;
+        self.slots[slot].state = Slot::Free;
         self.free.push(slot);
     }
 }
@@ -80,10 +110,10 @@ impl Reports {
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A slot for a record about to be sent; its opaque is [`Report::slot`].
+    /// A slot for a record about to be sent; its opaque is [`Report::ticket`].
     pub fn reserve(self: &Arc<Self>) -> Report {
-        let slot = self.lock().take();
-        Report { reports: Arc::clone(self), slot, sent: false, settled: false }
+        let (slot, ticket) = self.lock().take();
+        Report { reports: Arc::clone(self), slot, ticket, sent: false, settled: false }
     }
 
     /// Slots in use (records in flight and reports not yet read).
@@ -93,23 +123,25 @@ impl Reports {
         table.slots.len() - table.free.len()
     }
 
-    fn settle(&self, slot: usize, outcome: Result<Ack, KafkaError>) {
+    fn settle(&self, ticket: usize, outcome: Result<Ack, KafkaError>) {
+        let (slot, generation) = untie(ticket);
         let waker = {
             let mut table = self.lock();
-            let Some(entry) = table.slots.get_mut(slot) else {
-                tracing::error!(slot, "delivery report for an unknown slot");
+            let Some(entry) = table.slots.get_mut(slot).filter(|e| e.generation == generation) else {
+                // librdkafka reports each record it took exactly once; this
+                // would be a second report, or one for a slot already reused.
+                tracing::error!(slot, generation, "delivery report for no record in flight; ignored");
                 return;
             };
-            match std::mem::replace(entry, Slot::Done(outcome)) {
+            match std::mem::replace(&mut entry.state, Slot::Done(outcome)) {
                 Slot::Waiting(waker) => waker,
                 Slot::Abandoned => {
                     table.release(slot);
                     None
                 }
                 previous => {
-                    // A second report for one record: librdkafka never sends one.
-                    *entry = previous;
-                    tracing::error!(slot, "second delivery report for one record; ignored");
+                    entry.state = previous;
+                    tracing::error!(slot, generation, "second delivery report for one record; ignored");
                     None
                 }
             }
@@ -125,12 +157,12 @@ impl ClientContext for Reports {}
 impl ProducerContext for Reports {
     type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, slot: usize) {
+    fn delivery(&self, result: &DeliveryResult<'_>, ticket: usize) {
         let outcome = match result {
             Ok(message) => Ok(Ack { partition: message.partition(), offset: message.offset() }),
             Err((error, _)) => Err(error.clone()),
         };
-        self.settle(slot, outcome);
+        self.settle(ticket, outcome);
     }
 }
 
@@ -138,6 +170,7 @@ impl ProducerContext for Reports {
 pub struct Report {
     reports: Arc<Reports>,
     slot: usize,
+    ticket: usize,
     /// Handed to librdkafka, which will report it.
     sent: bool,
     /// Read: the slot is free again.
@@ -146,8 +179,8 @@ pub struct Report {
 
 impl Report {
     /// The record's opaque for librdkafka.
-    pub fn slot(&self) -> usize {
-        self.slot
+    pub fn ticket(&self) -> usize {
+        self.ticket
     }
 
     /// librdkafka took the record: a report will come.
@@ -166,14 +199,14 @@ impl Future for Report {
         let slot = self.slot;
         let outcome = {
             let mut table = self.reports.lock();
-            match &mut table.slots[slot] {
+            match &mut table.slots[slot].state {
                 Slot::Waiting(waker) => {
                     if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                         *waker = Some(cx.waker().clone());
                     }
                     return Poll::Pending;
                 }
-                Slot::Done(_) => match std::mem::replace(&mut table.slots[slot], Slot::Free) {
+                Slot::Done(_) => match std::mem::replace(&mut table.slots[slot].state, Slot::Free) {
                     Slot::Done(outcome) => {
                         table.free.push(slot);
                         outcome
@@ -194,8 +227,8 @@ impl Drop for Report {
             return;
         }
         let mut table = self.reports.lock();
-        match table.slots[self.slot] {
-            Slot::Waiting(_) if self.sent => table.slots[self.slot] = Slot::Abandoned,
+        match table.slots[self.slot].state {
+            Slot::Waiting(_) if self.sent => table.slots[self.slot].state = Slot::Abandoned,
             Slot::Waiting(_) | Slot::Done(_) => table.release(self.slot),
             Slot::Free | Slot::Abandoned => {}
         }
@@ -219,13 +252,32 @@ mod tests {
         first.mark_sent();
         second.mark_sent();
         assert!((&mut first).now_or_never().is_none(), "no report yet");
-        reports.settle(second.slot(), Ok(Ack { partition: 1, offset: 7 }));
-        reports.settle(first.slot(), Ok(Ack { partition: 0, offset: 3 }));
+        reports.settle(second.ticket(), Ok(Ack { partition: 1, offset: 7 }));
+        reports.settle(first.ticket(), Ok(Ack { partition: 0, offset: 3 }));
         assert_eq!(first.now_or_never().expect("ready").expect("ok"), Ack { partition: 0, offset: 3 });
         assert_eq!(second.now_or_never().expect("ready").expect("ok"), Ack { partition: 1, offset: 7 });
         assert_eq!(reports.in_use(), 0);
         let third = reports.reserve();
-        assert!(third.slot() < 2, "a freed slot is reused");
+        assert!(third.slot < 2, "a freed slot is reused");
+    }
+
+    #[test]
+    fn a_report_for_a_reused_slot_settles_nothing() {
+        let reports = reports();
+        let mut first = reports.reserve();
+        first.mark_sent();
+        let stale = first.ticket();
+        reports.settle(stale, Ok(Ack { partition: 0, offset: 1 }));
+        assert!(first.now_or_never().is_some(), "settled");
+        let mut second = reports.reserve();
+        second.mark_sent();
+        assert_eq!(second.slot, untie(stale).0, "the slot is reused");
+        // A report with the first record's ticket (librdkafka repeating
+        // itself) must not hand the first record's offset to the second.
+        reports.settle(stale, Ok(Ack { partition: 0, offset: 1 }));
+        assert!((&mut second).now_or_never().is_none(), "still waiting for its own report");
+        reports.settle(second.ticket(), Ok(Ack { partition: 3, offset: 2 }));
+        assert_eq!(second.now_or_never().expect("ready").expect("ok"), Ack { partition: 3, offset: 2 });
     }
 
     #[test]
@@ -233,7 +285,7 @@ mod tests {
         let reports = reports();
         let mut report = reports.reserve();
         report.mark_sent();
-        reports.settle(report.slot(), Err(KafkaError::Canceled));
+        reports.settle(report.ticket(), Err(KafkaError::Canceled));
         assert!(matches!(report.now_or_never(), Some(Err(KafkaError::Canceled))));
     }
 
@@ -242,7 +294,7 @@ mod tests {
         let reports = reports();
         let mut sent = reports.reserve();
         sent.mark_sent();
-        let slot = sent.slot();
+        let slot = sent.ticket();
         drop(sent);
         assert_eq!(reports.in_use(), 1, "librdkafka still holds the record");
         reports.settle(slot, Ok(Ack { partition: 0, offset: 1 }));
@@ -258,7 +310,7 @@ mod tests {
         let reports = reports();
         let mut report = reports.reserve();
         report.mark_sent();
-        let slot = report.slot();
+        let slot = report.ticket();
         let settler = Arc::clone(&reports);
         let waiter = tokio::spawn(report);
         tokio::task::yield_now().await;
