@@ -189,7 +189,10 @@ impl LogicalSource {
                     }
                 }
                 // The stream paused inside the window: do not hold rows back.
-                _ = tokio::time::sleep(RESENT_IDLE), if resent.is_pending() => {
+                // An async block: select! builds every branch's future even
+                // when disabled, and a bare sleep reads the clock to do so,
+                // for each of the three events of a one-row transaction.
+                _ = async { tokio::time::sleep(RESENT_IDLE).await }, if resent.is_pending() => {
                     if !resent.flush(out).await? {
                         return Ok(());
                     }
