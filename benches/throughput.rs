@@ -22,6 +22,11 @@ const WRITERS: usize = 8;
 const LIVE_ROWS: usize = 20_000;
 const LIVE_RATE: f64 = 2_000.0;
 
+/// The live phase's rate: `BENCH_LIVE_RATE` rows/s, else [`LIVE_RATE`].
+fn live_rate() -> f64 {
+    std::env::var("BENCH_LIVE_RATE").ok().and_then(|r| r.parse().ok()).filter(|r: &f64| *r > 0.0).unwrap_or(LIVE_RATE)
+}
+
 /// A memory figure of `/proc/<pid>/status` in MiB (`field` e.g. `VmHWM:`).
 fn status_mib(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -339,7 +344,7 @@ async fn run_scenario(stack: &Stack, scenario: &Scenario) -> Figures {
         (broker_cpu_seconds(stack) - broker_before) * per_100k,
     ];
 
-    // Live: writers at a steady LIVE_RATE rows/s while the relay runs;
+    // Live: writers at a steady rate (live_rate()) while the relay runs;
     // latency from each row's commit (occurred_at; the transactions are
     // short) to the moment a consumer holds the record.
     let consumer_topic = db.topic("entity");
@@ -352,7 +357,7 @@ async fn run_scenario(stack: &Stack, scenario: &Scenario) -> Figures {
     });
     ready_rx.recv_timeout(Duration::from_secs(60)).expect("consumer assigned");
     let relay_before = relay_histograms(&relay).await;
-    spawn_paced_workload(&db.url, LIVE_ROWS, ENTITIES, WRITERS, Some(LIVE_RATE)).await.expect("live workload");
+    spawn_paced_workload(&db.url, LIVE_ROWS, ENTITIES, WRITERS, Some(live_rate())).await.expect("live workload");
     if recorded {
         wait_recorded(&client, &relay, scenario.publish_state, ROWS + LIVE_ROWS, Duration::from_secs(600)).await;
     } else {
@@ -464,6 +469,14 @@ async fn main() {
             publish_state: PublishState::SideTable,
             plain_postgres: true,
         },
+        // The latency side of `kafka.linger_ms`: 1 instead of 5.
+        Scenario {
+            name: "logical, JSON, side table, no TLS to Postgres, linger 1 ms",
+            extra_toml: "kafka.linger_ms = 1".into(),
+            avro: false,
+            publish_state: PublishState::SideTable,
+            plain_postgres: true,
+        },
         Scenario {
             name: "logical, JSON, exactly-once",
             extra_toml: "kafka.delivery = \"exactly_once\"".into(),
@@ -524,9 +537,10 @@ async fn main() {
         rows.push_str(&row);
     }
     let plan = if only.is_none() { poll_query_cost(&stack).await } else { String::from("(skipped)") };
+    let live = live_rate();
     let report = format!(
         "Baseline (Kafka ProducerPerformance, {ROWS} records of 300 B, acks=all, idempotent, lz4, linger 5 ms): **{baseline:.0} records/s**\n\n\
-         | relay | drain of a {ROWS}-row backlog | drain CPU per 100k rows: relay / Postgres / broker | Postgres's part: walsender / relay's SQL backends / rest | commit -> consumer latency at {LIVE_RATE} rows/s, p50 / p99 | the relay's own commit -> Kafka ack, p50 / p99 (histogram bucket) | its outer parts, p99: commit -> read from the slot (Postgres) / producer -> ack (Kafka) | peak RSS (drain / after live) | writers alone |\n\
+         | relay | drain of a {ROWS}-row backlog | drain CPU per 100k rows: relay / Postgres / broker | Postgres's part: walsender / relay's SQL backends / rest | commit -> consumer latency at {live} rows/s, p50 / p99 | the relay's own commit -> Kafka ack, p50 / p99 (histogram bucket) | its outer parts, p99: commit -> read from the slot (Postgres) / producer -> ack (Kafka) | peak RSS (drain / after live) | writers alone |\n\
          |---|---|---|---|---|---|---|---|---|\n{rows}\n\
          Poll query on 1,000,000 published + 1,000 pending rows (`EXPLAIN (ANALYZE, BUFFERS)`):\n\n```\n{plan}\n```\n"
     );
