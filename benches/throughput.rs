@@ -24,7 +24,11 @@ const LIVE_RATE: f64 = 2_000.0;
 
 /// The live phase's rate: `BENCH_LIVE_RATE` rows/s, else [`LIVE_RATE`].
 fn live_rate() -> f64 {
-    std::env::var("BENCH_LIVE_RATE").ok().and_then(|r| r.parse().ok()).filter(|r: &f64| *r > 0.0).unwrap_or(LIVE_RATE)
+    std::env::var("BENCH_LIVE_RATE")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .filter(|r: &f64| r.is_finite() && *r > 0.0)
+        .unwrap_or(LIVE_RATE)
 }
 
 /// A memory figure of `/proc/<pid>/status` in MiB (`field` e.g. `VmHWM:`).

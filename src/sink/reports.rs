@@ -10,7 +10,7 @@
 //! then stays that size.
 //!
 //! The opaque librdkafka carries for a record is a ticket: the slot's index
-//! and how many times the slot was handed out. A report whose ticket is not
+//! and how many times the slot was handed out before. A report whose ticket is not
 //! the slot's current one (librdkafka reporting a record twice, or after
 //! its slot was reused) is logged and dropped instead of settling another
 //! record with the wrong partition and offset.
@@ -51,7 +51,8 @@ struct Table {
 }
 
 struct Entry {
-    /// Times this slot was handed out (wrapping): the high half of a ticket.
+    /// Times this slot was handed out before its current record (wrapping):
+    /// the high half of a ticket.
     generation: u32,
     state: Slot,
 }
@@ -60,8 +61,10 @@ struct Entry {
 const _: () = assert!(usize::BITS >= 64, "tickets need a 64-bit usize");
 
 /// A record's opaque: its slot's generation in the high 32 bits, the
-/// slot's index in the low 32.
+/// slot's index in the low 32 (the table never holds more slots than
+/// records in flight, far fewer than 2^32).
 fn ticket(slot: usize, generation: u32) -> usize {
+    debug_assert!(slot <= u32::MAX as usize, "slot index {slot} does not fit a ticket");
     ((generation as usize) << 32) | slot
 }
 
