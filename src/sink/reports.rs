@@ -83,19 +83,18 @@ enum Slot {
 }
 
 impl Table {
-    /// A free slot, now waiting for a report, and its ticket.
-    fn take(&mut self) -> (usize, usize) {
+    /// A free slot, now waiting for a report: its ticket.
+    fn take(&mut self) -> usize {
         match self.free.pop() {
             Some(slot) => {
                 let entry = &mut self.slots[slot];
                 entry.generation = entry.generation.wrapping_add(1);
                 entry.state = Slot::Waiting(None);
-                (slot, ticket(slot, entry.generation))
+                ticket(slot, entry.generation)
             }
             None => {
                 self.slots.push(Entry { generation: 0, state: Slot::Waiting(None) });
-                let slot = self.slots.len() - 1;
-                (slot, ticket(slot, 0))
+                ticket(self.slots.len() - 1, 0)
             }
         }
     }
@@ -115,8 +114,8 @@ impl Reports {
 
     /// A slot for a record about to be sent; its opaque is [`Report::ticket`].
     pub fn reserve(self: &Arc<Self>) -> Report {
-        let (slot, ticket) = self.lock().take();
-        Report { reports: Arc::clone(self), slot, ticket, sent: false, settled: false }
+        let ticket = self.lock().take();
+        Report { reports: Arc::clone(self), ticket, sent: false, settled: false }
     }
 
     /// Slots in use (records in flight and reports not yet read).
@@ -172,7 +171,6 @@ impl ProducerContext for Reports {
 /// The delivery report of one record, once it comes.
 pub struct Report {
     reports: Arc<Reports>,
-    slot: usize,
     ticket: usize,
     /// Handed to librdkafka, which will report it.
     sent: bool,
@@ -184,6 +182,10 @@ impl Report {
     /// The record's opaque for librdkafka.
     pub fn ticket(&self) -> usize {
         self.ticket
+    }
+
+    fn slot(&self) -> usize {
+        untie(self.ticket).0
     }
 
     /// librdkafka took the record: a report will come.
@@ -199,7 +201,7 @@ impl Future for Report {
         if self.settled {
             return Poll::Ready(Err(KafkaError::Canceled));
         }
-        let slot = self.slot;
+        let slot = self.slot();
         let outcome = {
             let mut table = self.reports.lock();
             match &mut table.slots[slot].state {
@@ -230,9 +232,10 @@ impl Drop for Report {
             return;
         }
         let mut table = self.reports.lock();
-        match table.slots[self.slot].state {
-            Slot::Waiting(_) if self.sent => table.slots[self.slot].state = Slot::Abandoned,
-            Slot::Waiting(_) | Slot::Done(_) => table.release(self.slot),
+        let slot = self.slot();
+        match table.slots[slot].state {
+            Slot::Waiting(_) if self.sent => table.slots[slot].state = Slot::Abandoned,
+            Slot::Waiting(_) | Slot::Done(_) => table.release(slot),
             Slot::Free | Slot::Abandoned => {}
         }
     }
@@ -261,7 +264,7 @@ mod tests {
         assert_eq!(second.now_or_never().expect("ready").expect("ok"), Ack { partition: 1, offset: 7 });
         assert_eq!(reports.in_use(), 0);
         let third = reports.reserve();
-        assert!(third.slot < 2, "a freed slot is reused");
+        assert!(third.slot() < 2, "a freed slot is reused");
     }
 
     #[test]
@@ -274,7 +277,7 @@ mod tests {
         assert!(first.now_or_never().is_some(), "settled");
         let mut second = reports.reserve();
         second.mark_sent();
-        assert_eq!(second.slot, untie(stale).0, "the slot is reused");
+        assert_eq!(second.slot(), untie(stale).0, "the slot is reused");
         // A report with the first record's ticket (librdkafka repeating
         // itself) must not hand the first record's offset to the second.
         reports.settle(stale, Ok(Ack { partition: 0, offset: 1 }));
