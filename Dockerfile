@@ -10,7 +10,7 @@
 #   builder   cargo build --release in the Rust image: the canonical build.
 #   prebuilt  binaries built outside, from the build context's ${PREBUILT}
 #             (scripts/image: cargo on the host, where the Rust image cannot
-#             be pulled; also what tests/image.rs builds).
+#             be pulled; also what tests/it/slow/image.rs builds).
 #   binaries  ${BINARIES}: `builder` (default) or `prebuilt`; the other one
 #             is never built.
 #   rootfs    on ${BASE} (Debian bookworm, as the builder): gathers the files
@@ -18,7 +18,7 @@
 #   (last)    FROM scratch: the runtime layer, written once for both ways of
 #             building: user, paths, working directory, entrypoint, port,
 #             stop signal, labels. docker-compose.yml and
-#             deploy/kubernetes/pod.yaml rely on it (tests/image.rs checks).
+#             deploy/kubernetes/pod.yaml rely on it (tests/it/slow/image.rs checks).
 ARG BASE=debian:bookworm-slim
 ARG BUILDER=rust:1-bookworm
 ARG BINARIES=builder

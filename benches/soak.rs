@@ -15,7 +15,7 @@
 //! into docs/benchmarks.md between the `soak:begin` / `soak:end` markers and
 //! the plot into docs/soak-rss.png.
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/it/common/mod.rs"]
 mod common;
 
 use std::path::Path;

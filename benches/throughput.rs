@@ -5,7 +5,7 @@
 //! Run: `scripts/bench` (brings the stack up, then `cargo bench --bench throughput`).
 //! Writes a Markdown table to stdout and `target/bench-throughput.md`.
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/it/common/mod.rs"]
 mod common;
 
 use std::process::Command;

@@ -257,7 +257,7 @@ impl<S: PublishStateStore> Checkpoint<S> {
     /// `outbox_relay_unrecorded_rows` gauge (a stop then ends the run without
     /// confirming). Only a row whose transaction is over, and that an UPDATE
     /// after that still does not find, is given up: it was deleted after its
-    /// insert (some outbox writers do that). Test: `tests/chaos.rs`,
+    /// insert (some outbox writers do that). Test: `tests/it/exclusive/chaos.rs`,
     /// `a_commit_not_visible_yet_is_waited_for_never_confirmed_past`.
     async fn until_visible<T>(
         &self,

@@ -11,7 +11,7 @@ import java.util.concurrent.locks.LockSupport;
 
 /**
  * The workload of benches/throughput.rs (spawn_paced_workload in
- * tests/common/mod.rs), over JDBC: `writers` connections insert `rows` rows
+ * tests/it/common/mod.rs), over JDBC: `writers` connections insert `rows` rows
  * over `entities` entities, one row per transaction; each transaction bumps
  * its entity's version (locking the entity) and inserts an outbox row with
  * payload {"entity", "seq" = version, "pad" = 200 x "x"}, so per entity the

@@ -3,11 +3,9 @@
 //! every connection of the relay, the replication stream included, is
 //! encrypted and verified; a wrong CA is refused.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 fn ca_file() -> String {
     std::env::var("RELAY_PG_CA_FILE").expect("RELAY_PG_CA_FILE (from scripts/stack env)")

@@ -3,8 +3,6 @@
 //! byte (JSON), or the row's payload (Avro through the registry); it stops
 //! at the end offsets, follows new records, and joins no consumer group.
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -16,7 +14,7 @@ use rdkafka::ClientConfig;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
-use common::*;
+use crate::common::*;
 
 /// One line of `relay tail --json`; the value kept as the bytes printed.
 #[derive(Debug, serde::Deserialize)]

@@ -23,14 +23,12 @@
 //! Podman missing and not installable (no apt, not root) fails these tests
 //! with the installer's message: they never skip.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::{consume, insert_row, wait_for, Stack, TestDb};
+use crate::common::{consume, insert_row, wait_for, Stack, TestDb};
 use serde_yaml::Value as Yaml;
 
 /// The tag of the image these tests build.
@@ -278,8 +276,7 @@ async fn the_image_runs_as_the_sidecar_and_stops_cleanly_on_sigterm() {
     // And over the stack's SASL_SSL listener: librdkafka's TLS is OpenSSL,
     // loaded from the libraries and CA bundle the image carries; this
     // handshake is what a missing or mismatched one would break.
-    let var =
-        |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} not set: eval \"$(scripts/stack env)\""));
+    let var = crate::common::env_var;
     let sasl_bootstrap = var("RELAY_KAFKA_SASL_BOOTSTRAP");
     let extra = Extra {
         env: vec![

@@ -1,14 +1,12 @@
-//! The test harness itself (tests/common): `consume` reads duplicates that
+//! The test harness itself (tests/it/common): `consume` reads duplicates that
 //! come after the distinct messages it waits for, so "no duplicates" can
 //! fail; a `TestDb` dropped without `cleanup` (a failing test) leaves no
 //! database and no replication slot behind.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use crate::common::*;
+use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -31,10 +29,7 @@ async fn leftovers(stack: &Stack, name: &str, slot: &str) -> (i64, i64) {
 async fn consume_reads_duplicates_that_arrive_after_the_distinct_messages() {
     let stack = Stack::from_env();
     let topic = format!("harness-{}", uuid::Uuid::new_v4().simple());
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", &stack.bootstrap).create().expect("admin");
-    let new_topic = NewTopic::new(&topic, 3, TopicReplication::Fixed(1));
-    admin.create_topics([&new_topic], &AdminOptions::new()).await.expect("create topic");
+    create_topic(&stack.bootstrap, &topic, 3, &[]).await;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &stack.bootstrap)
         .set("enable.idempotence", "true")
@@ -59,6 +54,8 @@ async fn consume_reads_duplicates_that_arrive_after_the_distinct_messages() {
     let mut ids: Vec<&str> = records.iter().filter_map(|r| r.headers.get("event_id").map(String::as_str)).collect();
     ids.sort_unstable();
     assert_eq!(ids, ["e1", "e1", "e2", "e2", "e3"], "every copy up to the end offsets");
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", &stack.bootstrap).create().expect("admin");
     let _ = admin.delete_topics(&[&topic], &AdminOptions::new()).await;
 }
 

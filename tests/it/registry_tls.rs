@@ -5,22 +5,16 @@
 //! CA; without it the certificate is rejected and `relay check` names the
 //! key that fixes it.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
-
-fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: `eval \"$(scripts/stack env)\"` first"))
-}
 
 /// The registry's HTTPS API base, e.g. `https://127.0.0.1:58083/apis/ccompat/v7`.
 fn tls_url() -> String {
-    env("RELAY_REGISTRY_TLS_URL")
+    env_var("RELAY_REGISTRY_TLS_URL")
 }
 
 /// An Avro config for `db` whose registry is the HTTPS one, trusting `ca`.
@@ -62,18 +56,7 @@ fn registry_line(stdout: &str) -> String {
 /// Decodes `count` records of `topics` with Python `confluent-kafka`, whose
 /// registry client also fetches the schemas over HTTPS, trusting `ca`.
 fn python_consume(stack: &Stack, ca: &Path, topics: &[String], count: usize) -> Vec<Value> {
-    let python = std::env::var("RELAY_PYTHON").expect("RELAY_PYTHON (export RELAY_PYTHON=\"$(scripts/python-env)\")");
-    let output = Command::new(python)
-        .arg(stack.repo.join("tests/interop/consume_avro.py"))
-        .arg(&stack.bootstrap)
-        .arg(tls_url())
-        .arg(count.to_string())
-        .args(topics)
-        .env("REGISTRY_CA_FILE", ca)
-        .output()
-        .expect("run the python consumer");
-    assert!(output.status.success(), "python consumer failed: {}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8_lossy(&output.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect()
+    python_consume_avro(stack, &tls_url(), Some(ca), topics, count)
 }
 
 /// A CA of its own that signed nothing the stack serves.
@@ -95,7 +78,7 @@ fn other_ca(dir: &Path) -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemas_are_registered_checked_and_read_over_https() {
     let stack = Stack::from_env();
-    let ca = PathBuf::from(env("RELAY_STACK_CA_FILE"));
+    let ca = PathBuf::from(env_var("RELAY_STACK_CA_FILE"));
     let db = TestDb::new(&stack).await;
     let config = https_config(&db, Some(&ca));
     db.migrate(&config);

@@ -2,12 +2,10 @@
 //! the relay runs: the released rows are published in order, other
 //! entities are not affected, skipped rows are settled.
 
-mod common;
-
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 /// Records above 10 kB are refused by the producer: a permanent error that
 /// an operator can fix by shrinking the payload.

@@ -5,32 +5,16 @@
 //! bytes (so the same partition) as the original publication, also with
 //! Avro keys.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::ClientConfig;
 
-use common::*;
-
-/// Creates `topic` with broker-side `configs` before the relay sees it.
-async fn create_topic(bootstrap: &str, topic: &str, configs: &[(&str, &str)]) {
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", bootstrap).create().expect("admin client");
-    let mut new_topic = NewTopic::new(topic, 3, TopicReplication::Fixed(1));
-    for (key, value) in configs {
-        new_topic = new_topic.set(key, value);
-    }
-    let results = admin.create_topics([&new_topic], &AdminOptions::new()).await.expect("create topic");
-    for result in results {
-        result.expect("topic created");
-    }
-}
+use crate::common::*;
 
 /// One raw record: key bytes as sent, partition, and the `event_id` and
 /// `replayed` headers.
@@ -107,7 +91,7 @@ async fn a_row_held_from_its_delivery_report_gets_a_dead_letter_copy() {
     // The broker refuses every record on this topic whose timestamp is
     // before its own clock: a permanent error that only the delivery report
     // tells (the producer stamps records at produce time, linger later).
-    create_topic(&stack.bootstrap, &db.topic("audit"), &[("message.timestamp.before.max.ms", "0")]).await;
+    create_topic(&stack.bootstrap, &db.topic("audit"), 3, &[("message.timestamp.before.max.ms", "0")]).await;
     let dead_letter = db.topic("dead-letter");
     let config = db.write_config(&format!("routing.dead_letter_topic = \"{dead_letter}\"\nkafka.linger_ms = 20"));
     db.migrate(&config);
@@ -140,7 +124,7 @@ async fn a_record_over_the_topics_size_limit_is_held_before_later_rows_of_its_en
     let db = TestDb::new(&stack).await;
     let topic = db.topic("order");
     // Broker-side limit 10 kB; the client's own limit is the default (1 MB).
-    create_topic(&stack.bootstrap, &topic, &[("max.message.bytes", "10000")]).await;
+    create_topic(&stack.bootstrap, &topic, 3, &[("max.message.bytes", "10000")]).await;
     let config = db.write_config("");
     db.migrate(&config);
     let client = db.client().await;

@@ -5,14 +5,12 @@
 //! `confluent-kafka`, read to the end offsets) sees every row exactly once,
 //! in per-key order, with publish state naming where each landed.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 /// What the relay logs when the test delay after a commit begins.
 const WINDOW_OPEN: &str = "test delay: committed, publish state not yet recorded";
@@ -31,15 +29,7 @@ struct Consumed {
 /// Every record of `topic` up to its end offsets, read by Confluent's
 /// Python client with `isolation`.
 fn python_consume(stack: &Stack, topic: &str, isolation: &str) -> Vec<Consumed> {
-    let python =
-        std::env::var("RELAY_PYTHON").expect("RELAY_PYTHON (scripts/test sets up a Python with confluent-kafka)");
-    let output = Command::new(python)
-        .arg(stack.repo.join("tests/interop/consume_to_end.py"))
-        .args([&stack.bootstrap, isolation, topic])
-        .output()
-        .expect("run the python consumer");
-    assert!(output.status.success(), "python consumer failed: {}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8_lossy(&output.stdout).lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect()
+    python_consume_to_end(stack, isolation, topic)
 }
 
 /// The relay with the window between commit and publish-state write held

@@ -7,9 +7,7 @@
 //! table autovacuum has not analyzed yet (right after a bulk insert), where
 //! the planner would otherwise choose to scan the whole outbox.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 /// Sequential scans of the outbox so far, once every other session of the
 /// database has ended (a backend reports its counts when it exits).

@@ -3,12 +3,10 @@
 //! unrelated long transaction blocks nothing, the result equals logical
 //! mode's, and kill -9 loses nothing.
 
-mod common;
-
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 const POLL: &str = "source.mode = \"poll\"";
 
@@ -140,9 +138,16 @@ async fn an_unrelated_open_transaction_skips_nothing_and_blocks_nothing() {
         .expect("insert in the long transaction")
         .get(0);
     let workload = spawn_paced_workload(&db.url, 3_000, 10, 4, Some(200.0));
-    // The scenario itself: the transaction stays open for 10 s while the
-    // writers keep going.
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    // The scenario itself: the transaction stays open while the writers
+    // keep going and their rows are published.
+    wait_for("rows after the open transaction's id to be published", Duration::from_secs(60), || async {
+        let row = client
+            .query_one("SELECT count(*) FROM outbox WHERE id > $1 AND published_at IS NOT NULL", &[&long_id])
+            .await
+            .ok()?;
+        (row.get::<_, i64>(0) >= 500).then_some(())
+    })
+    .await;
     let during: i64 = client
         .query_one("SELECT count(*) FROM outbox WHERE id > $1 AND published_at IS NOT NULL", &[&long_id])
         .await
@@ -390,14 +395,8 @@ async fn very_large_rows_are_read_by_bytes_not_by_batch_rows() {
             .await
             .expect("insert a large row");
     }
-    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
-        rdkafka::ClientConfig::new().set("bootstrap.servers", &stack.bootstrap).create().expect("admin");
     let name = db.topic("blob");
-    let topic = rdkafka::admin::NewTopic::new(&name, 1, rdkafka::admin::TopicReplication::Fixed(1))
-        .set("max.message.bytes", &limit);
-    for result in admin.create_topics([&topic], &rdkafka::admin::AdminOptions::new()).await.expect("create topic") {
-        result.expect("topic");
-    }
+    create_topic(&stack.bootstrap, &name, 1, &[("max.message.bytes", &limit)]).await;
     let mut relay = RelayProcess::start(&config);
     let total = wait_all_published(&client, Duration::from_secs(1800)).await;
     assert_eq!(total, rows);

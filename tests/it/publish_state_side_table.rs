@@ -5,12 +5,10 @@
 //! recorded rows), held rows, `relay status`, retention, and moved both
 //! ways by `relay migrate` without publishing anything twice.
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const SIDE_TABLE: &str = "checkpoint.publish_state = \"side_table\"";
 

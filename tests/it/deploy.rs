@@ -3,7 +3,7 @@
 //! listed in METRICS.md, the Kubernetes example wires the probes to the
 //! right endpoints and mounts a relay.toml the relay itself accepts, and the
 //! READMEs state the example's memory limit.
-//! No services needed: `cargo test --test deploy`.
+//! No services needed: `cargo test --test it deploy::`.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

@@ -1,10 +1,8 @@
 //! A 100k-row transaction streams through with bounded memory.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 async fn insert_one_transaction(client: &tokio_postgres::Client, rows: i64, offset: i64) {
     client

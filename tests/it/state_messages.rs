@@ -3,18 +3,15 @@
 //! Python client), a topic of the wrong kind holds its rows until an operator
 //! fixes it, and `relay check` names such topics.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::ClientConfig;
 
-use common::*;
+use crate::common::*;
 
 fn admin(stack: &Stack) -> AdminClient<DefaultClientContext> {
     ClientConfig::new().set("bootstrap.servers", &stack.bootstrap).create().expect("admin client")
@@ -30,12 +27,8 @@ async fn cleanup_policy(stack: &Stack, topic: &str) -> String {
     resource.get("cleanup.policy").and_then(|e| e.value.clone()).expect("cleanup.policy")
 }
 
-async fn create_topic(stack: &Stack, topic: &str, policy: &str) {
-    let new = NewTopic::new(topic, 3, TopicReplication::Fixed(1)).set("cleanup.policy", policy);
-    let results = admin(stack).create_topics([&new], &AdminOptions::new()).await.expect("create topic");
-    for result in results {
-        result.expect("topic created");
-    }
+async fn create_policy_topic(stack: &Stack, topic: &str, policy: &str) {
+    create_topic(&stack.bootstrap, topic, 3, &[("cleanup.policy", policy)]).await;
 }
 
 async fn set_cleanup_policy(stack: &Stack, topic: &str, policy: &str) {
@@ -49,16 +42,7 @@ async fn set_cleanup_policy(stack: &Stack, topic: &str, policy: &str) {
 /// Python client (`tests/interop/consume_to_end.py`), in offset order per
 /// partition.
 fn python_read(stack: &Stack, topic: &str) -> Vec<serde_json::Value> {
-    let python =
-        std::env::var("RELAY_PYTHON").expect("RELAY_PYTHON (scripts/test sets up a Python with confluent-kafka)");
-    let output = Command::new(python)
-        .arg(stack.repo.join("tests/interop/consume_to_end.py"))
-        .args([&stack.bootstrap, "read_committed", topic])
-        .output()
-        .expect("run the python consumer");
-    assert!(output.status.success(), "python consumer failed: {}", String::from_utf8_lossy(&output.stderr));
-    let mut records: Vec<serde_json::Value> =
-        String::from_utf8_lossy(&output.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
+    let mut records: Vec<serde_json::Value> = python_consume_to_end(stack, "read_committed", topic);
     records.sort_by_key(|r| (r["partition"].as_i64(), r["offset"].as_i64()));
     records
 }
@@ -129,7 +113,7 @@ async fn a_state_row_bound_for_a_topic_that_is_not_compacted_is_held_until_the_t
     let stack = Stack::from_env();
     let db = TestDb::new(&stack).await;
     let by_hand = format!("{}.profiles-by-hand", db.topic("x"));
-    create_topic(&stack, &by_hand, "delete").await;
+    create_policy_topic(&stack, &by_hand, "delete").await;
     let config = db.write_config(&format!("routing.state_topics.profile = \"{by_hand}\""));
     db.migrate(&config);
     let client = db.client().await;
@@ -177,8 +161,8 @@ async fn check_names_topics_whose_cleanup_policy_does_not_fit_their_kind() {
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(output.status.success(), "a fresh setup passes: {text}");
 
-    create_topic(&stack, &db.topic("audit"), "compact").await;
-    create_topic(&stack, &db.state_topic("customer"), "delete").await;
+    create_policy_topic(&stack, &db.topic("audit"), "compact").await;
+    create_policy_topic(&stack, &db.state_topic("customer"), "delete").await;
     let output = relay_command(&config).arg("check").output().expect("relay check");
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(!output.status.success(), "{text}");

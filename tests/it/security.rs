@@ -8,13 +8,11 @@
 //! `relay migrate` runs as the stack's superuser (the table's owner here).
 //! Secrets: known passwords never appear in any output, log or endpoint.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use relay::store::grants::{self, Privilege};
 
 const PASSWORD: &str = "pg-Secret-7f3a9c";
@@ -255,7 +253,7 @@ async fn secrets_never_appear_in_output_logs_or_endpoints() {
     }
 
     // Kafka over SASL_SSL: the stack user's password, and one refused.
-    let env = |key: &str| std::env::var(key).unwrap_or_else(|_| panic!("{key}: eval \"$(scripts/stack env)\""));
+    let env = env_var;
     let sasl_password = env("RELAY_KAFKA_SASL_PASSWORD");
     for (what, password) in [("accepted", sasl_password.as_str()), ("refused", WRONG_SASL_PASSWORD)] {
         let keys = format!(

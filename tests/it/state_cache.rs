@@ -6,22 +6,18 @@
 //! rebuilt from the example order service's compacted state topic (Avro,
 //! through the relay) equals its `orders` table, deleted orders included.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use serde_json::{json, Value};
 
-use common::*;
+use crate::common::*;
 
 /// Builds the example once (cargo does not build examples for
 /// `cargo test --test state_cache`) and returns its executable.
@@ -69,12 +65,7 @@ fn caught_up(args: &[&str]) -> Vec<String> {
 }
 
 async fn create_compacted_topic(stack: &Stack, topic: &str) {
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", &stack.bootstrap).create().expect("admin client");
-    let new = NewTopic::new(topic, 3, TopicReplication::Fixed(1)).set("cleanup.policy", "compact");
-    for result in admin.create_topics([&new], &AdminOptions::new()).await.expect("create topic") {
-        result.expect("topic created");
-    }
+    create_topic(&stack.bootstrap, topic, 3, &[("cleanup.policy", "compact")]).await;
 }
 
 fn producer(stack: &Stack) -> FutureProducer {
@@ -316,16 +307,13 @@ async fn the_cache_rebuilt_from_the_state_topic_equals_the_order_services_table(
     assert!(tombstones >= 2, "the service deleted delivered orders: {tombstones} tombstones");
 
     // Every record of both topics decodes with Confluent's deserializer.
-    let python =
-        std::env::var("RELAY_PYTHON").expect("RELAY_PYTHON (scripts/test sets up a Python with confluent-kafka)");
-    let output = Command::new(python)
-        .arg(stack.repo.join("tests/interop/consume_avro.py"))
-        .args([&stack.bootstrap, &stack.registry, &total.to_string(), &db.topic("order"), &db.state_topic("order")])
-        .output()
-        .expect("run the python consumer");
-    assert!(output.status.success(), "python consumer: {}", String::from_utf8_lossy(&output.stderr));
-    let records: Vec<Value> =
-        String::from_utf8_lossy(&output.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
+    let records: Vec<Value> = python_consume_avro(
+        &stack,
+        &stack.registry,
+        None,
+        &[db.topic("order"), db.state_topic("order")],
+        total as usize,
+    );
     assert_eq!(records.len() as i64, total);
     let nulls = records.iter().filter(|r| r["value"].is_null()).count() as i64;
     assert_eq!(nulls, tombstones, "tombstones arrive as None");

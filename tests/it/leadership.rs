@@ -11,15 +11,13 @@
 //! (`leadership figure:`) and appended to `target/leadership-figures.md` for
 //! docs/benchmarks.md; no assertion is on time.
 
-mod common;
-
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::common::*;
 use chrono::{DateTime, Utc};
-use common::*;
 use relay::store::{PgPublishState, PublishStateStore, Published, Store, StoreError};
 use tokio_postgres::Client;
 
@@ -372,13 +370,13 @@ async fn a_paused_active_relay_records_nothing_after_a_standby_took_over() {
     let workload = spawn_paced_workload(&group.db.url, TOTAL, 50, 4, Some(RATE));
     group.wait_progress(1_000, TOTAL).await;
 
-    const PAUSE: Duration = Duration::from_secs(30);
     let stopped = Utc::now();
     signal(&group.relays[first], "STOP");
     let (next, taken) = group.wait_leader("a standby to take over from the paused relay", lease.epoch).await;
     let resumed = group.first_write_by(next, &taken.holder).await;
-    let paused_for = (Utc::now() - stopped).to_std().unwrap_or_default();
-    tokio::time::sleep(PAUSE.saturating_sub(paused_for)).await;
+    // The paused relay wakes up only once the new leader has moved well past
+    // the rows the paused one still has in flight.
+    group.wait_progress(1_000, TOTAL).await;
     let continued = Utc::now();
     signal(&group.relays[first], "CONT");
     wait_for("the resumed relay to stand by", Duration::from_secs(30), || async {
@@ -507,7 +505,14 @@ async fn a_takeover_waits_for_writes_in_flight_and_fences_later_ones() {
     let open = relay::database::connect(&config.postgres).await.expect("connect");
     let fence = lease.fence("old", term.epoch, 3_000).prepare(&open).await.expect("prepare");
     fence.begin(&open).await.expect("the old term is current");
-    tokio::time::sleep(Duration::from_millis(300)).await; // the 200 ms lease ran out
+    wait_for("the old term's 200 ms lease to run out", Duration::from_secs(10), || async {
+        let row = client
+            .query_one("SELECT bool_and(lease_until <= clock_timestamp()) FROM outbox_relay_leader", &[])
+            .await
+            .expect("read the lease");
+        row.get::<_, Option<bool>>(0).unwrap_or(false).then_some(())
+    })
+    .await;
     let takeover = tokio::spawn({
         let (lease, config) = (lease.clone(), config.clone());
         async move {
@@ -515,7 +520,19 @@ async fn a_takeover_waits_for_writes_in_flight_and_fences_later_ones() {
             lease.try_acquire(&new, "new", 3_000).await.expect("acquire")
         }
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The takeover reaches Postgres and waits there on the old term's row lock.
+    wait_for("the takeover to wait on the lease row's lock", Duration::from_secs(10), || async {
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE '%relay_leader%'",
+                &[],
+            )
+            .await
+            .expect("read pg_stat_activity");
+        (row.get::<_, i64>(0) > 0).then_some(())
+    })
+    .await;
     assert!(!takeover.is_finished(), "a takeover must wait for the old term's write in flight");
     open.execute("UPDATE outbox SET published_at = now() WHERE id = $1", &[&ids[1]]).await.expect("write");
     fence.commit(&open).await.expect("commit");

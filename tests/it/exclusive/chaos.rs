@@ -3,11 +3,9 @@
 //! run one at a time (cargo runs test binaries one after another, and a lock
 //! serializes the tests of this binary).
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -38,7 +36,7 @@ async fn kill_dash_nine_repeatedly_loses_nothing_and_keeps_per_key_order() {
         // caught up with the backlog that built up while the previous one was
         // dead and its lease ran out (draining a backlog at full speed, the
         // in-flight window is up to checkpoint.max_in_flight: see
-        // tests/large_transaction.rs).
+        // tests/it/slow/large_transaction.rs).
         wait_for("the relay to publish more rows and catch up", Duration::from_secs(60), || async {
             let row = client
                 .query_one(

@@ -3,11 +3,9 @@
 //! exactly the outbox table stops the relay with the fix, instead of
 //! letting commit boundaries move the slot past rows it never saw.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// The default outbox layout, range-partitioned by `occurred_at`.
 const PARTITIONED_OUTBOX: &str = r#"

@@ -8,11 +8,9 @@
 //! A property of memory, not a timing: the test waits on conditions only.
 //! The steady-rate soak with RSS over time is `scripts/bench soak`.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const FIRST: i64 = 40_000;
 const TOTAL: i64 = 400_000;

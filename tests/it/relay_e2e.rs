@@ -1,12 +1,10 @@
 //! End to end against the real stack: outbox rows in, Kafka records out,
 //! publish state recorded.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_arrive_with_key_topic_headers_payload_and_publish_state() {

@@ -7,16 +7,11 @@
 //! PLAINTEXT listener (whose anonymous principal is a super user), which the
 //! test's consumer uses too.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::ClientConfig;
+use crate::common::*;
 
 /// The SASL_SSL listener and the relay's SCRAM user, from `scripts/stack env`.
 struct Sasl {
@@ -28,9 +23,7 @@ struct Sasl {
 
 impl Sasl {
     fn from_env() -> Self {
-        let var = |name: &str| {
-            std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: `eval \"$(scripts/stack env)\"` first"))
-        };
+        let var = env_var;
         Self {
             bootstrap: var("RELAY_KAFKA_SASL_BOOTSTRAP"),
             user: var("RELAY_KAFKA_SASL_USER"),
@@ -81,18 +74,6 @@ fn grant(stack: &Stack, user: &str, operations: &[&str], topic: &str, pattern: &
     assert!(output.status.success(), "granting {operations:?} on {topic}: {}", String::from_utf8_lossy(&output.stderr));
 }
 
-async fn create_topic(stack: &Stack, topic: &str) {
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", &stack.bootstrap).create().expect("admin client");
-    let results = admin
-        .create_topics([&NewTopic::new(topic, 3, TopicReplication::Fixed(1))], &AdminOptions::new())
-        .await
-        .expect("create topic");
-    for result in results {
-        result.unwrap_or_else(|(name, code)| panic!("creating {name}: {code}"));
-    }
-}
-
 /// Rows of `payment` whose `last_error` is set: (id, last_error, waiting_for).
 async fn held_payments(client: &tokio_postgres::Client) -> Vec<(i64, String, Option<i64>)> {
     let rows = client
@@ -128,7 +109,7 @@ async fn publishes_over_sasl_ssl_with_the_documented_acls_and_holds_an_unwritabl
         &format!("{}.", db.topic_prefix),
         "prefixed",
     );
-    create_topic(&stack, &denied).await;
+    create_topic(&stack.bootstrap, &denied, 3, &[]).await;
     grant(&stack, &sasl.user, &["Describe"], &denied, "literal");
 
     let extra = format!("{}routing.topics.payment = \"{denied}\"\n", sasl.keys(&sasl.password, &sasl.ca_file));
@@ -188,7 +169,7 @@ async fn a_topic_out_of_reach_holds_its_rows_with_the_acl_to_grant() {
     let sasl = Sasl::from_env();
     let db = TestDb::new(&stack).await;
     let (hidden, missing) = (format!("{}-hidden", db.topic_prefix), format!("{}-missing", db.topic_prefix));
-    create_topic(&stack, &hidden).await;
+    create_topic(&stack.bootstrap, &hidden, 3, &[]).await;
     grant(&stack, &sasl.user, &["Describe"], &missing, "literal");
     let extra = format!(
         "{}routing.topics.invoice = \"{hidden}\"\nrouting.topics.shipment = \"{missing}\"\n",

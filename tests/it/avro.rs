@@ -1,20 +1,12 @@
 //! Avro mode against the real registry, proven with a client nobody here
 //! wrote: Python `confluent-kafka` and its schema-registry AvroDeserializer.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
-
-/// The virtualenv Python with confluent-kafka (set up by scripts/test).
-fn python() -> String {
-    std::env::var("RELAY_PYTHON").expect("RELAY_PYTHON (scripts/test sets up a Python with confluent-kafka)")
-}
 
 fn avro_config(db: &TestDb, schemas_dir: &Path) -> PathBuf {
     db.write_config(&format!(
@@ -38,16 +30,7 @@ fn relay_ok(config: &PathBuf, args: &[&str]) -> String {
 
 /// Decodes `count` records of `topics` with the Python client.
 fn python_consume(stack: &Stack, topics: &[String], count: usize) -> Vec<Value> {
-    let mut command = Command::new(python());
-    command
-        .arg(stack.repo.join("tests/interop/consume_avro.py"))
-        .arg(&stack.bootstrap)
-        .arg(&stack.registry)
-        .arg(count.to_string())
-        .args(topics);
-    let output = command.output().expect("run the python consumer");
-    assert!(output.status.success(), "python consumer failed: {}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8_lossy(&output.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect()
+    python_consume_avro(stack, &stack.registry, None, topics, count)
 }
 
 async fn insert(

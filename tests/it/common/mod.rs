@@ -13,6 +13,34 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::ClientConfig;
 use tokio_postgres::{Client, NoTls};
 
+mod python;
+#[allow(unused_imports)] // the benches include this module and use none of these
+pub use python::*;
+
+/// A variable of `scripts/stack env` (or of scripts/test); its absence fails
+/// the test with how to set it.
+pub fn env_var(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the tests with scripts/test, or `eval \"$(scripts/stack env)\"` first")
+    })
+}
+
+/// Creates `topic` with `partitions` and broker-side `configs` (e.g.
+/// `cleanup.policy`) before the relay sees it.
+pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32, configs: &[(&str, &str)]) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).create().expect("admin client");
+    let mut new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    for (key, value) in configs {
+        new_topic = new_topic.set(key, value);
+    }
+    let results = admin.create_topics([&new_topic], &AdminOptions::new()).await.expect("create topic");
+    for result in results {
+        result.unwrap_or_else(|(name, code)| panic!("creating {name}: {code}"));
+    }
+}
+
 /// Addresses of the running stack.
 #[derive(Debug, Clone)]
 pub struct Stack {
@@ -24,15 +52,10 @@ pub struct Stack {
 
 impl Stack {
     pub fn from_env() -> Self {
-        let var = |name: &str| {
-            std::env::var(name).unwrap_or_else(|_| {
-                panic!("{name} is not set: run the tests with scripts/test, or `eval \"$(scripts/stack env)\"` first")
-            })
-        };
         Self {
-            postgres_url: var("RELAY__POSTGRES__URL"),
-            bootstrap: var("RELAY__KAFKA__BOOTSTRAP_SERVERS"),
-            registry: var("RELAY__REGISTRY__URL"),
+            postgres_url: env_var("RELAY__POSTGRES__URL"),
+            bootstrap: env_var("RELAY__KAFKA__BOOTSTRAP_SERVERS"),
+            registry: env_var("RELAY__REGISTRY__URL"),
             repo: PathBuf::from(env!("CARGO_MANIFEST_DIR")),
         }
     }

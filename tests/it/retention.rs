@@ -1,10 +1,8 @@
 //! Retention deletes old published rows in small batches and never held rows.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_published_rows_are_deleted_and_held_rows_kept() {

@@ -7,11 +7,9 @@
 //! they run one at a time (`SERIAL`), and must run on a stack no other
 //! suite shares while they run.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 /// One test at a time: the WAL one test generates would invalidate the
 /// others' slots while `max_slot_wal_keep_size` is small.
