@@ -36,12 +36,19 @@ pub enum SubjectStrategy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Compatibility {
+    /// A new schema reads data written with the latest one (the default).
     Backward,
+    /// A new schema reads data written with every earlier one.
     BackwardTransitive,
+    /// Data written with a new schema is read with the latest one.
     Forward,
+    /// Data written with a new schema is read with every earlier one.
     ForwardTransitive,
+    /// Backward and forward against the latest schema.
     Full,
+    /// Backward and forward against every earlier schema.
     FullTransitive,
+    /// No check.
     None,
 }
 

@@ -182,10 +182,15 @@ impl KafkaConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Compression {
+    /// Batches sent as they are.
     None,
+    /// `gzip`.
     Gzip,
+    /// `snappy`.
     Snappy,
+    /// `lz4`, the default.
     Lz4,
+    /// `zstd`.
     Zstd,
 }
 

@@ -122,8 +122,9 @@ impl Config {
     }
 
     /// Checks every value and names the key that is wrong and what is
-    /// allowed: each section, then the rules that join two sections. Reads
-    /// no file.
+    /// allowed, section by section; a section whose rule involves another
+    /// (`checkpoint.publish_state` and `source.mode`) is given it. Reads no
+    /// file.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.postgres.validate()?;
         self.kafka.validate()?;
