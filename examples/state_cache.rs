@@ -138,6 +138,9 @@ async fn main() -> ExitCode {
 
 async fn run(args: Args) -> Result<ExitCode, String> {
     let config = args.config.as_deref().map(Config::load).transpose().map_err(|e| e.to_string())?;
+    if let Some(config) = &config {
+        relay::preflight(config).map_err(|e| e.to_string())?;
+    }
     let client = match (&config, &args.brokers) {
         (Some(config), brokers) => {
             let mut kafka = config.kafka.clone();

@@ -9,7 +9,8 @@
 //! [`leader`] (the lease that makes one relay of a group active); [`tls`]
 //! reads CA files.
 //! Imports flow one way; the graph is in [`outbox`]'s module doc.
-//! [`run`] is what the `relay` binary calls.
+//! [`run`] is what the `relay` binary calls, after [`Config::load`] and
+//! [`preflight`].
 
 pub mod checkpoint;
 pub mod cli;
@@ -33,7 +34,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-pub use config::Config;
+pub use config::{Config, ConfigError};
 
 /// Why the relay stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -82,4 +83,65 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let _ = stop_tx.send(true);
     let _ = tokio::join!(http, sampler, retention);
     result
+}
+
+/// The start-up checks that read files, the step after [`Config::load`]
+/// (whose validation reads none): every CA file the config names can be
+/// read, and the registry's holds a PEM certificate, so a wrong path fails
+/// before any connection, naming its key. The `relay` binary runs it before
+/// every command.
+pub fn preflight(config: &Config) -> Result<(), ConfigError> {
+    let unreadable = |key: &str, path: &std::path::Path| {
+        Err(ConfigError::Invalid { key: key.into(), message: format!("cannot read {}", path.display()) })
+    };
+    // Postgres and Kafka read theirs at connect time; a missing file is
+    // refused here already.
+    for (key, file) in
+        [("postgres.tls_ca_file", &config.postgres.tls_ca_file), ("kafka.tls_ca_file", &config.kafka.tls_ca_file)]
+    {
+        if let Some(path) = file {
+            if std::fs::metadata(path).is_err() {
+                return unreadable(key, path);
+            }
+        }
+    }
+    if let Some(path) = &config.registry.tls_ca_file {
+        if let Err(err) = tls::ca_certificates(path) {
+            return Err(ConfigError::Invalid { key: "registry.tls_ca_file".into(), message: err.to_string() });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MINIMAL;
+
+    /// The config of `toml` as the binary sees it at start-up: parsed,
+    /// validated, and its files checked.
+    pub(crate) fn start_up(toml: &str) -> Result<Config, ConfigError> {
+        let config = Config::from_toml_str(toml)?;
+        preflight(&config)?;
+        Ok(config)
+    }
+
+    #[test]
+    fn registry_ca_file_is_read_at_start() {
+        let toml = format!("{MINIMAL}\n[registry]\ntls_ca_file = \"/nonexistent/registry-ca.pem\"");
+        let err = start_up(&toml).expect_err("must fail").to_string();
+        assert!(err.contains("registry.tls_ca_file") && err.contains("/nonexistent/registry-ca.pem"), "{err}");
+        let not_pem = tempfile::NamedTempFile::new().expect("temp file");
+        let toml = format!("{MINIMAL}\n[registry]\ntls_ca_file = \"{}\"", not_pem.path().display());
+        let err = start_up(&toml).expect_err("must fail").to_string();
+        assert!(err.contains("registry.tls_ca_file") && err.contains("no PEM certificate"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_postgres_ca_file_is_named() {
+        let toml = MINIMAL.replace("[kafka]", "tls_ca_file = \"/nonexistent/pg-ca.pem\"\n[kafka]");
+        Config::from_toml_str(&toml).expect("validation reads no file");
+        let err = start_up(&toml).expect_err("must fail").to_string();
+        assert!(err.contains("postgres.tls_ca_file") && err.contains("/nonexistent/pg-ca.pem"), "{err}");
+    }
 }

@@ -35,6 +35,7 @@ fn main() -> ExitCode {
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let path = cli.config.context("no configuration: pass --config FILE (see relay.example.toml)")?;
     let config = Config::load(&path)?;
+    relay::preflight(&config)?;
     let format = if cli.log_json { LogFormat::Json } else { config.telemetry.log_format };
     relay::telemetry::init_tracing(format);
     match cli.command.unwrap_or(Command::Run) {

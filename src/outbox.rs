@@ -4,7 +4,7 @@
 //! The pipeline and its imports (kept true by `shared/tools/module_cycles.py`):
 //!
 //! ```text
-//! config  <-  outbox, routing, database  <-  store  <-  telemetry  <-  leader
+//! routing  <-  config  <-  outbox, database  <-  store  <-  telemetry  <-  leader
 //!    source -> codec -> sink -> checkpoint        (each imports only leftwards
 //!    and the modules above but `leader`; `pipeline` wires them with the
 //!    lease from `leader`, `cli` and `migrate` use them)

@@ -3,8 +3,9 @@
 use std::time::Duration;
 
 use crate::codec::registry::{self, RegistryError};
-use crate::config::{Config, PayloadFormat, SourceMode, TopicKind};
+use crate::config::{Config, PayloadFormat, SourceMode};
 use crate::database;
+use crate::routing::{RouteTable, TopicKind};
 use crate::sink;
 use crate::store::grants::{self, PrivilegeReport};
 use crate::store::Store;

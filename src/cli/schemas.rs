@@ -17,7 +17,7 @@ pub async fn register(config: &Config) -> Result<Report, SchemaError> {
         let outcome = async {
             // A new subject takes the level before its first version; an
             // existing one keeps being checked under the configured level.
-            registry.set_compatibility(&subject, &config.codec.compatibility).await?;
+            registry.set_compatibility(&subject, config.codec.compatibility.as_str()).await?;
             let id = registry.register(&subject, &schema.text, &schema.full_name).await?;
             Ok::<_, RegistryError>(format!("id {id}, {} ({})", schema.file, config.codec.compatibility))
         }
@@ -28,7 +28,7 @@ pub async fn register(config: &Config) -> Result<Report, SchemaError> {
         for topic in crate::codec::key_topics(config) {
             let subject = format!("{topic}-key");
             let outcome = async {
-                registry.set_compatibility(&subject, &config.codec.compatibility).await?;
+                registry.set_compatibility(&subject, config.codec.compatibility.as_str()).await?;
                 let id = registry.register(&subject, crate::codec::KEY_SCHEMA, "string").await?;
                 Ok::<_, RegistryError>(format!("id {id}, key schema \"string\""))
             }

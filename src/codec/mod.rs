@@ -18,8 +18,9 @@ use apache_avro::schema::ResolvedSchema;
 use apache_avro::Schema;
 use bytes::Bytes;
 
-use crate::config::{Config, KeyFormat, PayloadFormat, TopicKind};
+use crate::config::{Config, KeyFormat, PayloadFormat};
 use crate::outbox::OutboxRow;
+use crate::routing::{RouteTable, TopicKind};
 use registry::{subject_name, Registry, RegistryError};
 
 /// Why a payload could not be encoded. The row is held, never dropped.

@@ -1,8 +1,9 @@
 //! Every default of the configuration, written once.
 
 use super::{
-    CheckpointConfig, CodecConfig, ColumnNames, KeyFormat, LeaderConfig, LogFormat, OutboxConfig, PayloadFormat,
-    Readiness, RetentionConfig, RoutingConfig, SourceConfig, SourceMode, SubjectStrategy, TelemetryConfig,
+    CheckpointConfig, CodecConfig, ColumnNames, Compatibility, Compression, Delivery, KeyFormat, LeaderConfig,
+    LogFormat, OutboxConfig, PayloadFormat, Readiness, RetentionConfig, RoutingConfig, SourceConfig, SourceMode,
+    SubjectStrategy, TelemetryConfig,
 };
 
 pub fn shutdown_timeout_ms() -> u64 {
@@ -11,16 +12,16 @@ pub fn shutdown_timeout_ms() -> u64 {
 pub fn connect_timeout_ms() -> u64 {
     5_000
 }
-pub fn compression() -> String {
-    "lz4".into()
+pub fn compression() -> Compression {
+    Compression::Lz4
 }
 pub fn max_held_entities() -> usize {
     10_000
 }
-pub fn linger_ms(delivery: super::Delivery) -> u64 {
+pub fn linger_ms(delivery: Delivery) -> u64 {
     match delivery {
-        super::Delivery::AtLeastOnce => 5,
-        super::Delivery::ExactlyOnce => 1,
+        Delivery::AtLeastOnce => 5,
+        Delivery::ExactlyOnce => 1,
     }
 }
 pub fn batch_size_bytes() -> u64 {
@@ -98,8 +99,8 @@ pub fn schemas_dir() -> std::path::PathBuf {
 pub fn subject_strategy() -> SubjectStrategy {
     SubjectStrategy::TopicRecord
 }
-pub fn compatibility() -> String {
-    "BACKWARD".into()
+pub fn compatibility() -> Compatibility {
+    Compatibility::Backward
 }
 pub fn key_format() -> KeyFormat {
     KeyFormat::String

@@ -15,8 +15,8 @@ use super::reports::KafkaProducer;
 
 use super::record;
 use super::topics::Topics;
-use crate::config::TopicKind;
 use crate::delivery::RoutedRow;
+use crate::routing::TopicKind;
 use crate::telemetry::metrics;
 
 /// More entities are held than `routing.max_held_entities` allows.

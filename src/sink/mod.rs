@@ -50,10 +50,10 @@ pub use topics::Topics;
 pub use transaction::Transactions;
 
 use crate::codec::Codec;
-use crate::config::{Config, Delivery, KafkaConfig, TopicKind};
+use crate::config::{Config, Delivery, KafkaConfig};
 use crate::delivery::{classify_for_topic, InFlight, PendingDelivery, PublishError, RoutedRow};
 use crate::outbox::{OutboxRow, SourceEvent};
-use crate::routing::TopicRouter;
+use crate::routing::{TopicKind, TopicRouter};
 use crate::telemetry::metrics;
 
 /// Why the sink stage stopped.
@@ -107,7 +107,7 @@ pub fn idempotent_config(config: &KafkaConfig) -> ClientConfig {
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("partitioner", "murmur2_random")
-        .set("compression.type", &config.compression)
+        .set("compression.type", config.compression.librdkafka_name())
         .set("linger.ms", config.linger_ms().to_string())
         .set("batch.size", config.batch_size_bytes.to_string())
         .set("message.timeout.ms", config.message_timeout_ms.to_string())

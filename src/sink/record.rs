@@ -66,7 +66,7 @@ impl RecordBuilder {
 
     /// The topic of `row`.
     pub fn topic(&self, row: &OutboxRow) -> Arc<str> {
-        self.router.topic_of(row)
+        self.router.topic_of(&row.aggregate_type, &row.kind)
     }
 
     /// The record of `row` on `topic`: the value encoded by the codec, the

@@ -23,8 +23,9 @@ use rdkafka::producer::Producer;
 
 use super::reports::KafkaProducer;
 
-use crate::config::{RoutingConfig, TopicKind};
+use crate::config::RoutingConfig;
 use crate::delivery::PublishError;
+use crate::routing::TopicKind;
 
 /// What the relay learnt about a topic once, when it first sent to it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
