@@ -18,6 +18,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
+use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -111,10 +112,21 @@ pub enum TailError {
     Output(#[source] std::io::Error),
 }
 
-/// Runs `relay tail`: prints each record of `options.topic` to `out` until
-/// the end offsets seen at start (or forever with `--follow`), `--max`
-/// records, or `shutdown`. Returns how many records were printed.
+/// Runs `relay tail` on standard output.
 pub async fn run(
+    config: &Config,
+    options: &TailOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<ExitCode, TailError> {
+    let mut out = std::io::stdout().lock();
+    tail(config, options, &mut out, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints each record of `options.topic` to `out` until the end offsets
+/// seen at start (or forever with `--follow`), `--max` records, or
+/// `shutdown`. Returns how many records were printed.
+pub async fn tail(
     config: &Config,
     options: &TailOptions,
     out: &mut dyn Write,
