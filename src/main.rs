@@ -12,11 +12,10 @@ use relay::config::{Config, LogFormat};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // One thread for every task: the stages hand each message from task to
-    // task, and across threads each hand-over is a futex wake-up. Measured
-    // (100k one-row transactions drained, docs/benchmarks.md run 8): 25-30%
-    // less relay CPU and a faster drain than the multi-threaded runtime, in
-    // both delivery modes. Blocking calls (librdkafka's transactions and
-    // metadata) run on the blocking pool, never on this thread.
+    // task, and across threads each hand-over is a futex wake-up (the
+    // comparison is in docs/benchmarks.md). Blocking calls (librdkafka's
+    // transactions and metadata) run on the blocking pool, never on this
+    // thread.
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {

@@ -12,13 +12,13 @@
 //!
 //! What is built: `scripts/image build --from target/debug`, the Dockerfile's
 //! runtime stage (same base, same library gathering, same user, paths,
-//! entrypoint) around the *debug* binaries this test run already has,
-//! stripped. A release build from scratch takes 8-10 minutes of this 2-core
-//! machine and would double the suite's compile time; the image's contents
-//! other than the binaries' code are the same either way (the debug and
-//! release binaries load the same shared libraries: the build fails on any
-//! that `ldd` cannot find in the base). `scripts/image build` builds the
-//! release image whose size the README reports.
+//! entrypoint) around the *debug* relay this test run already has,
+//! stripped. A release build from scratch would add a second full compile
+//! to the suite; the image's contents other than the binary's code are the
+//! same either way (the debug and release binaries load the same shared
+//! libraries: the build fails on any that `ldd` cannot find in the base).
+//! `scripts/image build` builds the release image whose size the README
+//! reports.
 //!
 //! Podman missing and not installable (no apt, not root) fails these tests
 //! with the installer's message: they never skip.
@@ -43,8 +43,8 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// podman as these machines need it (runc: crun refuses the hybrid cgroup
-/// setup; cgroupfs; rlimits that can be set here). See scripts/image.
+/// podman with the options scripts/image uses, which says why (runc,
+/// cgroupfs, rlimits).
 fn podman() -> Command {
     let mut command = Command::new("podman");
     command.args(["--runtime", "runc", "--cgroup-manager=cgroupfs"]);
