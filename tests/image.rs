@@ -31,7 +31,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::{consume, insert_row, wait_for, Stack, TestDb};
-use serde_yaml::Value as Yaml;
+use serde_norway::Value as Yaml;
 
 /// The tag of the image these tests build.
 const IMAGE: &str = "localhost/outbox-relay:test";
@@ -215,7 +215,7 @@ fn proc_status(pid: &str, key: &str) -> String {
 fn compose_config() -> Yaml {
     let output = run(Command::new(repo().join("scripts/image")).arg("compose-config"), "scripts/image compose-config");
     assert!(output.status.success(), "docker-compose config refused docker-compose.yml:\n{}", text(&output));
-    serde_yaml::from_slice(&output.stdout).expect("docker-compose config prints YAML")
+    serde_norway::from_slice(&output.stdout).expect("docker-compose config prints YAML")
 }
 
 fn yaml_strings(value: &Yaml) -> Vec<String> {
@@ -229,7 +229,7 @@ fn released_image_name() -> String {
 
 fn pod_relay_container() -> serde_json::Value {
     let text = std::fs::read_to_string(repo().join("deploy/kubernetes/pod.yaml")).expect("read pod.yaml");
-    for de in serde_yaml::Deserializer::from_str(&text) {
+    for de in serde_norway::Deserializer::from_str(&text) {
         let doc: serde_json::Value = serde::Deserialize::deserialize(de).expect("pod.yaml parses");
         if doc["kind"] == "Deployment" {
             let containers = doc["spec"]["template"]["spec"]["containers"].as_array().expect("containers").clone();
