@@ -106,7 +106,7 @@ ARG RELAY_GIT_REVISION=unknown
 RUN RELAY_GIT_REVISION="${RELAY_GIT_REVISION}" cargo build --release --locked --example order_service \
  && strip -o /out/order-service target/release/examples/order_service
 
-# It loads only libraries the relay's image holds (glibc, libgcc_s).
+# It loads only libraries the relay's image holds (glibc, libm, libgcc_s).
 FROM relay AS demo
 COPY --from=examples /out/order-service /usr/local/bin/order-service
 LABEL org.opencontainers.image.title="outbox-relay-demo" \
