@@ -225,6 +225,9 @@ const NO_NAMES: NoNames = NoNames;
 /// `bytes` and `fixed` as UTF-8 text when they are (else one character per
 /// byte, Avro's own JSON encoding), and NaN or infinite floats as strings.
 /// `schema` (the writer schema) is needed only for the scale of decimals.
+///
+/// One flat match arm per Avro value kind: the Avro -> JSON mapping as one
+/// table, as the codec's JSON -> Avro one is.
 pub fn avro_to_json(value: &AvroValue, schema: Option<&Schema>, names: &dyn SchemaNames) -> JsonValue {
     let schema = schema.map(|s| match s {
         Schema::Ref { name } => names.lookup(name).unwrap_or(s),
