@@ -1,7 +1,7 @@
 //! Soak: the relay under a steady write rate for a long while, its resident
 //! memory (RSS) and CPU sampled every 10 s, run twice: once with nothing
-//! scraping `/metrics` and once with a scrape every 15 s (issue 17: memory
-//! must stay flat either way).
+//! scraping `/metrics` and once with a scrape every 15 s (memory must stay
+//! flat either way: the histograms' upkeep must not wait for a scrape).
 //!
 //! Run: `scripts/bench soak [--quick] [--duration 30m] [--rate 1000] [--variant nothing|scraped] [--warm-up 1m] [--no-docs]`
 //! (the stack up, then `cargo bench --bench soak -- ARGS`). Defaults: 1,000

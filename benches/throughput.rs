@@ -229,9 +229,9 @@ async fn relay_acknowledged(relay: &RelayProcess) -> Option<f64> {
 /// loading Postgres meanwhile (its backends' CPU counts as the drain's):
 /// first the relay's own count of acknowledged rows (from `/metrics`),
 /// then one cheap query per 100 ms until the last of them are recorded.
-/// (The tests' `wait_all_published` reads the view over both layouts, a
-/// join of the whole table every 100 ms; until run 10 this harness counted
-/// the whole outbox every 100 ms.)
+/// (Not the tests' `wait_all_published`: it reads the view over both
+/// layouts, a join of the whole table every 100 ms, which would load
+/// Postgres during the drain.)
 async fn wait_recorded(
     client: &tokio_postgres::Client,
     relay: &RelayProcess,

@@ -38,8 +38,9 @@ use axum::routing::get;
 use axum::{Json, Router};
 use clap::Parser;
 use rdkafka::message::{Headers, Message, OwnedMessage};
-use relay::cli::tail::{consumer_config, plain_consumer_config, Decoded, PayloadDecoder, Start, TopicReader};
+use relay::codec::decode::{Decoded, PayloadDecoder};
 use relay::config::{Config, RegistryConfig};
+use relay::sink::consumer::{consumer_config, plain_consumer_config, ReadError, Start, TopicReader};
 use serde::Serialize;
 use serde_json::Value as JsonValue;
 
@@ -262,7 +263,7 @@ fn shown(version: Option<i64>) -> String {
     version.map_or_else(|| "?".into(), |v| v.to_string())
 }
 
-fn error_chain(err: relay::cli::tail::TailError) -> String {
+fn error_chain(err: ReadError) -> String {
     relay::telemetry::ErrorChain(&err).to_string()
 }
 

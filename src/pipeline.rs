@@ -101,7 +101,10 @@ impl PipelineError {
     }
 
     /// Whether a retry can cure this failure. Decided by SQLSTATE codes,
-    /// typed replication errors and slot state, never by message text.
+    /// typed replication errors and slot state. The one reading of message
+    /// text: pgwire-replication reports a server error as text only, so its
+    /// SQLSTATE is taken from the `(SQLSTATE xxxxx)` the text ends with
+    /// (`server_sql_state`).
     pub fn policy(&self) -> ErrorPolicy {
         let postgres = match self {
             Self::Database(DatabaseError::Url(_) | DatabaseError::Tls(_))

@@ -129,9 +129,9 @@ async fn run_case(stack: &Stack, case: &Case, publish_state: PublishState) -> Sc
     let started = Instant::now();
     let pid = relay.child.id();
     let (mut rss_at_tenth, mut peak_rss) = (f64::NAN, 0.0f64);
-    // Progress from the relay's own count of acknowledged rows: until the
-    // run of 2026-12-01 this loop counted the published rows of the whole
-    // outbox every 500 ms, Postgres work that grew with the backlog.
+    // Progress from the relay's own count of acknowledged rows: counting the
+    // published rows of the whole outbox every 500 ms would be Postgres work
+    // that grows with the backlog, inside the measurement.
     loop {
         let acknowledged = relay_acknowledged(&relay).await.unwrap_or(0.0) as usize;
         let rss = rss_mib(pid);

@@ -1,5 +1,7 @@
 //! `relay check`: one line per component, non-zero exit if any fails.
 
+use std::path::Path;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::codec::registry::{self, RegistryError};
@@ -33,6 +35,24 @@ impl std::fmt::Display for Verdict {
             write!(f, "\n{:<9} WARN  {}", self.component, warning)?;
         }
         Ok(())
+    }
+}
+
+/// Runs `relay check`: prints the config file's line, one verdict per
+/// component and the deployment warnings; exit 1 if any component fails.
+pub async fn run(config: &Config, path: &Path) -> ExitCode {
+    let verdicts = check(config).await;
+    println!("{:<9} ok    {}", "config", path.display());
+    for verdict in &verdicts {
+        println!("{verdict}");
+    }
+    for warning in warnings(config).await {
+        println!("{:<9} WARN  {warning}", "postgres");
+    }
+    if verdicts.iter().all(|v| v.problem.is_none()) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

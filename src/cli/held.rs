@@ -19,6 +19,8 @@
 //! Both commands only write the table, so they work while the relay is down
 //! too (it then publishes at start).
 
+use std::process::ExitCode;
+
 use crate::config::Config;
 use crate::database::{self, DatabaseError};
 use crate::store::{HeldRow, Released, Store, StoreError};
@@ -99,8 +101,14 @@ impl std::fmt::Display for Released {
     }
 }
 
-/// Runs a `relay held` action; returns what to print.
-pub async fn run(config: &Config, action: HeldAction) -> Result<String, HeldError> {
+/// Runs `relay held ACTION` and prints what it did.
+pub async fn run(config: &Config, action: HeldAction) -> Result<ExitCode, HeldError> {
+    print!("{}", act(config, action).await?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Carries out a `relay held` action; returns what to print.
+pub async fn act(config: &Config, action: HeldAction) -> Result<String, HeldError> {
     let store = Store::new(config);
     let mut client = database::connect(&config.postgres).await?;
     Ok(match action {

@@ -3,10 +3,14 @@
 
 pub mod check;
 pub mod held;
+pub mod migrate;
 pub mod probe;
 pub mod replay;
 pub mod schemas;
+pub mod status;
 pub mod tail;
+
+pub use schemas::SchemasAction;
 
 use std::path::PathBuf;
 
@@ -34,6 +38,7 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
+/// The subcommands; each is carried out by the `run` of its module.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the relay (the default when no subcommand is given).
@@ -119,16 +124,6 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-}
-
-#[derive(Debug, Subcommand)]
-pub enum SchemasAction {
-    /// Register every schema under its subject (idempotent) and set the
-    /// subject's compatibility level to codec.compatibility.
-    Register,
-    /// Check every schema against its subject's compatibility rule; exit 1
-    /// naming each subject that fails, and why.
-    Check,
 }
 
 fn parse_rfc3339(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {

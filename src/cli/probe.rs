@@ -3,6 +3,7 @@
 //! image holds the relay and its shared libraries only).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::config::Config;
@@ -19,6 +20,21 @@ pub fn local_addr(config: &Config) -> Option<SocketAddr> {
         });
     }
     Some(addr)
+}
+
+/// Runs `relay probe`: prints `ok` or `FAIL` with the summary line; exit 1
+/// unless the endpoint answered 2xx.
+pub async fn run(config: &Config, path: &str, timeout: Duration) -> ExitCode {
+    match probe(config, path, timeout).await {
+        Ok(line) => {
+            println!("ok    {line}");
+            ExitCode::SUCCESS
+        }
+        Err(line) => {
+            println!("FAIL  {line}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// GETs `path` (e.g. `/readyz`) from the configured endpoint within

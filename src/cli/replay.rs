@@ -26,6 +26,7 @@
 //! relay runs.
 
 use std::io::IsTerminal;
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -104,6 +105,13 @@ pub enum ReplayError {
     Schema(#[from] SchemaError),
     #[error("cannot create the Kafka producer")]
     Producer(#[source] KafkaError),
+}
+
+/// Runs `relay replay`: prints the summary line; exit 1 if any row failed.
+pub async fn run(config: &Config, filter: &ReplayFilter) -> Result<ExitCode, ReplayError> {
+    let summary = replay(config, filter).await?;
+    println!("{summary}");
+    Ok(if summary.failed > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
 /// Re-publishes the published rows that `filter` selects, waits for every

@@ -1,8 +1,41 @@
 //! `relay schemas register|check`.
 
+use std::process::ExitCode;
+
 use crate::codec::registry::{Registry, RegistryError};
 use crate::codec::{SchemaError, SchemaSet};
 use crate::config::Config;
+
+/// What `relay schemas` does.
+#[derive(Debug, clap::Subcommand)]
+pub enum SchemasAction {
+    /// Register every schema under its subject (idempotent) and set the
+    /// subject's compatibility level to codec.compatibility.
+    Register,
+    /// Check every schema against its subject's compatibility rule; exit 1
+    /// naming each subject that fails, and why.
+    Check,
+}
+
+/// Runs `relay schemas ACTION`: one `ok` or `FAIL` line per subject; exit 1
+/// if any subject failed.
+pub async fn run(config: &Config, action: SchemasAction) -> Result<ExitCode, SchemaError> {
+    let report = match action {
+        SchemasAction::Register => register(config).await?,
+        SchemasAction::Check => check(config).await?,
+    };
+    let mut failed = false;
+    for (subject, outcome) in &report {
+        match outcome {
+            Ok(text) => println!("ok    {subject}: {text}"),
+            Err(text) => {
+                failed = true;
+                println!("FAIL  {subject}: {text}");
+            }
+        }
+    }
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
 
 /// One line of output per subject: `(subject, problem)`; `problem` is
 /// `None` when all is well, and the text says what happened either way.

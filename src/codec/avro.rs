@@ -263,9 +263,9 @@ impl<'n, S: Borrow<Schema>> Converter<'n, S> {
         None
     }
 
-    // Over 80 lines on purpose: one flat match arm per (Avro type, JSON
-    // kind) pair is the JSON -> Avro mapping as one table; split up, the
-    // table would be scattered over functions that each hold a few rows.
+    // One flat match arm per (Avro type, JSON kind) pair: the JSON -> Avro
+    // mapping as one table, read top to bottom; split up, it would be
+    // scattered over functions that each hold a few rows.
     fn convert(
         &self,
         value: &JsonValue,

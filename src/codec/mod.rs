@@ -5,9 +5,11 @@
 //! to an Avro datum by the schema configured for its (aggregate type, event
 //! type), in the Confluent wire format with the schema's registry id. Ids are
 //! resolved once, before the first row ([`Codec::prepare`]); after that a
-//! registry outage cannot stop publishing.
+//! registry outage cannot stop publishing. [`decode`] is the way back, for
+//! the tools that read what was published.
 
 pub mod avro;
+pub mod decode;
 pub mod registry;
 
 use std::collections::HashMap;

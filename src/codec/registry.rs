@@ -1,10 +1,25 @@
 //! The Confluent-compatible schema registry: subjects, ids, compatibility.
 //!
-//! Registration and compatibility go through `schema_registry_converter`;
-//! the two calls it lacks (look up a schema's id under a subject without
-//! registering it, and set a subject's compatibility level) are plain HTTP
-//! calls of the same API. Both go through clients made by
-//! [`client_builder`], so `registry.tls_ca_file` applies to every call.
+//! Registration and the compatibility verdict go through
+//! `schema_registry_converter` (`post_schema`, `is_compatible_schema`), and
+//! its `AvroDecoder` decodes for readers ([`crate::codec::decode`]). The
+//! other calls are plain HTTP on the same API, because the crate (6.x) does
+//! not give what they need:
+//! - setting a subject's compatibility level (`PUT /config/{subject}`): it
+//!   has no such call;
+//! - looking up a schema's id under a subject without registering it
+//!   (`POST /subjects/{subject}`, [`Registry::lookup`]) and asking whether a
+//!   subject exists (`GET /subjects/{subject}/versions`,
+//!   [`Registry::has_subject`]): it can send both (`perform_sr_call`,
+//!   `get_all_versions`), but its `SRCError` keeps the HTTP status only in
+//!   its message text and marks only 502 and 503 retriable, so "not
+//!   registered" (404) could not be told from a refusal, nor another 5xx
+//!   from a refusal, without parsing that text;
+//! - the registry's reasons for an incompatibility (`?verbose=true`):
+//!   `is_compatible_schema` returns a bare `bool`.
+//!
+//! Every client starts from [`client_builder`], so `registry.tls_ca_file`
+//! applies to every call.
 
 use std::time::Duration;
 

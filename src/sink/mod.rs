@@ -24,6 +24,7 @@
 //! taking rows from the source, which stops reading Postgres.
 
 pub mod connection;
+pub mod consumer;
 pub mod first_write;
 pub mod held;
 pub mod partition;

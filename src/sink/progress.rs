@@ -197,8 +197,9 @@ fn read_window(
             break;
         }
         // Short: a window often ends on a transaction marker, which is
-        // never returned, so its end shows only in the position (a long
-        // poll there cost 200 ms per window at every exactly-once start).
+        // never returned, so its end shows only in the position; a long
+        // poll would wait out its whole timeout there, at every
+        // exactly-once start.
         let Some(message) = consumer.poll(Duration::from_millis(10)) else { continue };
         let message = message?;
         if message.offset() >= end {

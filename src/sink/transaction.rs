@@ -57,26 +57,39 @@ pub struct Transactions {
     pub max_rows: usize,
     pub max_bytes: usize,
     /// Test-only: a pause between a commit and handing the rows on, so a
-    /// test can kill the relay in that window (`RELAY_TEST_AFTER_COMMIT_DELAY_MS`).
+    /// test can kill the relay in that window (`RELAY_TEST_AFTER_COMMIT_DELAY_MS`,
+    /// read only with the `test-hooks` feature).
     pub after_commit_delay: Option<Duration>,
 }
 
 impl Transactions {
     pub fn new(config: &Config) -> Self {
         let kafka = &config.kafka;
-        let after_commit_delay = std::env::var("RELAY_TEST_AFTER_COMMIT_DELAY_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .map(Duration::from_millis);
         Self {
             transactional_id: config.transactional_id(),
             progress_topic: kafka.progress_topic.clone(),
             interval: Duration::from_millis(kafka.transaction_interval_ms),
             max_rows: kafka.transaction_max_rows,
             max_bytes: kafka.transaction_max_bytes,
-            after_commit_delay,
+            after_commit_delay: test_after_commit_delay(),
         }
     }
+}
+
+/// `RELAY_TEST_AFTER_COMMIT_DELAY_MS`, read only in builds with the
+/// `test-hooks` feature: `cargo test` turns it on (the crate's
+/// dev-dependency on itself), so tests/it/exactly_once.rs can kill the relay
+/// between a commit and the publish state, while the release binary never
+/// reads the variable.
+#[cfg(feature = "test-hooks")]
+fn test_after_commit_delay() -> Option<Duration> {
+    std::env::var("RELAY_TEST_AFTER_COMMIT_DELAY_MS").ok().and_then(|v| v.parse().ok()).map(Duration::from_millis)
+}
+
+/// Without the `test-hooks` feature there is no delay.
+#[cfg(not(feature = "test-hooks"))]
+fn test_after_commit_delay() -> Option<Duration> {
+    None
 }
 
 /// Runs a blocking transaction call of the producer off the runtime.

@@ -43,8 +43,9 @@
 //! retry|skip`): the stream went past them long ago, so in logical mode they
 //! are caught up too (`retry_requested_at IS NOT NULL`). The pipeline's
 //! watch (`Store::blocker_released`) restarts the run when a row that holds an
-//! entity in this run is released, so `load_held` forgets the entity and
-//! the catch-up publishes the rows.
+//! entity in this run is released; the new run reads the held entities
+//! afresh (`Store::held_entities`), without that one, and the catch-up
+//! publishes the rows.
 
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::Client;

@@ -9,7 +9,7 @@ use super::{get, LeaseState, Store, StoreError};
 /// Pending rows are counted one by one up to this many; above it
 /// `pending` is estimated from the range of pending ids, so a sample costs
 /// the same on a backlog of a million rows as on one of ten thousand
-/// (counting a million rows took Postgres 0.2-0.7 s, each sample).
+/// (counting every row would make each sample's cost grow with the backlog).
 pub const PENDING_COUNT_LIMIT: i64 = 10_000;
 
 /// The outbox's publish state.
@@ -56,9 +56,8 @@ impl Store {
         };
         let tx = client.transaction().await?;
         // Every part is written for an index; right after a bulk insert,
-        // before autovacuum's ANALYZE, the planner would guess otherwise
-        // (`last_error IS NOT NULL`: 99.5% of the rows) and scan and sort
-        // the whole outbox on each sample (0.6-0.7 s for a million rows).
+        // before autovacuum's ANALYZE, the planner's stale statistics can
+        // make it scan and sort the whole outbox on each sample instead.
         tx.batch_execute("SET LOCAL enable_seqscan = off; SET LOCAL enable_sort = off").await?;
         let row = tx.query_one(&self.counts_statement(), &[]).await?;
         let last: Option<chrono::DateTime<chrono::Utc>> = tx.query_one(&last_published, &[]).await?.try_get(0)?;

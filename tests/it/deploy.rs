@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use serde_yaml::Value as Yaml;
+use serde_norway::Value as Yaml;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -49,7 +49,7 @@ fn ext(path: &Path) -> &str {
 fn yaml_docs(path: &Path) -> Vec<Yaml> {
     let text = read(path);
     let mut docs = Vec::new();
-    for (i, de) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+    for (i, de) in serde_norway::Deserializer::from_str(&text).enumerate() {
         let doc =
             Yaml::deserialize(de).unwrap_or_else(|e| panic!("{} document {i}: invalid YAML: {e}", path.display()));
         if !doc.is_null() {

@@ -1,4 +1,4 @@
-//! `checkpoint.publish_state = "side_table"` (issue 13): publish state in
+//! `checkpoint.publish_state = "side_table"`: publish state in
 //! `outbox_relay_published` instead of the outbox row, against the real
 //! stack. Recorded per row with Kafka's partition and offset, shown by the
 //! view `outbox_publish_state`, used by the restart check (no resend of

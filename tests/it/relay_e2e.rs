@@ -440,8 +440,8 @@ fn stored_batches(topic: &str) -> HashMap<i32, Vec<(i64, usize)>> {
 /// A broker accepts any sequence number from a producer it holds no state
 /// for on a partition, so if a producer's first request there failed
 /// unpersisted while its second landed, the first records could never be
-/// placed before the second (CI saw an entity's rows 1-3 land after 4-6 this
-/// way, right after the relay created the topic). The relay therefore sends
+/// placed before the second (an entity's rows 1-3 could land after 4-6,
+/// right after the relay created the topic). The relay therefore sends
 /// each partition's first record of a run alone and the rest only after
 /// Kafka acknowledged it. Shown on the broker's own log: with a backlog
 /// ready at once and a kill -9 in between, every producer's first batch on

@@ -19,31 +19,36 @@ use serde_json::{json, Value};
 
 use crate::common::*;
 
-/// Builds the example once (cargo does not build examples for
-/// `cargo test --test state_cache`) and returns its executable.
-fn example_binary() -> &'static Path {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
+/// Builds the examples once (cargo does not build examples for
+/// `cargo test --test state_cache`) and returns the executable of `name`.
+fn example_binary(name: &str) -> &'static Path {
+    static BINARIES: OnceLock<Vec<(String, PathBuf)>> = OnceLock::new();
+    let binaries = BINARIES.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let output = Command::new(cargo)
-            .args(["build", "--example", "state_cache", "--message-format=json"])
+            .args(["build", "--example", "state_cache", "--example", "order_service", "--message-format=json"])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .output()
-            .expect("run cargo build --example state_cache");
-        assert!(output.status.success(), "building the example failed: {}", String::from_utf8_lossy(&output.stderr));
+            .expect("run cargo build --example state_cache --example order_service");
+        assert!(output.status.success(), "building the examples failed: {}", String::from_utf8_lossy(&output.stderr));
         String::from_utf8_lossy(&output.stdout)
             .lines()
             .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-            .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "state_cache")
-            .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-            .expect("cargo names the example's executable")
-    })
+            .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["kind"][0] == "example")
+            .filter_map(|m| Some((m["target"]["name"].as_str()?.to_string(), PathBuf::from(m["executable"].as_str()?))))
+            .collect()
+    });
+    binaries
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, path)| path.as_path())
+        .expect("cargo names the example's executable")
 }
 
 /// The example with no inherited `RELAY__*` overrides (a `--config` would
 /// otherwise take the stack's shared settings from the environment).
 fn state_cache() -> Command {
-    let mut command = Command::new(example_binary());
+    let mut command = Command::new(example_binary("state_cache"));
     for (key, _) in std::env::vars() {
         if key.starts_with("RELAY__") || key == "RELAY_CONFIG" {
             command.env_remove(key);
@@ -278,7 +283,7 @@ async fn the_cache_rebuilt_from_the_state_topic_equals_the_order_services_table(
     db.migrate(&config);
     let client = db.client().await;
     let mut relay = RelayProcess::start(&config);
-    let status = Command::new(env!("CARGO_BIN_EXE_order-service"))
+    let status = Command::new(example_binary("order_service"))
         .args(["--url", &db.url, "--rate", "300", "--seconds", "3", "--orders", "6"])
         .stdout(Stdio::null())
         .status()

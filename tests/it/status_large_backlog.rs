@@ -1,9 +1,7 @@
 //! `relay status` (and the lag gauges, sampled from the same query) on a
-//! backlog larger than `PENDING_COUNT_LIMIT` (issue 13): pending rows are
-//! counted one by one up to 10,000 and estimated above it from the span
-//! of their ids, so a sample reads a bounded number of rows however large
-//! the backlog (counting a million pending rows took Postgres 0.2-0.7 s
-//! per sample). Both publish-state layouts, against the real stack, on a
+//! backlog larger than `PENDING_COUNT_LIMIT`: pending rows are counted one
+//! by one up to 10,000 and estimated above it from the span of their ids,
+//! so a sample reads a bounded number of rows however large the backlog. Both publish-state layouts, against the real stack, on a
 //! table autovacuum has not analyzed yet (right after a bulk insert), where
 //! the planner would otherwise choose to scan the whole outbox.
 

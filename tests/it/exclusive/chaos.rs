@@ -62,9 +62,9 @@ async fn kill_dash_nine_repeatedly_loses_nothing_and_keeps_per_key_order() {
     assert_per_key_order(&records);
     // Rows recorded as published are never sent again after a restart, so
     // a kill repeats only its in-flight window: at 500 rows/s and a 50 ms
-    // flush interval a few dozen rows; 100 is 0.2 s of traffic. (Before the
-    // publish state was checked on resume, a kill repeated ~360 rows: all
-    // since the slot's last reported position.)
+    // flush interval a few dozen rows; 100 is 0.2 s of traffic. Without the
+    // publish-state check on resume, a kill would repeat every row since
+    // the slot's last reported position, far more than that.
     let duplicates = records.len() - TOTAL;
     let per_kill = duplicates as f64 / f64::from(kills);
     eprintln!("kill -9 x{kills} at {RATE} rows/s: {duplicates} duplicates, {per_kill:.1} per kill");
@@ -307,7 +307,8 @@ async fn a_commit_not_visible_yet_is_waited_for_never_confirmed_past() {
     })
     .await;
     // The relay says so every 10 s: after the second time it has waited
-    // well past the ~5 s after which it used to give up and confirm anyway.
+    // well past any short deadline after which it could have given up and
+    // confirmed anyway.
     wait_for("the relay to have waited for over 10 s", Duration::from_secs(60), || async {
         (relay.log_text().matches("not visible yet").count() >= 2).then_some(())
     })

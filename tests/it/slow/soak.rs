@@ -1,9 +1,8 @@
-//! Memory stays bounded with nothing scraping `/metrics` (issue 17): the
-//! relay's resident memory after 400,000 published rows exceeds the one after
-//! the first 40,000 by less than 4 MiB. Before the recorder's upkeep ran on a
-//! timer, every histogram observation stayed in memory until a scrape drained
-//! it: this grew by about 18 bytes per row (+6.4 MiB here, the test fails);
-//! with the upkeep it grows by about 0.5 MiB.
+//! Memory stays bounded with nothing scraping `/metrics`: the relay's
+//! resident memory after 400,000 published rows exceeds the one after the
+//! first 40,000 by less than 4 MiB. It guards the recorder's upkeep on a
+//! timer: without it, every histogram observation stays in memory until a
+//! scrape drains it, a growth per row that this test fails on.
 //!
 //! A property of memory, not a timing: the test waits on conditions only.
 //! The steady-rate soak with RSS over time is `scripts/bench soak`.
