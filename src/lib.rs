@@ -17,6 +17,7 @@ pub mod codec;
 pub mod config;
 pub mod database;
 pub mod delivery;
+pub mod hold;
 pub mod leader;
 pub mod migrate;
 pub mod outbox;

@@ -405,7 +405,8 @@ fn source_row(id: i64, entity: &str) -> relay::outbox::SourceEvent {
 /// after that is visible to a read_committed consumer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_fences_a_zombie_producer_and_nothing_it_sends_becomes_visible() {
-    use relay::sink::{HeldEntities, KafkaSink, SinkError};
+    use relay::hold::HeldEntities;
+    use relay::sink::{KafkaSink, SinkError};
     let stack = Stack::from_env();
     let db = TestDb::new(&stack).await;
     let config = relay::Config::from_toml_str(&db.config_toml(EXACTLY_ONCE)).expect("config");

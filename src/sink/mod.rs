@@ -23,9 +23,10 @@
 //! Backpressure: when librdkafka's queue is full, the sink waits and stops
 //! taking rows from the source, which stops reading Postgres.
 
+pub mod classify;
 pub mod connection;
+pub mod dead_letter;
 pub mod first_write;
-pub mod held;
 pub mod partition;
 pub mod progress;
 pub mod record;
@@ -42,8 +43,9 @@ use rdkafka::producer::Producer;
 use rdkafka::ClientConfig;
 use tokio::sync::mpsc;
 
+pub use classify::classify_for_topic;
 pub use connection::{client_config, probe, ConnectError};
-pub use held::{HeldAt, HeldEntities, Holder, TooManyHeld};
+pub use dead_letter::DeadLetterTopic;
 pub use record::{Outbound, RecordBuilder};
 pub use reports::KafkaProducer;
 pub use topics::Topics;
@@ -51,7 +53,8 @@ pub use transaction::Transactions;
 
 use crate::codec::Codec;
 use crate::config::{Config, Delivery, KafkaConfig, TopicKind};
-use crate::delivery::{classify_for_topic, InFlight, PendingDelivery, PublishError, RoutedRow};
+use crate::delivery::{InFlight, PendingDelivery, PublishError, RoutedRow};
+use crate::hold::{self, HeldAt, HeldEntities, Holder, TooManyHeld};
 use crate::outbox::{OutboxRow, SourceEvent};
 use crate::routing::TopicRouter;
 use crate::telemetry::metrics;
@@ -142,7 +145,7 @@ impl KafkaSink {
         let topics = Topics::new(admin, producer.clone(), config.routing.clone(), Arc::clone(&principal));
         let mut holder = Holder::new(held);
         if let Some(topic) = config.routing.dead_letter_topic.clone() {
-            holder = holder.with_dead_letter(topic, producer.clone(), topics.clone());
+            holder = holder.with_dead_letter(Arc::new(DeadLetterTopic::new(topic, producer.clone(), topics.clone())));
         }
         Ok(Self {
             producer,
@@ -195,10 +198,7 @@ impl KafkaSink {
         }
         let kind = TopicKind::of_row(&routed.row.kind);
         if routed.row.payload.is_none() && kind != TopicKind::State {
-            let error = format!(
-                "payload is NULL but kind is '{}': only a state row may be a tombstone; give the row a payload, then `relay held retry` (or `relay held skip`)",
-                routed.row.kind
-            );
+            let error = hold::tombstone_reason(&routed.row.kind);
             return self.hold(routed, error).await;
         }
         let facts = match self.topics.ensure(&routed.topic, kind, Some(&routed.row.aggregate_type)).await {
@@ -216,10 +216,7 @@ impl KafkaSink {
         if let Some(limit) = facts.max_message_bytes {
             let size = record.size();
             if size > limit {
-                let error = format!(
-                    "record of {size} bytes is too large for topic `{}` (max.message.bytes = {limit}): shrink the payload or raise the topic's limit, then `relay held retry`",
-                    routed.topic
-                );
+                let error = hold::too_large_reason(size, &routed.topic, limit);
                 return self.hold(routed, error).await;
             }
         }

@@ -34,9 +34,10 @@ use super::reports::KafkaProducer;
 use tokio::sync::mpsc;
 
 use super::progress::{ProgressRecord, ProgressRow};
-use super::{HeldAt, KafkaSink, SinkError};
+use super::{KafkaSink, SinkError};
 use crate::config::Config;
 use crate::delivery::{InFlight, PublishError, RoutedRow};
+use crate::hold::HeldAt;
 use crate::outbox::{OutboxRow, SourceEvent};
 use crate::telemetry::metrics;
 
