@@ -1,13 +1,16 @@
 //! What passes from the sink to the checkpoint stage: each row with its
-//! pending delivery, or the reason it was not sent, in source order.
-//! Imports no stage and no Kafka client: how Kafka errors become a
-//! [`PublishError`] is the sink's (`sink::classify`).
+//! pending delivery, or the reason it was not sent, in source order; and,
+//! in exactly-once mode, the progress records the checkpoint's recovery
+//! reads back ([`ProgressSource`]). Imports no stage and no Kafka client:
+//! how Kafka errors become a [`PublishError`] is the sink's
+//! (`sink::classify`), and so is reading the progress topic.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use serde::{Deserialize, Serialize};
 
 use crate::outbox::{CommitBoundary, OutboxRow};
 
@@ -74,4 +77,41 @@ pub enum InFlight {
     Waiting { row: RoutedRow, behind: i64 },
     /// A commit boundary; see [`CommitBoundary`].
     Boundary(CommitBoundary),
+}
+
+/// What one committed exactly-once transaction carried: written inside the
+/// transaction to the progress topic, so it is visible exactly when its
+/// rows are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgressRecord {
+    pub transactional_id: String,
+    pub rows: Vec<ProgressRow>,
+}
+
+/// One row of a transaction: its id and where it landed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgressRow {
+    pub id: i64,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+impl ProgressRow {
+    pub fn new(row: &RoutedRow, ack: Ack) -> Self {
+        Self { id: row.row.id, topic: row.topic.to_string(), partition: ack.partition, offset: ack.offset }
+    }
+}
+
+/// This relay group's progress records, read back newest first: what the
+/// exactly-once recovery (`checkpoint::progress::recover`) walks. The sink
+/// implements it over its progress topic, read only after
+/// `init_transactions`, so no transaction of an earlier producer can still
+/// commit behind it.
+pub trait ProgressSource {
+    /// Why a window could not be read.
+    type Error: std::error::Error + Send + Sync + 'static;
+    /// The next older window of records, newest first; `None` once the
+    /// beginning was read.
+    fn older(&mut self) -> impl Future<Output = Result<Option<Vec<ProgressRecord>>, Self::Error>> + Send;
 }

@@ -80,7 +80,6 @@ impl PipelineError {
             Self::Store(StoreError::Fenced { .. })
                 | Self::Checkpoint(CheckpointError::Record(StoreError::Fenced { .. }))
                 | Self::Sink(SinkError::Fenced(_))
-                | Self::Checkpoint(CheckpointError::Progress(SinkError::Fenced(_)))
         )
     }
 
@@ -507,7 +506,9 @@ async fn run_once(
         let topic_ms = started.elapsed().as_millis() as u64;
         sink.init_transactions().await?;
         let init_ms = started.elapsed().as_millis() as u64 - topic_ms;
-        crate::checkpoint::progress::recover(config, &store, &control).await?;
+        // The sink reads its own progress topic; the checkpoint records it.
+        let mut progress = sink::progress::ProgressReader::open(config).await.map_err(CheckpointError::progress)?;
+        crate::checkpoint::progress::recover(config, &store, &control, &mut progress).await?;
         tracing::info!(
             topic_ms,
             init_ms,

@@ -508,7 +508,8 @@ impl relay::store::PublishStateStore for CutShort {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recovery_cut_short_leaves_nothing_to_send_twice() {
     use rdkafka::producer::{FutureProducer, FutureRecord};
-    use relay::sink::progress::{ProgressRecord, ProgressRow};
+    use relay::delivery::{ProgressRecord, ProgressRow};
+    use relay::sink::progress::ProgressReader;
     let stack = Stack::from_env();
     let db = TestDb::new(&stack).await;
     let progress = db.topic("progress");
@@ -553,10 +554,14 @@ async fn a_recovery_cut_short_leaves_nothing_to_send_twice() {
     }
 
     let cut_short = CutShort { client: db.client().await, allowed: 1.into() };
-    let first = relay::checkpoint::progress::recover(&config, &cut_short, &client).await;
+    let mut progress_reader = ProgressReader::open(&config).await.expect("progress reader");
+    let first = relay::checkpoint::progress::recover(&config, &cut_short, &client, &mut progress_reader).await;
     assert!(first.is_err(), "the first recovery stops after one record: {first:?}");
     let whole = CutShort { client: db.client().await, allowed: usize::MAX.into() };
-    relay::checkpoint::progress::recover(&config, &whole, &client).await.expect("the next recovery");
+    let mut progress_reader = ProgressReader::open(&config).await.expect("progress reader");
+    relay::checkpoint::progress::recover(&config, &whole, &client, &mut progress_reader)
+        .await
+        .expect("the next recovery");
 
     for (i, id) in ids.iter().enumerate() {
         let row = client

@@ -49,9 +49,16 @@ pub enum CheckpointError {
     Delivery(String),
     #[error(transparent)]
     TooManyHeld(#[from] TooManyHeld),
-    /// Exactly-once: the progress topic could not be read back.
+    /// Exactly-once: the progress records could not be read back.
     #[error("cannot recover exactly-once progress")]
-    Progress(#[from] crate::sink::SinkError),
+    Progress(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl CheckpointError {
+    /// [`Self::Progress`] for the error of a [`crate::delivery::ProgressSource`].
+    pub fn progress(err: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Progress(Box::new(err))
+    }
 }
 
 #[derive(Default)]
