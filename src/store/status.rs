@@ -4,6 +4,7 @@
 use serde::Serialize;
 use tokio_postgres::Client;
 
+use super::held::Marked;
 use super::{get, LeaseState, Store, StoreError};
 
 /// Pending rows are counted one by one up to this many; above it
@@ -118,12 +119,18 @@ impl Store {
     fn counts_statement(&self) -> String {
         let (table, id, occurred) = (&self.sql.table, &self.sql.id, &self.sql.occurred_at);
         let limit = PENDING_COUNT_LIMIT + 1;
+        // Through the held-rows index: rows with `last_error` are never
+        // published, so the states need no publish-state probe.
         let held = format!(
             "held AS (SELECT \
-               count(*) FILTER (WHERE skipped_at IS NULL) AS held, \
-               count(*) FILTER (WHERE waiting_for IS NOT NULL AND skipped_at IS NULL) AS waiting, \
-               count(*) FILTER (WHERE skipped_at IS NOT NULL) AS skipped \
-               FROM {table} WHERE last_error IS NOT NULL)"
+               count(*) FILTER (WHERE {held_or_waiting}) AS held, \
+               count(*) FILTER (WHERE {waiting}) AS waiting, \
+               count(*) FILTER (WHERE {skipped}) AS skipped \
+               FROM {table} AS o WHERE {marked})",
+            held_or_waiting = Marked::HeldOrWaiting.on("o"),
+            waiting = Marked::Waiting.on("o"),
+            skipped = Marked::Skipped.on("o"),
+            marked = Marked::Any.on("o"),
         );
         // `lowest`: the lowest unpublished ids, held ones too (a filter
         // inside the limit would let many held rows make it walk the
@@ -151,14 +158,14 @@ impl Store {
                WHERE o.{id} > (SELECT top FROM m) ORDER BY o.{id} LIMIT {limit}), \
              released AS (SELECT o.{occurred}::timestamptz AS at FROM {table} AS o \
                WHERE o.retry_requested_at IS NOT NULL AND o.published_at IS NULL AND o.{id} <= (SELECT top FROM m) \
-                 AND o.last_error IS NULL AND {unpublished} LIMIT {limit}), \
+                 AND {pending} LIMIT {limit}), \
              pending AS (SELECT at FROM lowest WHERE last_error IS NULL UNION ALL SELECT at FROM released), \
              {held} \
              {COUNTS}, \
              (SELECT (coalesce(max(o.{id}), 0) - (SELECT top FROM m))::bigint FROM {table} AS o), \
              greatest((SELECT count(*) FROM lowest), (SELECT count(*) FROM released)) \
              FROM held",
-            unpublished = self.sql.unpublished("o"),
+            pending = self.sql.pending("o"),
         )
     }
 }
