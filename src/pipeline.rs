@@ -500,13 +500,12 @@ async fn run_once(
     let sink = KafkaSink::new(config, held.clone(), codec.clone())?;
     if config.kafka.delivery == Delivery::ExactlyOnce {
         // Fence earlier producers first: then no transaction of theirs can
-        // commit after the progress topic is read back.
+        // commit after the sink's progress topic is read back for recovery.
         let started = std::time::Instant::now();
         crate::sink::progress::ensure_topic(config).await?;
         let topic_ms = started.elapsed().as_millis() as u64;
         sink.init_transactions().await?;
         let init_ms = started.elapsed().as_millis() as u64 - topic_ms;
-        // The sink reads its own progress topic; the checkpoint records it.
         let mut progress = sink::progress::ProgressReader::open(config).await.map_err(CheckpointError::progress)?;
         crate::checkpoint::progress::recover(config, &store, &control, &mut progress).await?;
         tracing::info!(
