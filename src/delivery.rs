@@ -1,13 +1,16 @@
 //! What passes from the sink to the checkpoint stage: each row with its
-//! pending delivery, or the reason it was not sent, in source order; and
-//! how Kafka errors are classified. Imports no stage.
+//! pending delivery, or the reason it was not sent, in source order; and,
+//! in exactly-once mode, the progress records the checkpoint's recovery
+//! reads back ([`ProgressSource`]). Imports no stage and no Kafka client:
+//! how Kafka errors become a [`PublishError`] is the sink's
+//! (`sink::classify`), and so is reading the progress topic.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use serde::{Deserialize, Serialize};
 
 use crate::outbox::{CommitBoundary, OutboxRow};
 
@@ -29,55 +32,6 @@ pub enum PublishError {
     /// pipeline restarts from its last confirmed commit boundary.
     #[error("{0}")]
     Retriable(String),
-}
-
-/// Tells permanent Kafka errors (the same record can never succeed) from
-/// transient ones. `InvalidMessage` (CORRUPT_MESSAGE, a CRC mismatch on the
-/// way) is transient: the same record sent again succeeds. A timestamp the
-/// topic refuses (`message.timestamp.*.max.ms`) needs the topic's settings
-/// fixed: permanent.
-pub fn classify(err: &KafkaError) -> PublishError {
-    use RDKafkaErrorCode as C;
-    let permanent = matches!(
-        err.rdkafka_error_code(),
-        Some(
-            C::MessageSizeTooLarge
-                | C::InvalidMessageSize
-                | C::InvalidRecord
-                | C::InvalidTimestamp
-                | C::TopicAuthorizationFailed
-                | C::ClusterAuthorizationFailed
-                | C::InvalidTopic
-                | C::UnknownTopic
-                | C::UnknownTopicOrPartition
-                | C::PolicyViolation
-                | C::InvalidRequiredAcks
-        )
-    );
-    if permanent {
-        PublishError::Permanent(err.to_string())
-    } else {
-        PublishError::Retriable(err.to_string())
-    }
-}
-
-/// [`classify`] for a record of `topic`, with an authorization refusal
-/// spelled as its fix: which ACL, on which resource, for which principal
-/// (`principal` as in `KafkaConfig::principal`). The broker refuses a
-/// produce request with TOPIC_AUTHORIZATION_FAILED when the principal lacks
-/// WRITE on the topic (librdkafka reports it in the delivery report; a
-/// metadata refusal, no DESCRIBE, too). Both are permanent: the row is held
-/// and `relay held retry` sends it again once the ACL is granted.
-pub fn classify_for_topic(err: &KafkaError, topic: &str, principal: &str) -> PublishError {
-    match err.rdkafka_error_code() {
-        Some(RDKafkaErrorCode::TopicAuthorizationFailed) => PublishError::Permanent(format!(
-            "not authorized to write to topic `{topic}` ({err}): grant WRITE on TOPIC {topic} to {principal} (and DESCRIBE, which it needs too), then `relay held retry`"
-        )),
-        Some(RDKafkaErrorCode::ClusterAuthorizationFailed) => PublishError::Permanent(format!(
-            "not authorized on the cluster while writing to topic `{topic}` ({err}): brokers before Kafka 3.0 need IDEMPOTENT_WRITE on CLUSTER for {principal}; grant it, then `relay held retry`"
-        )),
-        _ => classify(err),
-    }
 }
 
 /// A delivery in progress, resolving to the record's partition and offset.
@@ -117,7 +71,7 @@ pub enum InFlight {
     /// A record handed to the producer.
     Sent { row: RoutedRow, delivery: PendingDelivery },
     /// A row held for its own error (already counted and logged by the
-    /// sink's holder).
+    /// [`Holder`](crate::hold::Holder)).
     Held { row: RoutedRow, error: String },
     /// A row that waits behind held row `behind` of the same entity.
     Waiting { row: RoutedRow, behind: i64 },
@@ -125,45 +79,39 @@ pub enum InFlight {
     Boundary(CommitBoundary),
 }
 
-/// The `last_error` text of a row waiting behind held row `behind`; the
-/// typed fact is the `waiting_for` column.
-pub fn waiting_reason(behind: i64) -> String {
-    format!("waiting behind held row {behind} of the same entity")
+/// What one committed exactly-once transaction carried: written inside the
+/// transaction to the progress topic, so it is visible exactly when its
+/// rows are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgressRecord {
+    pub transactional_id: String,
+    pub rows: Vec<ProgressRow>,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// One row of a transaction: its id and where it landed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgressRow {
+    pub id: i64,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
 
-    fn class(code: RDKafkaErrorCode) -> &'static str {
-        match classify(&KafkaError::MessageProduction(code)) {
-            PublishError::Permanent(_) => "permanent",
-            PublishError::Retriable(_) => "retriable",
-        }
+impl ProgressRow {
+    pub fn new(row: &RoutedRow, ack: Ack) -> Self {
+        Self { id: row.row.id, topic: row.topic.to_string(), partition: ack.partition, offset: ack.offset }
     }
+}
 
-    #[test]
-    fn kafka_errors_are_classified() {
-        assert_eq!(class(RDKafkaErrorCode::MessageSizeTooLarge), "permanent");
-        assert_eq!(class(RDKafkaErrorCode::TopicAuthorizationFailed), "permanent");
-        assert_eq!(class(RDKafkaErrorCode::InvalidTimestamp), "permanent");
-        // CORRUPT_MESSAGE: a CRC mismatch on the way; the same record sent again succeeds.
-        assert_eq!(class(RDKafkaErrorCode::InvalidMessage), "retriable");
-        assert_eq!(class(RDKafkaErrorCode::NotEnoughReplicas), "retriable");
-        assert_eq!(class(RDKafkaErrorCode::RequestTimedOut), "retriable");
-    }
-
-    #[test]
-    fn an_authorization_refusal_names_the_topic_and_the_acl() {
-        let err = KafkaError::MessageProduction(RDKafkaErrorCode::TopicAuthorizationFailed);
-        match classify_for_topic(&err, "orders", "User:relay") {
-            PublishError::Permanent(text) => {
-                assert!(text.contains("grant WRITE on TOPIC orders to User:relay"), "{text}");
-                assert!(text.contains("not authorized to write to topic `orders`"), "{text}");
-            }
-            other => panic!("must be permanent: {other:?}"),
-        }
-        let err = KafkaError::MessageProduction(RDKafkaErrorCode::RequestTimedOut);
-        assert!(matches!(classify_for_topic(&err, "orders", "User:relay"), PublishError::Retriable(_)));
-    }
+/// This relay group's progress records, read back newest first: what the
+/// exactly-once recovery (`checkpoint::progress::recover`) walks. The sink
+/// implements it over its progress topic, read only after
+/// `init_transactions`, so no transaction of an earlier producer can still
+/// commit behind it.
+pub trait ProgressSource {
+    /// Why a window could not be read.
+    type Error: std::error::Error + Send + Sync + 'static;
+    /// The next older window of records, newest first; `None` once the
+    /// beginning was read.
+    fn older(&mut self) -> impl Future<Output = Result<Option<Vec<ProgressRecord>>, Self::Error>> + Send;
 }

@@ -4,11 +4,17 @@
 //! commit order) -> [`codec`] (payload encoding) -> [`sink`] (Kafka) ->
 //! [`checkpoint`] (publish state, commit boundary confirmation), wired by
 //! [`pipeline`]. Around it: [`config`], [`outbox`] and [`delivery`] (the
-//! types the stages pass on), [`routing`], [`database`], [`store`] (every
+//! types the stages pass on), [`hold`] (the held-row rule both the sink and
+//! the checkpoint apply), [`routing`], [`database`], [`store`] (every
 //! statement on the outbox and the relay's tables), [`telemetry`] and
 //! [`leader`] (the lease that makes one relay of a group active); [`tls`]
 //! reads CA files.
-//! Imports flow one way; the graph is in [`outbox`]'s module doc.
+//!
+//! Imports flow one way: no stage imports a later one, config and
+//! telemetry import no stage, and neither do the shared modules around the
+//! stages; only the wiring ([`pipeline`], [`cli`], [`migrate`], the
+//! binary) imports everything. A unit test (`layering_tests.rs`) checks
+//! every `crate::` path under `src/` against that table.
 //! [`run`] is what the `relay` binary calls, after [`Config::load`] and
 //! [`preflight`].
 
@@ -18,6 +24,7 @@ pub mod codec;
 pub mod config;
 pub mod database;
 pub mod delivery;
+pub mod hold;
 pub mod leader;
 pub mod migrate;
 pub mod outbox;
@@ -28,6 +35,9 @@ pub mod source;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+
+#[cfg(test)]
+mod layering_tests;
 
 use std::future::Future;
 use std::time::Duration;

@@ -1,13 +1,16 @@
-//! What the stages pass to each other: outbox rows, commit boundaries and
-//! delivery outcomes. This module imports no stage; every stage imports it.
+//! What the source passes on: outbox rows and commit boundaries (delivery
+//! outcomes, from the sink to the checkpoint, are in [`crate::delivery`]).
+//! This module imports no stage; every stage imports it.
 //!
-//! The pipeline and its imports (kept true by `shared/tools/module_cycles.py`):
+//! The pipeline and its imports (kept true by the unit test in
+//! `src/layering_tests.rs`):
 //!
 //! ```text
-//! routing  <-  config  <-  outbox, database  <-  store  <-  telemetry  <-  leader
-//!    source -> codec -> sink -> checkpoint        (each imports only leftwards
-//!    and the modules above but `leader`; `pipeline` wires them with the
-//!    lease from `leader`, `cli` and `migrate` use them)
+//! source -> codec -> sink -> checkpoint    no stage imports a later one
+//! config, telemetry                        import no stage
+//! outbox, delivery, hold, routing, store,  import no stage (and no Kafka
+//! database, tls, leader                    client): what stages share
+//! pipeline, cli, migrate, main             wire them: import anything
 //! ```
 
 use std::collections::HashSet;

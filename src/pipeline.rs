@@ -17,9 +17,10 @@ use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::codec::{Codec, SchemaError};
 use crate::config::{Config, Delivery, SourceMode};
 use crate::database::{self, DatabaseError};
+use crate::hold::{HeldEntities, TooManyHeld};
 use crate::leader::{Candidate, LeaderError, Lost, Term};
 use crate::outbox::CommitBoundary;
-use crate::sink::{self, HeldEntities, KafkaSink, SinkError, TooManyHeld};
+use crate::sink::{self, KafkaSink, SinkError};
 use crate::source::catchup;
 use crate::source::logical::{LogicalError, LogicalSource};
 use crate::source::poll::{PollError, PollSource};
@@ -79,7 +80,6 @@ impl PipelineError {
             Self::Store(StoreError::Fenced { .. })
                 | Self::Checkpoint(CheckpointError::Record(StoreError::Fenced { .. }))
                 | Self::Sink(SinkError::Fenced(_))
-                | Self::Checkpoint(CheckpointError::Progress(SinkError::Fenced(_)))
         )
     }
 
@@ -503,13 +503,14 @@ async fn run_once(
     let sink = KafkaSink::new(config, held.clone(), codec.clone())?;
     if config.kafka.delivery == Delivery::ExactlyOnce {
         // Fence earlier producers first: then no transaction of theirs can
-        // commit after the progress topic is read back.
+        // commit after the sink's progress topic is read back for recovery.
         let started = std::time::Instant::now();
         crate::sink::progress::ensure_topic(config).await?;
         let topic_ms = started.elapsed().as_millis() as u64;
         sink.init_transactions().await?;
         let init_ms = started.elapsed().as_millis() as u64 - topic_ms;
-        crate::checkpoint::progress::recover(config, &store, &control).await?;
+        let mut progress = sink::progress::ProgressReader::open(config).await.map_err(CheckpointError::progress)?;
+        crate::checkpoint::progress::recover(config, &store, &control, &mut progress).await?;
         tracing::info!(
             topic_ms,
             init_ms,

@@ -32,9 +32,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, Sleep};
 use tracing::Instrument;
 
-use crate::delivery::{waiting_reason, Ack, InFlight, PendingDelivery, PublishError, RoutedRow};
+use crate::delivery::{Ack, InFlight, PendingDelivery, PublishError, RoutedRow};
+use crate::hold::{waiting_reason, HeldAt, Holder, TooManyHeld};
 use crate::outbox::CommitBoundary;
-use crate::sink::{HeldAt, Holder};
 use crate::store::{HeldState, PublishStateStore, Published, StoreError};
 use crate::telemetry::metrics;
 
@@ -48,10 +48,17 @@ pub enum CheckpointError {
     #[error("delivery failed, restarting from the last confirmed commit boundary: {0}")]
     Delivery(String),
     #[error(transparent)]
-    TooManyHeld(#[from] crate::sink::TooManyHeld),
-    /// Exactly-once: the progress topic could not be read back.
+    TooManyHeld(#[from] TooManyHeld),
+    /// Exactly-once: the progress records could not be read back.
     #[error("cannot recover exactly-once progress")]
-    Progress(#[from] crate::sink::SinkError),
+    Progress(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl CheckpointError {
+    /// [`Self::Progress`] for the error of a [`crate::delivery::ProgressSource`].
+    pub fn progress(err: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Progress(Box::new(err))
+    }
 }
 
 #[derive(Default)]
@@ -167,12 +174,7 @@ impl<S: PublishStateStore> Checkpoint<S> {
         batch: &mut Batch,
     ) -> Result<(), CheckpointError> {
         if !matches!(outcome, Err(PublishError::Retriable(_))) {
-            if let Some(behind) = self.behind_a_delivery_hold(&row) {
-                // An earlier row of its entity failed in its delivery report
-                // after this one was sent. Whether Kafka has this one or
-                // refused it too, it is recorded as waiting: sent again
-                // after the held row once that is released, so the entity's
-                // order holds and one `held retry` releases them all.
+            if let Some(behind) = self.holder.behind_a_delivery_hold(&row) {
                 batch.held.push(held_state(&row, waiting_reason(behind), Some(behind)));
                 return Ok(());
             }
@@ -202,14 +204,6 @@ impl<S: PublishStateStore> Checkpoint<S> {
                 Err(CheckpointError::Delivery(error))
             }
         }
-    }
-
-    /// The held row of `row`'s entity that came before it, if any: only a
-    /// row held from its delivery report can be behind a row that was sent
-    /// (the sink lets later rows of a held entity wait instead of sending).
-    fn behind_a_delivery_hold(&self, row: &RoutedRow) -> Option<i64> {
-        let r = &row.row;
-        self.holder.entities().blocker(&r.aggregate_type, &r.aggregate_id).filter(|&blocker| blocker < r.id)
     }
 
     async fn flush(&self, batch: &mut Batch) -> Result<(), CheckpointError> {

@@ -9,26 +9,30 @@
 //! -9 during it) keeps that order too: were a newer record recorded before
 //! an older one, the next start would stop at the newer one and send the
 //! older one's rows again.
+//!
+//! The records come from a [`ProgressSource`] the pipeline hands over (the
+//! sink reads its own progress topic): the checkpoint opens no Kafka client.
 
 use tokio_postgres::Client;
 
 use super::CheckpointError;
 use crate::config::Config;
-use crate::sink::progress::ProgressReader;
+use crate::delivery::ProgressSource;
 use crate::store::{PublishStateStore, Published, Store};
 
-/// Records what committed transactions carried and Postgres does not show
-/// as published; returns how many rows it recorded.
-pub async fn recover<S: PublishStateStore>(
+/// Records what committed transactions carried (as `progress` reads them
+/// back, newest first) and Postgres does not show as published; returns
+/// how many rows it recorded.
+pub async fn recover<S: PublishStateStore, P: ProgressSource>(
     config: &Config,
     state: &S,
     client: &Client,
+    progress: &mut P,
 ) -> Result<usize, CheckpointError> {
     let store = Store::new(config);
-    let mut reader = ProgressReader::open(config).await?;
     // Newest first, each with its rows not recorded yet.
     let mut unrecorded_records: Vec<Vec<Published>> = Vec::new();
-    'read: while let Some(window) = reader.older().await? {
+    'read: while let Some(window) = progress.older().await.map_err(CheckpointError::progress)? {
         for record in window {
             let ids: Vec<i64> = record.rows.iter().map(|r| r.id).collect();
             let unrecorded = store.unpublished_among(client, &ids).await?;

@@ -39,10 +39,9 @@ use rdkafka::producer::Producer;
 use crate::codec::{Codec, SchemaError};
 use crate::config::Config;
 use crate::database::{self, DatabaseError};
-use crate::delivery::classify_for_topic;
 use crate::outbox::{OutboxRow, RowError};
 use crate::routing::TopicRouter;
-use crate::sink::{self, record, RecordBuilder};
+use crate::sink::{self, classify_for_topic, record, RecordBuilder};
 use crate::store::{text_values, RowQuery, Store, StoreError};
 
 /// Which published rows to replay.

@@ -23,10 +23,11 @@
 //! Backpressure: when librdkafka's queue is full, the sink waits and stops
 //! taking rows from the source, which stops reading Postgres.
 
+pub mod classify;
 pub mod connection;
 pub mod consumer;
+pub mod dead_letter;
 pub mod first_write;
-pub mod held;
 pub mod partition;
 pub mod progress;
 pub mod record;
@@ -43,8 +44,9 @@ use rdkafka::producer::Producer;
 use rdkafka::ClientConfig;
 use tokio::sync::mpsc;
 
+pub use classify::classify_for_topic;
 pub use connection::{client_config, probe, ConnectError};
-pub use held::{HeldAt, HeldEntities, Holder, TooManyHeld};
+pub use dead_letter::DeadLetterTopic;
 pub use record::{Outbound, RecordBuilder};
 pub use reports::KafkaProducer;
 pub use topics::Topics;
@@ -52,7 +54,8 @@ pub use transaction::Transactions;
 
 use crate::codec::Codec;
 use crate::config::{Config, Delivery, KafkaConfig};
-use crate::delivery::{classify_for_topic, InFlight, PendingDelivery, PublishError, RoutedRow};
+use crate::delivery::{Ack, InFlight, PendingDelivery, PublishError, RoutedRow};
+use crate::hold::{self, HeldAt, HeldEntities, Holder, TooManyHeld};
 use crate::outbox::{OutboxRow, SourceEvent};
 use crate::routing::{TopicKind, TopicRouter};
 use crate::telemetry::metrics;
@@ -143,7 +146,7 @@ impl KafkaSink {
         let topics = Topics::new(admin, producer.clone(), config.routing.clone(), Arc::clone(&principal));
         let mut holder = Holder::new(held);
         if let Some(topic) = config.routing.dead_letter_topic.clone() {
-            holder = holder.with_dead_letter(topic, producer.clone(), topics.clone());
+            holder = holder.with_dead_letter(Arc::new(DeadLetterTopic::new(topic, producer.clone(), topics.clone())));
         }
         Ok(Self {
             producer,
@@ -190,96 +193,91 @@ impl KafkaSink {
     /// its entity's held row.
     async fn publish(&mut self, row: OutboxRow) -> Result<InFlight, SinkError> {
         let topic = self.builder.topic(&row);
-        let mut routed = RoutedRow::new(row, topic);
-        if let Some(behind) = self.holder.waits_behind(&routed) {
-            return Ok(InFlight::Waiting { row: routed, behind });
+        let routed = RoutedRow::new(row, topic);
+        match self.check(&routed).await {
+            Ok(record) => self.hand_over(routed, record).await,
+            Err(NotSent::Waits(behind)) => Ok(InFlight::Waiting { row: routed, behind }),
+            Err(NotSent::Held(error)) => self.hold(routed, error).await,
+            Err(NotSent::Failed(error)) => Ok(self.failed(routed, error)),
         }
-        let kind = TopicKind::of_row(&routed.row.kind);
-        if routed.row.payload.is_none() && kind != TopicKind::State {
-            let error = format!(
-                "payload is NULL but kind is '{}': only a state row may be a tombstone; give the row a payload, then `relay held retry` (or `relay held skip`)",
-                routed.row.kind
-            );
-            return self.hold(routed, error).await;
+    }
+
+    /// Everything decided before a row goes to the producer: whether it
+    /// waits behind a held row, whether it can be published at all
+    /// (tombstone, topic, kind, payload, size), and its record, with the
+    /// partition chosen.
+    async fn check(&self, routed: &RoutedRow) -> Result<Outbound, NotSent> {
+        if let Some(behind) = self.holder.waits_behind(routed) {
+            return Err(NotSent::Waits(behind));
         }
-        let facts = match self.topics.ensure(&routed.topic, kind, Some(&routed.row.aggregate_type)).await {
+        let row = &routed.row;
+        let kind = TopicKind::of_row(&row.kind);
+        if row.payload.is_none() && kind != TopicKind::State {
+            return Err(NotSent::Held(hold::tombstone_reason(&row.kind)));
+        }
+        let facts = match self.topics.ensure(&routed.topic, kind, Some(&row.aggregate_type)).await {
             Ok(facts) => facts,
-            Err(PublishError::Permanent(error)) => return self.hold(routed, error).await,
-            Err(retriable) => return Ok(self.failed(routed, retriable)),
+            Err(PublishError::Permanent(error)) => return Err(NotSent::Held(error)),
+            Err(retriable) => return Err(NotSent::Failed(retriable)),
         };
-        if let Err(error) = facts.accepts(kind, &routed.topic, &routed.row.aggregate_type) {
-            return self.hold(routed, error).await;
-        }
-        let mut record = match self.builder.build(&routed.row, &routed.topic) {
-            Ok(record) => record,
-            Err(err) => return self.hold(routed, err.to_string()).await,
-        };
+        facts.accepts(kind, &routed.topic, &row.aggregate_type).map_err(NotSent::Held)?;
+        let mut record = self.builder.build(row, &routed.topic).map_err(|err| NotSent::Held(err.to_string()))?;
         if let Some(limit) = facts.max_message_bytes {
             let size = record.size();
             if size > limit {
-                let error = format!(
-                    "record of {size} bytes is too large for topic `{}` (max.message.bytes = {limit}): shrink the payload or raise the topic's limit, then `relay held retry`",
-                    routed.topic
-                );
-                return self.hold(routed, error).await;
+                return Err(NotSent::Held(hold::too_large_reason(size, &routed.topic, limit)));
             }
         }
-        let bytes = record.payload.as_ref().map_or(0, bytes::Bytes::len);
         if let Some(partitions) = facts.partitions {
-            let partition = partition::partition_for(&record.key, partitions);
-            record.partition = Some(partition);
+            record.partition = Some(partition::partition_for(&record.key, partitions));
+        }
+        Ok(record)
+    }
+
+    /// Hands `record` (of `routed`) to the producer, after the first record
+    /// of its partition was acknowledged (see [`first_write`]); the pending
+    /// delivery goes on to the checkpoint stage.
+    async fn hand_over(&mut self, mut routed: RoutedRow, record: Outbound) -> Result<InFlight, SinkError> {
+        let bytes = record.payload.as_ref().map_or(0, bytes::Bytes::len);
+        let partition = record.partition;
+        if let Some(partition) = partition {
             self.first_writes.ready(&routed.topic, partition).await;
         }
-        let partition = record.partition;
         // A clone of the key `Bytes` allocates; only a dead-letter copy needs it.
         let key = self.holder.keeps_payloads().then(|| record.key.clone());
-        match record::produce(&self.producer, record).await {
-            Ok(delivery) => {
-                let handed_over = Instant::now();
-                metrics::bytes_produced(bytes);
-                metrics::producer_queue(self.producer.in_flight_count());
-                if self.holder.keeps_payloads() {
-                    // For the dead-letter copy of a row held from its report.
-                    routed.key = key;
-                } else {
-                    // Only a dead-letter copy needs it after this point.
-                    routed.row.payload = None;
-                }
-                // Cloned per row for the error message of a refused delivery.
-                let (topic, principal) = (routed.topic.clone(), Arc::clone(&self.principal));
-                let pending: PendingDelivery = Box::pin(delivery.map(move |outcome| {
-                    metrics::kafka_ack(handed_over.elapsed());
-                    match outcome {
-                        // A report of success without an offset (librdkafka's
-                        // -1001, e.g. a retry answered DUPLICATE_SEQUENCE_NUMBER)
-                        // was seen for a message no consumer could find: never
-                        // record it as published; the run restarts and sends it
-                        // again (a duplicate at worst, never a loss).
-                        Ok(delivery) if delivery.offset < 0 => Err(PublishError::Retriable(format!(
-                            "delivery report without an offset (partition {}, offset {}); not counted as published",
-                            delivery.partition, delivery.offset
-                        ))),
-                        Ok(ack) => Ok(ack),
-                        Err(KafkaError::Canceled) => {
-                            Err(PublishError::Retriable("producer closed before delivery".into()))
-                        }
-                        Err(err) => Err(classify_for_topic(&err, &topic, &principal)),
+        let delivery = match record::produce(&self.producer, record).await {
+            Ok(delivery) => delivery,
+            Err(err) => {
+                return match classify_for_topic(&err, &routed.topic, &self.principal) {
+                    PublishError::Permanent(error) => {
+                        routed.key = key;
+                        self.hold(routed, error).await
                     }
-                }));
-                let pending = match partition {
-                    Some(partition) => self.first_writes.sent(&routed.topic, partition, pending),
-                    None => pending,
-                };
-                Ok(InFlight::Sent { row: routed, delivery: pending })
-            }
-            Err(err) => match classify_for_topic(&err, &routed.topic, &self.principal) {
-                PublishError::Permanent(error) => {
-                    routed.key = key;
-                    self.hold(routed, error).await
+                    retriable => Ok(self.failed(routed, retriable)),
                 }
-                retriable => Ok(self.failed(routed, retriable)),
-            },
+            }
+        };
+        let handed_over = Instant::now();
+        metrics::bytes_produced(bytes);
+        metrics::producer_queue(self.producer.in_flight_count());
+        if self.holder.keeps_payloads() {
+            // For the dead-letter copy of a row held from its report.
+            routed.key = key;
+        } else {
+            // Only a dead-letter copy needs it after this point.
+            routed.row.payload = None;
         }
+        // Cloned per row for the error message of a refused delivery.
+        let (topic, principal) = (routed.topic.clone(), Arc::clone(&self.principal));
+        let pending: PendingDelivery = Box::pin(delivery.map(move |outcome| {
+            metrics::kafka_ack(handed_over.elapsed());
+            delivery_outcome(outcome, &topic, &principal)
+        }));
+        let pending = match partition {
+            Some(partition) => self.first_writes.sent(&routed.topic, partition, pending),
+            None => pending,
+        };
+        Ok(InFlight::Sent { row: routed, delivery: pending })
     }
 
     async fn hold(&self, row: RoutedRow, error: String) -> Result<InFlight, SinkError> {
@@ -294,5 +292,52 @@ impl KafkaSink {
         tracing::warn!(row = row.row.id, topic = %row.topic, error = %error, "cannot send the row; the run ends here and restarts from its last confirmed boundary");
         self.failed = true;
         InFlight::Sent { row, delivery: Box::pin(futures::future::ready(Err(error))) }
+    }
+}
+
+/// Why [`KafkaSink::check`] did not let a row go to the producer.
+enum NotSent {
+    /// It waits behind this held row of its entity.
+    Waits(i64),
+    /// It can never be published as it is: held for this reason.
+    Held(String),
+    /// A failure a restart may cure (see [`KafkaSink::failed`]).
+    Failed(PublishError),
+}
+
+/// What a delivery report of a record to `topic` means for its row.
+fn delivery_outcome(outcome: Result<Ack, KafkaError>, topic: &str, principal: &str) -> Result<Ack, PublishError> {
+    match outcome {
+        // A report of success without an offset (librdkafka's -1001, e.g. a
+        // retry answered DUPLICATE_SEQUENCE_NUMBER) was seen for a message
+        // no consumer could find: never record it as published; the run
+        // restarts and sends it again (a duplicate at worst, never a loss).
+        Ok(delivery) if delivery.offset < 0 => Err(PublishError::Retriable(format!(
+            "delivery report without an offset (partition {}, offset {}); not counted as published",
+            delivery.partition, delivery.offset
+        ))),
+        Ok(ack) => Ok(ack),
+        Err(KafkaError::Canceled) => Err(PublishError::Retriable("producer closed before delivery".into())),
+        Err(err) => Err(classify_for_topic(&err, topic, principal)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::error::RDKafkaErrorCode;
+
+    use super::*;
+
+    #[test]
+    fn a_delivery_report_counts_as_published_only_with_an_offset() {
+        let outcome = |report| delivery_outcome(report, "orders", "User:relay");
+        assert_eq!(outcome(Ok(Ack { partition: 2, offset: 7 })).ok(), Some(Ack { partition: 2, offset: 7 }));
+        assert!(matches!(outcome(Ok(Ack { partition: 2, offset: -1001 })), Err(PublishError::Retriable(_))));
+        assert!(matches!(outcome(Err(KafkaError::Canceled)), Err(PublishError::Retriable(_))));
+        let refused = KafkaError::MessageProduction(RDKafkaErrorCode::TopicAuthorizationFailed);
+        match outcome(Err(refused)) {
+            Err(PublishError::Permanent(text)) => assert!(text.contains("grant WRITE on TOPIC orders"), "{text}"),
+            other => panic!("an ACL refusal holds the row: {other:?}"),
+        }
     }
 }

@@ -15,39 +15,17 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Message, OwnedHeaders};
 use rdkafka::{Offset, TopicPartitionList};
-use serde::{Deserialize, Serialize};
 
 use super::{client_config, Outbound, SinkError};
 use crate::config::Config;
-use crate::delivery::{Ack, RoutedRow};
+use crate::delivery::{ProgressRecord, ProgressSource};
 
 /// Records read per partition and window when reading back.
 const WINDOW: i64 = 2_000;
 /// How long reading one window may take.
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// What one committed transaction carried.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProgressRecord {
-    pub transactional_id: String,
-    pub rows: Vec<ProgressRow>,
-}
-
-/// One row of a transaction: its id and where it landed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProgressRow {
-    pub id: i64,
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-}
-
-impl ProgressRow {
-    pub fn new(row: &RoutedRow, ack: Ack) -> Self {
-        Self { id: row.row.id, topic: row.topic.to_string(), partition: ack.partition, offset: ack.offset }
-    }
-}
-
+// The sink's side of the neutral record: how it goes to Kafka.
 impl ProgressRecord {
     /// The record for the progress topic (JSON, keyed by the transactional id).
     pub fn outbound(&self, topic: &str) -> Result<Outbound, SinkError> {
@@ -101,7 +79,8 @@ pub async fn ensure_topic(config: &Config) -> Result<(), SinkError> {
     Ok(())
 }
 
-/// Reads the progress topic back, newest window first.
+/// Reads the progress topic back, newest window first: the
+/// [`ProgressSource`] of the exactly-once recovery.
 pub struct ProgressReader {
     consumer: Option<BaseConsumer>,
     topic: String,
@@ -143,10 +122,14 @@ impl ProgressReader {
             partitions,
         })
     }
+}
+
+impl ProgressSource for ProgressReader {
+    type Error = SinkError;
 
     /// The next older window of this group's records, newest first; `None`
     /// once the beginning of every partition was read.
-    pub async fn older(&mut self) -> Result<Option<Vec<ProgressRecord>>, SinkError> {
+    async fn older(&mut self) -> Result<Option<Vec<ProgressRecord>>, SinkError> {
         let windows: Vec<(i32, i64, i64)> = self
             .partitions
             .iter()

@@ -33,10 +33,10 @@ use rdkafka::producer::Producer;
 use super::reports::KafkaProducer;
 use tokio::sync::mpsc;
 
-use super::progress::{ProgressRecord, ProgressRow};
-use super::{HeldAt, KafkaSink, SinkError};
+use super::{KafkaSink, SinkError};
 use crate::config::Config;
-use crate::delivery::{InFlight, PublishError, RoutedRow};
+use crate::delivery::{InFlight, ProgressRecord, ProgressRow, PublishError, RoutedRow};
+use crate::hold::HeldAt;
 use crate::outbox::{OutboxRow, SourceEvent};
 use crate::telemetry::metrics;
 

@@ -7,7 +7,7 @@
 use serde::Serialize;
 use tokio_postgres::{Client, Transaction};
 
-use super::{get, Store, StoreError};
+use super::{get, OutboxSql, Store, StoreError};
 
 /// One held or waiting row, as `relay held list` shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -35,11 +35,64 @@ pub struct Released {
     pub skipped: Option<i64>,
 }
 
-impl super::OutboxSql {
-    /// Rows (aliased `o`) that are held or waiting: not published,
-    /// `last_error` set, not skipped.
-    fn not_settled(&self) -> String {
-        format!("{} AND o.last_error IS NOT NULL AND o.skipped_at IS NULL", self.unpublished("o"))
+/// The words of the store's vocabulary (see the [module doc](super)) as SQL
+/// conditions on the outbox row aliased `alias`: every statement says
+/// "pending", "held" or "waiting" through these.
+impl OutboxSql {
+    /// Pending: not published, no `last_error`: the relay will publish it.
+    pub(super) fn pending(&self, alias: &str) -> String {
+        format!("{} AND {alias}.last_error IS NULL", self.unpublished(alias))
+    }
+
+    /// Held or waiting: not published, `last_error` set, not skipped.
+    pub(super) fn not_settled(&self, alias: &str) -> String {
+        format!("{} AND {}", self.unpublished(alias), Marked::HeldOrWaiting.on(alias))
+    }
+
+    /// Held by its own error: not settled, and not waiting behind another row.
+    pub(super) fn held(&self, alias: &str) -> String {
+        format!("{} AND {}", self.unpublished(alias), Marked::Held.on(alias))
+    }
+
+    /// Waiting behind a held row of its entity (`waiting_for`).
+    pub(super) fn waiting(&self, alias: &str) -> String {
+        format!("{} AND {}", self.unpublished(alias), Marked::Waiting.on(alias))
+    }
+
+    /// A row that held its entity and is held no more: published, released
+    /// by an operator (`last_error` cleared) or skipped.
+    pub(super) fn no_longer_held(&self, alias: &str) -> String {
+        format!("({} OR {alias}.last_error IS NULL OR {alias}.skipped_at IS NOT NULL)", self.published(alias))
+    }
+}
+
+/// Which state a row that carries `last_error` is in, told by its error
+/// columns alone. Publishing clears `last_error` in both layouts, so such a
+/// row is never a published one: statements that walk the held-rows index
+/// (`last_error IS NOT NULL`) need no publish-state probe. Elsewhere use
+/// the [`OutboxSql`] conditions, which add it.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Marked {
+    /// Held, waiting or skipped: every row of the held-rows index.
+    Any,
+    HeldOrWaiting,
+    Held,
+    Waiting,
+    /// Settled by an operator without publishing (`relay held skip`).
+    Skipped,
+}
+
+impl Marked {
+    /// The condition on the outbox row aliased `alias`.
+    pub(super) fn on(self, alias: &str) -> String {
+        let marked = format!("{alias}.last_error IS NOT NULL");
+        match self {
+            Self::Any => marked,
+            Self::HeldOrWaiting => format!("{marked} AND {alias}.skipped_at IS NULL"),
+            Self::Held => format!("{marked} AND {alias}.skipped_at IS NULL AND {alias}.waiting_for IS NULL"),
+            Self::Waiting => format!("{marked} AND {alias}.skipped_at IS NULL AND {alias}.waiting_for IS NOT NULL"),
+            Self::Skipped => format!("{marked} AND {alias}.skipped_at IS NOT NULL"),
+        }
     }
 }
 
@@ -54,7 +107,7 @@ impl Store {
             a = s.aggregate_id,
             id = s.id,
             table = s.table,
-            not_settled = s.not_settled(),
+            not_settled = s.not_settled("o"),
         );
         let n = &s.names;
         client
@@ -81,17 +134,15 @@ impl Store {
         let s = &self.sql;
         let sql = format!(
             "UPDATE {table} AS w SET last_error = NULL, waiting_for = NULL, retry_requested_at = now() \
-             WHERE {w_unpublished} AND w.skipped_at IS NULL AND w.waiting_for IS NOT NULL AND w.last_error IS NOT NULL \
+             WHERE {waiting} \
              AND NOT EXISTS (SELECT 1 FROM {table} AS h \
-                 WHERE h.{t} = w.{t} AND h.{a} = w.{a} AND h.{id} < w.{id} \
-                 AND {h_unpublished} AND h.skipped_at IS NULL \
-                 AND h.last_error IS NOT NULL AND h.waiting_for IS NULL)",
+                 WHERE h.{t} = w.{t} AND h.{a} = w.{a} AND h.{id} < w.{id} AND {held})",
             table = s.table,
             t = s.aggregate_type,
             a = s.aggregate_id,
             id = s.id,
-            w_unpublished = s.unpublished("w"),
-            h_unpublished = s.unpublished("h"),
+            waiting = s.waiting("w"),
+            held = s.held("h"),
         );
         Ok(client.execute(&sql, &[]).await?)
     }
@@ -103,11 +154,10 @@ impl Store {
             return Ok(false);
         }
         let sql = format!(
-            "SELECT 1 FROM {} AS o WHERE o.{} = ANY($1) \
-             AND ({} OR o.last_error IS NULL OR o.skipped_at IS NOT NULL) LIMIT 1",
+            "SELECT 1 FROM {} AS o WHERE o.{} = ANY($1) AND {} LIMIT 1",
             self.sql.table,
             self.sql.id,
-            self.sql.published("o"),
+            self.sql.no_longer_held("o"),
         );
         Ok(client.query_opt(&sql, &[&blockers]).await?.is_some())
     }
@@ -124,7 +174,7 @@ impl Store {
             e = s.event_type,
             occurred = s.occurred_at,
             table = s.table,
-            not_settled = s.not_settled(),
+            not_settled = s.not_settled("o"),
         );
         let n = &s.names;
         client
@@ -213,7 +263,7 @@ impl Store {
                     a = s.aggregate_id,
                     id = s.id,
                     table = s.table,
-                    not_settled = s.not_settled(),
+                    not_settled = s.not_settled("o"),
                 ),
                 &[&aggregate_type, &aggregate_id, &id],
             )
@@ -244,7 +294,7 @@ impl Store {
                     t = s.aggregate_type,
                     a = s.aggregate_id,
                     id = s.id,
-                    not_settled = s.not_settled(),
+                    not_settled = s.not_settled("o"),
                 ),
                 &[&entity.0, &entity.1, &from_id],
             )
@@ -252,5 +302,54 @@ impl Store {
         let mut ids = rows.iter().map(|r| get(r, 0, &s.names.id, "bigint")).collect::<Result<Vec<i64>, _>>()?;
         ids.sort_unstable();
         Ok(ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn sql(layout: &str) -> OutboxSql {
+        let toml = format!(
+            "postgres.url = \"postgres://relay@localhost/outbox\"\nkafka.bootstrap_servers = \"127.0.0.1:9092\"\n{layout}"
+        );
+        OutboxSql::new(&Config::from_toml_str(&toml).expect("config"))
+    }
+
+    #[test]
+    fn the_vocabulary_as_sql() {
+        let sql = sql("");
+        assert_eq!(sql.pending("o"), "o.published_at IS NULL AND o.last_error IS NULL");
+        assert_eq!(
+            sql.not_settled("o"),
+            "o.published_at IS NULL AND o.last_error IS NOT NULL AND o.skipped_at IS NULL"
+        );
+        assert_eq!(
+            sql.held("h"),
+            "h.published_at IS NULL AND h.last_error IS NOT NULL AND h.skipped_at IS NULL AND h.waiting_for IS NULL"
+        );
+        assert_eq!(
+            sql.waiting("w"),
+            "w.published_at IS NULL AND w.last_error IS NOT NULL AND w.skipped_at IS NULL AND w.waiting_for IS NOT NULL"
+        );
+        assert_eq!(
+            sql.no_longer_held("o"),
+            "(o.published_at IS NOT NULL OR o.last_error IS NULL OR o.skipped_at IS NOT NULL)"
+        );
+        assert_eq!(Marked::Skipped.on("o"), "o.last_error IS NOT NULL AND o.skipped_at IS NOT NULL");
+    }
+
+    #[test]
+    fn in_the_side_table_layout_unpublished_probes_the_side_row() {
+        let sql = sql("checkpoint.publish_state = \"side_table\"");
+        let held = sql.held("h");
+        assert!(held.starts_with("(h.published_at IS NULL AND NOT EXISTS (SELECT 1 FROM"), "{held}");
+        assert!(
+            held.ends_with(
+                "p.id = h.\"id\")) AND h.last_error IS NOT NULL AND h.skipped_at IS NULL AND h.waiting_for IS NULL"
+            ),
+            "{held}"
+        );
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use tokio_postgres::{Client, Statement};
 
+use super::held::Marked;
 use super::{get, Fence, OutboxSql, PreparedFence, Store, StoreError};
 
 /// A row Kafka acknowledged.
@@ -172,10 +173,11 @@ fn publish_statement(sql: &OutboxSql) -> String {
         format!(
             "WITH u AS (SELECT * FROM {ROWS}), \
              cleared AS (UPDATE {table} AS o SET last_error = NULL, waiting_for = NULL \
-               WHERE o.{id} = ANY($1) AND o.last_error IS NOT NULL) \
+               WHERE o.{id} = ANY($1) AND {marked}) \
              INSERT INTO {published} (id, published_at, kafka_topic, kafka_partition, kafka_offset) \
              SELECT DISTINCT ON (u.id) u.id, now(), u.topic, u.part, u.off FROM u \
-             WHERE NOT EXISTS (SELECT 1 FROM {published} AS p WHERE p.id = u.id) ORDER BY u.id"
+             WHERE NOT EXISTS (SELECT 1 FROM {published} AS p WHERE p.id = u.id) ORDER BY u.id",
+            marked = Marked::Any.on("o"),
         )
     } else {
         format!(

@@ -114,7 +114,7 @@ impl RowQuery {
                SELECT l.*, row_number() OVER (ORDER BY l.{id}) AS relay_n, \
                  sum(coalesce(pg_column_size(l.{payload}), 0)) OVER (ORDER BY l.{id}) AS relay_upto \
                FROM (SELECT * FROM {table} AS o \
-                 WHERE {unpublished} AND o.last_error IS NULL AND ({condition}) \
+                 WHERE {pending} AND ({condition}) \
                  AND NOT EXISTS (SELECT 1 FROM unnest($3::bigint[], $4::bigint[]) AS r(lo, hi) \
                    WHERE o.{id} BETWEEN r.lo AND r.hi) \
                  ORDER BY o.{id} LIMIT $1) AS l\
@@ -123,7 +123,7 @@ impl RowQuery {
             table = sql.table,
             id = sql.id,
             payload = ident(&sql.names.payload),
-            unpublished = sql.unpublished("o"),
+            pending = sql.pending("o"),
         )
     }
 

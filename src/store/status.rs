@@ -4,6 +4,7 @@
 use serde::Serialize;
 use tokio_postgres::Client;
 
+use super::held::Marked;
 use super::{get, LeaseState, Store, StoreError};
 
 /// Pending rows are counted one by one up to this many; above it
@@ -25,12 +26,14 @@ pub struct Status {
     /// Age of the oldest pending row, seconds; above
     /// [`PENDING_COUNT_LIMIT`] the oldest of that many lowest pending ids.
     pub oldest_pending_age_seconds: Option<f64>,
-    /// Rows held or waiting (not published, `last_error` set), except those
-    /// an operator skipped.
+    /// Rows held by their own error (not published, `last_error` set, not
+    /// waiting, not skipped): each waits for an operator.
     pub held: i64,
-    /// Of `held`, the rows waiting behind a held row of their entity.
+    /// Rows waiting behind a held row of their entity (`waiting_for`).
     pub waiting: i64,
-    /// The old name of `held`; kept for one release.
+    /// `held` plus `waiting`: every row `relay held list` shows.
+    pub held_or_waiting: i64,
+    /// The 0.1.0 name of `held_or_waiting`.
     pub failed: i64,
     /// Held rows an operator skipped (`relay held skip`): settled, never published.
     pub skipped: i64,
@@ -76,7 +79,8 @@ impl Store {
                 active = Some(slot.try_get(1)?);
             }
         }
-        let held = get(&row, 2, "last_error", "bigint")?;
+        let (held, waiting): (i64, i64) =
+            (get(&row, 2, "last_error", "bigint")?, get(&row, 3, "waiting_for", "bigint")?);
         let leader = self.lease().read(client).await?;
         let counted: i64 = get(&row, 0, "published_at", "bigint")?;
         let pending_estimated = get::<i64>(&row, 6, &self.sql.names.id, "bigint")? > PENDING_COUNT_LIMIT;
@@ -90,8 +94,9 @@ impl Store {
             pending_estimated,
             oldest_pending_age_seconds: get(&row, 1, &self.sql.names.occurred_at, "float8")?,
             held,
-            waiting: get(&row, 3, "waiting_for", "bigint")?,
-            failed: held,
+            waiting,
+            held_or_waiting: held + waiting,
+            failed: held + waiting,
             skipped: get(&row, 4, "skipped_at", "bigint")?,
             last_published_at: last.map(|t| t.to_rfc3339()),
             slot_retained_wal_bytes: retained,
@@ -117,12 +122,18 @@ impl Store {
     fn counts_statement(&self) -> String {
         let (table, id, occurred) = (&self.sql.table, &self.sql.id, &self.sql.occurred_at);
         let limit = PENDING_COUNT_LIMIT + 1;
+        // Through the held-rows index: rows with `last_error` are never
+        // published, so the states need no publish-state probe.
         let held = format!(
             "held AS (SELECT \
-               count(*) FILTER (WHERE skipped_at IS NULL) AS held, \
-               count(*) FILTER (WHERE waiting_for IS NOT NULL AND skipped_at IS NULL) AS waiting, \
-               count(*) FILTER (WHERE skipped_at IS NOT NULL) AS skipped \
-               FROM {table} WHERE last_error IS NOT NULL)"
+               count(*) FILTER (WHERE {held}) AS held, \
+               count(*) FILTER (WHERE {waiting}) AS waiting, \
+               count(*) FILTER (WHERE {skipped}) AS skipped \
+               FROM {table} AS o WHERE {marked})",
+            held = Marked::Held.on("o"),
+            waiting = Marked::Waiting.on("o"),
+            skipped = Marked::Skipped.on("o"),
+            marked = Marked::Any.on("o"),
         );
         // `lowest`: the lowest unpublished ids, held ones too (a filter
         // inside the limit would let many held rows make it walk the
@@ -150,14 +161,14 @@ impl Store {
                WHERE o.{id} > (SELECT top FROM m) ORDER BY o.{id} LIMIT {limit}), \
              released AS (SELECT o.{occurred}::timestamptz AS at FROM {table} AS o \
                WHERE o.retry_requested_at IS NOT NULL AND o.published_at IS NULL AND o.{id} <= (SELECT top FROM m) \
-                 AND o.last_error IS NULL AND {unpublished} LIMIT {limit}), \
+                 AND {pending} LIMIT {limit}), \
              pending AS (SELECT at FROM lowest WHERE last_error IS NULL UNION ALL SELECT at FROM released), \
              {held} \
              {COUNTS}, \
              (SELECT (coalesce(max(o.{id}), 0) - (SELECT top FROM m))::bigint FROM {table} AS o), \
              greatest((SELECT count(*) FROM lowest), (SELECT count(*) FROM released)) \
              FROM held",
-            unpublished = self.sql.unpublished("o"),
+            pending = self.sql.pending("o"),
         )
     }
 }
@@ -177,7 +188,8 @@ impl std::fmt::Display for Status {
             Some(age) => writeln!(f, "oldest pending row age:  {age:.1} s")?,
             None => writeln!(f, "oldest pending row age:  -")?,
         }
-        writeln!(f, "held rows:               {} ({} of them waiting)", self.held, self.waiting)?;
+        writeln!(f, "held rows:               {}", self.held)?;
+        writeln!(f, "waiting rows:            {} (behind held rows of their entity)", self.waiting)?;
         if self.skipped > 0 {
             writeln!(f, "skipped held rows:       {}", self.skipped)?;
         }

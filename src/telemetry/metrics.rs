@@ -251,7 +251,7 @@ pub fn active(is_active: bool) {
 pub fn lag(status: &crate::store::Status) {
     gauge!(UNPUBLISHED_ROWS).set(status.pending as f64);
     gauge!(OLDEST_UNPUBLISHED_AGE_SECONDS).set(status.oldest_pending_age_seconds.unwrap_or(0.0));
-    gauge!(HELD_ROWS).set(status.held as f64);
+    gauge!(HELD_ROWS).set(status.held_or_waiting as f64);
     if let Some(bytes) = status.slot_retained_wal_bytes {
         gauge!(SLOT_RETAINED_WAL_BYTES).set(bytes as f64);
     }

@@ -395,7 +395,8 @@ fn source_row(id: i64, entity: &str) -> relay::outbox::SourceEvent {
 /// after that is visible to a read_committed consumer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_fences_a_zombie_producer_and_nothing_it_sends_becomes_visible() {
-    use relay::sink::{HeldEntities, KafkaSink, SinkError};
+    use relay::hold::HeldEntities;
+    use relay::sink::{KafkaSink, SinkError};
     let stack = Stack::from_env();
     let db = TestDb::new(&stack).await;
     let config = relay::Config::from_toml_str(&db.config_toml(EXACTLY_ONCE)).expect("config");
@@ -497,7 +498,8 @@ impl relay::store::PublishStateStore for CutShort {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recovery_cut_short_leaves_nothing_to_send_twice() {
     use rdkafka::producer::{FutureProducer, FutureRecord};
-    use relay::sink::progress::{ProgressRecord, ProgressRow};
+    use relay::delivery::{ProgressRecord, ProgressRow};
+    use relay::sink::progress::ProgressReader;
     let stack = Stack::from_env();
     let db = TestDb::new(&stack).await;
     let progress = db.topic("progress");
@@ -542,10 +544,14 @@ async fn a_recovery_cut_short_leaves_nothing_to_send_twice() {
     }
 
     let cut_short = CutShort { client: db.client().await, allowed: 1.into() };
-    let first = relay::checkpoint::progress::recover(&config, &cut_short, &client).await;
+    let mut progress_reader = ProgressReader::open(&config).await.expect("progress reader");
+    let first = relay::checkpoint::progress::recover(&config, &cut_short, &client, &mut progress_reader).await;
     assert!(first.is_err(), "the first recovery stops after one record: {first:?}");
     let whole = CutShort { client: db.client().await, allowed: usize::MAX.into() };
-    relay::checkpoint::progress::recover(&config, &whole, &client).await.expect("the next recovery");
+    let mut progress_reader = ProgressReader::open(&config).await.expect("progress reader");
+    relay::checkpoint::progress::recover(&config, &whole, &client, &mut progress_reader)
+        .await
+        .expect("the next recovery");
 
     for (i, id) in ids.iter().enumerate() {
         let row = client

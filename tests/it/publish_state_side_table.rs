@@ -147,7 +147,7 @@ async fn held_rows_status_and_retry_in_the_side_table_layout() {
     let mut relay = RelayProcess::start(&config);
     wait_for("the held and the waiting row", Duration::from_secs(60), || async {
         let status = status_json(&config);
-        (status["held"] == 2 && status["waiting"] == 1 && status["pending"] == 0).then_some(())
+        (status["held_or_waiting"] == 2 && status["waiting"] == 1 && status["pending"] == 0).then_some(())
     })
     .await;
     assert_eq!(side_rows(&client).await, 1, "only the free entity's row is published");
@@ -178,7 +178,7 @@ async fn held_rows_status_and_retry_in_the_side_table_layout() {
         .collect();
     assert!(offsets[0] < offsets[1], "the held row goes out before the row that waited behind it: {offsets:?}");
     let status = status_json(&config);
-    assert_eq!((status["pending"].clone(), status["held"].clone()), (0.into(), 0.into()), "{status}");
+    assert_eq!((status["pending"].clone(), status["held_or_waiting"].clone()), (0.into(), 0.into()), "{status}");
     relay.terminate(Duration::from_secs(20));
     db.cleanup().await;
 }
