@@ -54,6 +54,8 @@ const LAYERS: &[(&str, Layer)] = &[
     ("lib", Layer::Wiring),
     ("bin", Layer::Wiring),
     ("layering_tests", Layer::Neutral),
+    // lib.rs's unit-test helpers (start-up as `main` does it), for any module's tests.
+    ("tests", Layer::Neutral),
 ];
 
 fn layer(module: &str) -> Option<Layer> {

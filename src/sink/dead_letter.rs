@@ -8,9 +8,9 @@ use futures::FutureExt;
 use super::record;
 use super::reports::KafkaProducer;
 use super::topics::Topics;
-use crate::routing::TopicKind;
 use crate::delivery::RoutedRow;
 use crate::hold::DeadLetter;
+use crate::routing::TopicKind;
 
 /// Sends the copies to one topic through the sink's producer.
 pub struct DeadLetterTopic {
