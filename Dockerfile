@@ -32,7 +32,7 @@ ARG BINARIES=builder
 
 FROM ${BUILDER} AS builder
 RUN apt-get update \
- && apt-get install -y --no-install-recommends cmake libssl-dev pkg-config zlib1g-dev binutils \
+ && apt-get install -y --no-install-recommends cmake libssl-dev pkg-config zlib1g-dev libzstd-dev binutils \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY . .
@@ -51,11 +51,11 @@ COPY ${PREBUILT}/relay /out/
 FROM ${BINARIES} AS binaries
 
 FROM ${BASE} AS rootfs
-# The relay loads glibc, libgcc_s, zlib and OpenSSL 3 (librdkafka's TLS;
+# The relay loads glibc, libgcc_s, zlib, zstd and OpenSSL 3 (librdkafka's TLS;
 # Postgres and the registry use rustls). Take them, and the CA bundle, from
 # Debian: installed here unless the base already has them.
 RUN if ! ldconfig -p | grep -q 'libssl\.so\.3 ' || [ ! -s /etc/ssl/certs/ca-certificates.crt ]; then \
-      apt-get update && apt-get install -y --no-install-recommends libssl3 zlib1g ca-certificates \
+      apt-get update && apt-get install -y --no-install-recommends libssl3 zlib1g libzstd1 ca-certificates \
       && rm -rf /var/lib/apt/lists/*; \
     fi
 COPY --from=binaries /out/relay /rootfs/usr/local/bin/

@@ -241,7 +241,7 @@ impl Term {
     /// lease resolves this at its first poll, before the stages it guards
     /// (polled after it, `biased`) produce anything more. What it had
     /// handed to the producer before the pause may still go out: the
-    /// in-flight window. Test: `tests/it/leadership.rs`,
+    /// in-flight window. Test: `tests/it/slow/leadership.rs`,
     /// `a_paused_active_relay_records_nothing_after_a_standby_took_over`
     /// (duplicates stay within one in-flight window).
     pub async fn lost(&self) -> Lost {

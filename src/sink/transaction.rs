@@ -78,7 +78,7 @@ impl Transactions {
 
 /// `RELAY_TEST_AFTER_COMMIT_DELAY_MS`, read only in builds with the
 /// `test-hooks` feature: `cargo test` turns it on (the crate's
-/// dev-dependency on itself), so tests/it/exactly_once.rs can kill the relay
+/// dev-dependency on itself), so tests/it/slow/exactly_once.rs can kill the relay
 /// between a commit and the publish state, while the release binary never
 /// reads the variable.
 #[cfg(feature = "test-hooks")]

@@ -292,7 +292,7 @@ impl PreparedFence {
     ///   back for long: its session has `idle_in_transaction_session_timeout`
     ///   set to the lease, so the server ends it and rolls the write back.
     ///
-    /// Tests: `tests/it/leadership.rs`,
+    /// Tests: `tests/it/slow/leadership.rs`,
     /// `a_paused_active_relay_records_nothing_after_a_standby_took_over`
     /// (no publish-state write by the paused relay after the takeover) and
     /// `ending_the_lease_session_never_makes_two_actives`.

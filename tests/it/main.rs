@@ -6,22 +6,18 @@
 //! several at a time: every test has its own database, slot and topic
 //! prefix. The modules in `slow` run the same way but are left out of
 //! `scripts/test --fast`. The modules in `exclusive` stop or reconfigure a
-//! service the others share, so they run afterwards, one file at a time,
-//! with nothing else running.
+//! service, so they run one file at a time on a second stack of their own,
+//! beside the others.
 
 mod common;
 
 mod avro;
 mod cli;
 mod deploy;
-mod exactly_once;
 mod harness;
 mod held;
-mod kafka_security;
-mod leadership;
 mod partitioned;
 mod pipeline_paths;
-mod poll;
 mod publish_state_side_table;
 mod registry_tls;
 mod relay_e2e;
@@ -34,15 +30,20 @@ mod status_large_backlog;
 mod tail;
 mod tls;
 
-/// Minutes of work each (volume, memory bounds, the container image).
+/// A minute or more each: volume, memory bounds, paced workloads through
+/// failovers and restarts, the container image.
 mod slow {
+    mod exactly_once;
     mod image;
+    mod kafka_security;
     mod large_transaction;
+    mod leadership;
+    mod poll;
     mod soak;
 }
 
 /// Tests that stop Postgres, Kafka or the registry, or change cluster-wide
-/// settings.
+/// settings: they run on a stack of their own (`scripts/test` starts it).
 mod exclusive {
     mod chaos;
     mod slot_recovery;
