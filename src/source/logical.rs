@@ -52,7 +52,7 @@ pub enum LogicalError {
 
 impl LogicalError {
     /// A replication connection error by its type and the SQLSTATE the
-    /// server sent ([`replication_class`]); everything else restarts the run.
+    /// server sent (`replication_class`); everything else restarts the run.
     pub fn class(&self) -> ErrorClass {
         match self {
             Self::Replication(e) => replication_class(e),
