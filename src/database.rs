@@ -9,10 +9,12 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use secrecy::ExposeSecret;
 use tokio::sync::mpsc;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::PostgresConfig;
+use crate::error_class::ErrorClass;
 
 /// Why Postgres could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -22,10 +24,52 @@ pub enum DatabaseError {
     Connect(#[source] tokio_postgres::Error),
     #[error("Postgres query failed")]
     Query(#[from] tokio_postgres::Error),
-    #[error("invalid postgres.url: {0}")]
-    Url(String),
-    #[error("postgres.tls_ca_file: {0}")]
-    Tls(String),
+    #[error("invalid postgres.url")]
+    Url(#[source] tokio_postgres::Error),
+    /// TLS cannot be set up: `what` names the CA file that cannot be used.
+    #[error("postgres.tls_ca_file: {what}")]
+    Tls {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl DatabaseError {
+    /// A wrong URL or CA file needs an operator; a connection or query is
+    /// judged by the SQLSTATE the server sent ([`sql_state_class`]).
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Connect(e) | Self::Query(e) => class_of(e),
+            Self::Url(_) | Self::Tls { .. } => ErrorClass::operator("correct postgres.url / postgres.tls_ca_file"),
+        }
+    }
+}
+
+/// The class of a Postgres error: by its SQLSTATE ([`sql_state_class`]).
+pub fn class_of(err: &tokio_postgres::Error) -> ErrorClass {
+    sql_state_class(err.code())
+}
+
+/// The class of a SQLSTATE: the codes that name a fix (authentication,
+/// privilege, missing table, column or database) stop the relay with it;
+/// any other code, or none (connection lost), is retried.
+pub fn sql_state_class(code: Option<&SqlState>) -> ErrorClass {
+    let Some(code) = code else { return ErrorClass::Retry };
+    let fix = if *code == SqlState::INVALID_PASSWORD || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION {
+        "check the user and password in postgres.url, and pg_hba.conf"
+    } else if *code == SqlState::INSUFFICIENT_PRIVILEGE {
+        "grant the relay's role what it needs: `relay check` names each missing privilege, `relay migrate --print-grants ROLE` prints the GRANTs (README, Security)"
+    } else if *code == SqlState::UNDEFINED_TABLE {
+        "a table the relay needs does not exist: run `relay migrate` as the outbox table's owner"
+    } else if *code == SqlState::UNDEFINED_COLUMN {
+        "a configured column does not exist: run `relay migrate` or correct outbox.columns"
+    } else if *code == SqlState::INVALID_CATALOG_NAME {
+        "the database in postgres.url does not exist"
+    } else {
+        return ErrorClass::Retry;
+    };
+    ErrorClass::operator(fix)
 }
 
 /// The TLS set-up of every regular Postgres connection, with libpq's
@@ -39,13 +83,16 @@ pub fn tls(config: &PostgresConfig) -> Result<MakeRustlsConnect, DatabaseError> 
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| DatabaseError::Tls(e.to_string()))?;
+        .map_err(|e| DatabaseError::Tls { what: "the TLS defaults".into(), source: Box::new(e) })?;
     let client = match &config.tls_ca_file {
         Some(path) => {
-            let bad = |e: &dyn std::fmt::Display| DatabaseError::Tls(format!("{}: {e}", path.display()));
+            let bad = |e: Box<dyn std::error::Error + Send + Sync>| DatabaseError::Tls {
+                what: path.display().to_string(),
+                source: e,
+            };
             let mut roots = rustls::RootCertStore::empty();
-            for cert in CertificateDer::pem_file_iter(path).map_err(|e| bad(&e))? {
-                roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+            for cert in CertificateDer::pem_file_iter(path).map_err(|e| bad(Box::new(e)))? {
+                roots.add(cert.map_err(|e| bad(Box::new(e)))?).map_err(|e| bad(Box::new(e)))?;
             }
             builder.with_root_certificates(roots).with_no_client_auth()
         }
@@ -101,8 +148,7 @@ impl rustls::client::danger::ServerCertVerifier for EncryptOnly {
 /// URL's (or `outbox-relay`), with `-{role}` appended when given, so a
 /// session's purpose shows in `pg_stat_activity`.
 fn settings(config: &PostgresConfig, role: Option<&str>) -> Result<tokio_postgres::Config, DatabaseError> {
-    let mut pg: tokio_postgres::Config =
-        config.url.expose_secret().parse().map_err(|e: tokio_postgres::Error| DatabaseError::Url(e.to_string()))?;
+    let mut pg: tokio_postgres::Config = config.url.expose_secret().parse().map_err(DatabaseError::Url)?;
     pg.connect_timeout(Duration::from_millis(config.connect_timeout_ms));
     let base = pg.get_application_name().unwrap_or("outbox-relay").to_string();
     match role {

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::error_class::{Cause, ErrorClass};
 use crate::outbox::{CommitBoundary, OutboxRow};
+use crate::telemetry::ErrorChain;
 
 /// The acknowledgement of one record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,17 +23,61 @@ pub struct Ack {
     pub offset: i64,
 }
 
-/// Why a record was not delivered.
+/// Why a record was not delivered: what failed, with the fix where one is
+/// known, and the client's error as the source.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PublishError {
     /// Retrying the same record can never succeed (too large, not authorized,
-    /// missing topic): the row is held with this reason.
-    #[error("{0}")]
-    Permanent(String),
+    /// missing topic): the row is held with [`PublishError::reason`].
+    #[error("{what}")]
+    Permanent {
+        what: String,
+        #[source]
+        cause: Option<Cause>,
+    },
     /// The broker or network failed in a way librdkafka gave up on: the
     /// pipeline restarts from its last confirmed commit boundary.
-    #[error("{0}")]
-    Retriable(String),
+    #[error("{what}")]
+    Retriable {
+        what: String,
+        #[source]
+        cause: Option<Cause>,
+    },
+}
+
+impl PublishError {
+    /// A [`PublishError::Permanent`] without a cause.
+    pub fn permanent(what: impl Into<String>) -> Self {
+        Self::Permanent { what: what.into(), cause: None }
+    }
+
+    /// A [`PublishError::Retriable`] without a cause.
+    pub fn retriable(what: impl Into<String>) -> Self {
+        Self::Retriable { what: what.into(), cause: None }
+    }
+
+    /// The same error, caused by `cause`.
+    pub fn because(self, cause: impl std::error::Error + Send + Sync + 'static) -> Self {
+        let cause = Some(Arc::new(cause) as Cause);
+        match self {
+            Self::Permanent { what, .. } => Self::Permanent { what, cause },
+            Self::Retriable { what, .. } => Self::Retriable { what, cause },
+        }
+    }
+
+    /// The text a held row keeps (its `last_error`, the log line, the
+    /// dead-letter reason): the error and its causes.
+    pub fn reason(&self) -> String {
+        ErrorChain(self).to_string()
+    }
+
+    /// A permanent refusal holds the row; anything else restarts the run.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Permanent { .. } => ErrorClass::Hold,
+            Self::Retriable { .. } => ErrorClass::Retry,
+        }
+    }
 }
 
 /// A delivery in progress, resolving to the record's partition and offset.

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use futures::future::BoxFuture;
 
 use crate::delivery::RoutedRow;
+use crate::error_class::ErrorClass;
 use crate::telemetry::metrics;
 
 /// More entities are held than `routing.max_held_entities` allows.
@@ -28,6 +29,14 @@ pub struct TooManyHeld {
     pub held: usize,
     pub max: usize,
     pub last_error: String,
+}
+
+impl TooManyHeld {
+    /// Holding more would let the held rows grow without bound: an operator
+    /// fixes the cause and settles them.
+    pub fn class(&self) -> ErrorClass {
+        ErrorClass::operator("release or skip held rows once the cause is fixed")
+    }
 }
 
 /// Entities whose earlier row is held, with that row's id; at most `max`.

@@ -6,8 +6,8 @@
 //! source -> codec -> sink -> checkpoint   no stage imports a later one,
 //!                                         and the checkpoint no sink
 //! config, telemetry                       import no stage
-//! outbox, delivery, hold, routing, store,
-//! database, tls, leader                   import no stage, and no Kafka client
+//! outbox, delivery, error_class, hold,
+//! routing, store, database, tls, leader   import no stage, and no Kafka client
 //! pipeline, cli, migrate, main, lib       wire the rest: import anything
 //! ```
 //!
@@ -39,6 +39,8 @@ const LAYERS: &[(&str, Layer)] = &[
     ("telemetry", Layer::Floor),
     ("outbox", Layer::Neutral),
     ("delivery", Layer::Neutral),
+    // What a failure means (retry, operator, hold, step down), for every layer's errors.
+    ("error_class", Layer::Neutral),
     ("hold", Layer::Neutral),
     ("routing", Layer::Neutral),
     ("store", Layer::Neutral),

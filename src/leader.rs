@@ -40,6 +40,7 @@ use tokio_postgres::Client;
 
 use crate::config::{Config, LeaderConfig, PostgresConfig};
 use crate::database::{self, DatabaseError};
+use crate::error_class::ErrorClass;
 use crate::store::{Acquired, Fence, LeaseStore, Store, StoreError};
 use crate::telemetry::{metrics, ErrorChain, Health};
 
@@ -60,6 +61,17 @@ pub enum LeaderError {
     Store(#[from] StoreError),
     #[error("the connection that waits for a released lease closed")]
     ListenerClosed,
+}
+
+impl LeaderError {
+    /// By the Postgres error; a closed listener is reopened by a retry.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Database(e) => e.class(),
+            Self::Store(e) => e.class(),
+            Self::ListenerClosed => ErrorClass::Retry,
+        }
+    }
 }
 
 /// Why a term ended without a release.

@@ -4,7 +4,8 @@
 //! commit order) -> [`codec`] (payload encoding) -> [`sink`] (Kafka) ->
 //! [`checkpoint`] (publish state, commit boundary confirmation), wired by
 //! [`pipeline`]. Around it: [`config`], [`outbox`] and [`delivery`] (the
-//! types the stages pass on), [`hold`] (the held-row rule both the sink and
+//! types the stages pass on), [`error_class`] (what each failure means),
+//! [`hold`] (the held-row rule both the sink and
 //! the checkpoint apply), [`routing`], [`database`], [`store`] (every
 //! statement on the outbox and the relay's tables), [`telemetry`] and
 //! [`leader`] (the lease that makes one relay of a group active); [`tls`]
@@ -24,6 +25,7 @@ pub mod codec;
 pub mod config;
 pub mod database;
 pub mod delivery;
+pub mod error_class;
 pub mod hold;
 pub mod leader;
 pub mod migrate;
@@ -49,7 +51,7 @@ pub use config::{Config, ConfigError};
 /// Why the relay stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
-    #[error("cannot serve telemetry.http_listen {addr}: {source}")]
+    #[error("cannot serve telemetry.http_listen {addr}")]
     Http { addr: String, source: std::io::Error },
     #[error(transparent)]
     Pipeline(#[from] pipeline::PipelineError),

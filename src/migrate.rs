@@ -21,13 +21,13 @@ const MIGRATIONS: &[(&str, &str)] = &[
 /// Why migrating failed.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
-    #[error("migration {version} failed: {source}")]
+    #[error("migration {version} failed")]
     Apply { version: String, source: tokio_postgres::Error },
     #[error("postgres")]
     Postgres(#[from] tokio_postgres::Error),
     #[error(transparent)]
     Slot(#[from] slot::SlotError),
-    #[error("moving the publish state into checkpoint.publish_state's layout failed: {0}")]
+    #[error("moving the publish state into checkpoint.publish_state's layout failed")]
     Layout(#[from] StoreError),
 }
 

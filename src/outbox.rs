@@ -21,6 +21,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::config::ColumnNames;
+use crate::error_class::ErrorClass;
 
 /// A WAL position (LSN) as Postgres reports it: what a logical slot confirms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -97,8 +98,18 @@ pub enum RowError {
     MissingColumn(String),
     #[error("column `{column}` is NULL, but the relay needs a value")]
     Null { column: String },
-    #[error("column `{column}` holds `{value}`, which is not a valid {expected}")]
-    Malformed { column: String, value: String, expected: &'static str },
+    /// The value itself is left out: it is row data.
+    #[error("column `{column}` does not hold a valid {expected}")]
+    Malformed { column: String, expected: &'static str },
+}
+
+impl RowError {
+    /// A row the source cannot read: the run restarts and reads it again.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::MissingColumn(_) | Self::Null { .. } | Self::Malformed { .. } => ErrorClass::Retry,
+        }
+    }
 }
 
 /// Where each field of [`OutboxRow`] sits among a relation's columns.
@@ -190,32 +201,24 @@ impl RowLayout {
         let text = |idx: usize, column: &str| -> Result<Option<&str>, RowError> {
             match values.get(idx).and_then(|v| v.as_ref()) {
                 None => Ok(None),
-                Some(b) => std::str::from_utf8(b).map(Some).map_err(|_| RowError::Malformed {
-                    column: column.to_string(),
-                    value: String::from_utf8_lossy(b).into_owned(),
-                    expected: "UTF-8 text",
-                }),
+                Some(b) => std::str::from_utf8(b)
+                    .map(Some)
+                    .map_err(|_| RowError::Malformed { column: column.to_string(), expected: "UTF-8 text" }),
             }
         };
         let required = |idx: usize, column: &str| -> Result<&str, RowError> {
             text(idx, column)?.ok_or_else(|| RowError::Null { column: column.to_string() })
         };
-        let malformed = |column: &str, value: &str, expected| RowError::Malformed {
-            column: column.to_string(),
-            value: value.to_string(),
-            expected,
-        };
-        let id_text = required(self.id, &n.id)?;
-        let id = id_text.parse().map_err(|_| malformed(&n.id, id_text, "bigint"))?;
+        let malformed = |column: &str, expected| RowError::Malformed { column: column.to_string(), expected };
+        let id = required(self.id, &n.id)?.parse().map_err(|_| malformed(&n.id, "bigint"))?;
         let event_id_text = required(self.event_id, &n.event_id)?;
-        let event_id = Uuid::parse_str(event_id_text).map_err(|_| malformed(&n.event_id, event_id_text, "uuid"))?;
+        let event_id = Uuid::parse_str(event_id_text).map_err(|_| malformed(&n.event_id, "uuid"))?;
         let entity_version = match self.entity_version.map(|i| text(i, &n.entity_version)).transpose()?.flatten() {
             None => None,
-            Some(v) => Some(v.parse().map_err(|_| malformed(&n.entity_version, v, "bigint"))?),
+            Some(v) => Some(v.parse().map_err(|_| malformed(&n.entity_version, "bigint"))?),
         };
         let occurred_text = required(self.occurred_at, &n.occurred_at)?;
-        let occurred_at =
-            parse_timestamptz(occurred_text).ok_or_else(|| malformed(&n.occurred_at, occurred_text, "timestamptz"))?;
+        let occurred_at = parse_timestamptz(occurred_text).ok_or_else(|| malformed(&n.occurred_at, "timestamptz"))?;
         let payload = values.get(self.payload).and_then(|v| v.clone());
         let headers = self.headers.and_then(|i| values.get(i).and_then(|v| v.clone()));
         Ok(OutboxRow {

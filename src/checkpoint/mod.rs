@@ -33,6 +33,7 @@ use tokio::time::{Instant, Sleep};
 use tracing::Instrument;
 
 use crate::delivery::{Ack, InFlight, PendingDelivery, PublishError, RoutedRow};
+use crate::error_class::ErrorClass;
 use crate::hold::{waiting_reason, HeldAt, Holder, TooManyHeld};
 use crate::outbox::CommitBoundary;
 use crate::store::{HeldState, PublishStateStore, Published, StoreError};
@@ -45,8 +46,8 @@ pub mod progress;
 pub enum CheckpointError {
     #[error("cannot record publish state")]
     Record(#[from] StoreError),
-    #[error("delivery failed, restarting from the last confirmed commit boundary: {0}")]
-    Delivery(String),
+    #[error("delivery failed, restarting from the last confirmed commit boundary")]
+    Delivery(#[source] PublishError),
     #[error(transparent)]
     TooManyHeld(#[from] TooManyHeld),
     /// Exactly-once: the progress records could not be read back.
@@ -55,6 +56,17 @@ pub enum CheckpointError {
 }
 
 impl CheckpointError {
+    /// A write by its store error (a refused fence ends the term), a
+    /// delivery by its own class; reading progress back is retried.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Record(e) => e.class(),
+            Self::Delivery(e) => e.class(),
+            Self::TooManyHeld(e) => e.class(),
+            Self::Progress(_) => ErrorClass::Retry,
+        }
+    }
+
     /// [`Self::Progress`] for the error of a [`crate::delivery::ProgressSource`].
     pub fn progress(err: impl std::error::Error + Send + Sync + 'static) -> Self {
         Self::Progress(Box::new(err))
@@ -173,7 +185,7 @@ impl<S: PublishStateStore> Checkpoint<S> {
         outcome: Result<Ack, PublishError>,
         batch: &mut Batch,
     ) -> Result<(), CheckpointError> {
-        if !matches!(outcome, Err(PublishError::Retriable(_))) {
+        if !matches!(outcome, Err(PublishError::Retriable { .. })) {
             if let Some(behind) = self.holder.behind_a_delivery_hold(&row) {
                 batch.held.push(held_state(&row, waiting_reason(behind), Some(behind)));
                 return Ok(());
@@ -191,17 +203,18 @@ impl<S: PublishStateStore> Checkpoint<S> {
                 });
                 Ok(())
             }
-            Err(PublishError::Permanent(error)) => {
+            Err(permanent @ PublishError::Permanent { .. }) => {
                 metrics::publish_error(true);
+                let error = permanent.reason();
                 self.holder.hold(&row, &error, HeldAt::Delivery).await?;
                 batch.held.push(held_state(&row, error, None));
                 Ok(())
             }
-            Err(PublishError::Retriable(error)) => {
+            Err(retriable @ PublishError::Retriable { .. }) => {
                 metrics::publish_error(false);
                 // Everything before this row is settled: keep it.
                 self.flush(batch).await?;
-                Err(CheckpointError::Delivery(error))
+                Err(CheckpointError::Delivery(retriable))
             }
         }
     }

@@ -81,7 +81,7 @@ async fn settle(items: Vec<Item>, ack_order: Vec<usize>, batch_rows: usize) -> O
             let (ack_tx, ack_rx) = oneshot::channel::<Result<Ack, PublishError>>();
             acks.push((ack_tx, item.clone()));
             let delivery: PendingDelivery =
-                Box::pin(async move { ack_rx.await.unwrap_or(Err(PublishError::Retriable("dropped".into()))) });
+                Box::pin(async move { ack_rx.await.unwrap_or(Err(PublishError::retriable("dropped"))) });
             sends.push(InFlight::Sent { row: row(i as i64), delivery });
             if item.boundary {
                 rows_before.push(i as i64 + 1);
@@ -101,7 +101,7 @@ async fn settle(items: Vec<Item>, ack_order: Vec<usize>, batch_rows: usize) -> O
         for (offset, index) in ack_order.into_iter().enumerate() {
             if let Some((ack_tx, item)) = acks[index].take() {
                 let outcome = if item.permanent {
-                    Err(PublishError::Permanent("too large".into()))
+                    Err(PublishError::permanent("too large"))
                 } else {
                     Ok(Ack { partition: item.partition, offset: offset as i64 })
                 };
@@ -158,7 +158,7 @@ async fn a_permanent_delivery_error_holds_the_entity_for_later_rows() {
     let held = row(3);
     tx.send(InFlight::Sent {
         row: held.clone(),
-        delivery: Box::pin(async { Err(PublishError::Permanent("MessageSizeTooLarge".into())) }),
+        delivery: Box::pin(async { Err(PublishError::permanent("MessageSizeTooLarge")) }),
     })
     .await
     .expect("send");
@@ -185,7 +185,7 @@ async fn later_rows_refused_behind_a_delivery_hold_wait_behind_it() {
     for id in [3, 6] {
         tx.send(InFlight::Sent {
             row: row(id),
-            delivery: Box::pin(async { Err(PublishError::Permanent("TopicAuthorizationFailed".into())) }),
+            delivery: Box::pin(async { Err(PublishError::permanent("TopicAuthorizationFailed")) }),
         })
         .await
         .expect("send");

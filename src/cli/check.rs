@@ -275,7 +275,7 @@ async fn check_registry(config: &Config) -> Verdict {
         .and_then(|b| b.timeout(Duration::from_secs(5)).build().map_err(|e| RegistryError::from_http(&e)))
     {
         Ok(client) => client,
-        Err(err) => return fail(err.to_string()),
+        Err(err) => return fail(ErrorChain(&err).to_string()),
     };
     let mut request = client.get(format!("{url}/subjects"));
     if let Some(user) = &config.registry.username {

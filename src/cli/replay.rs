@@ -43,6 +43,7 @@ use crate::outbox::{OutboxRow, RowError};
 use crate::routing::TopicRouter;
 use crate::sink::{self, classify_for_topic, record, RecordBuilder};
 use crate::store::{text_values, RowQuery, Store, StoreError};
+use crate::telemetry::ErrorChain;
 
 /// Which published rows to replay.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -221,12 +222,12 @@ async fn send(
     let topic = builder.topic(row);
     let record = builder
         .build(row, &topic)
-        .map_err(|e| e.to_string())?
+        .map_err(|e| ErrorChain(&e).to_string())?
         .with_header("replayed", "true")
         .with_header("replayed_at", replayed_at);
     match record::produce(producer, record).await {
         Ok(delivery) => Ok(Box::pin(outcome(row.id, delivery, topic, principal.to_string()))),
-        Err(err) => Err(classify_for_topic(&err, &topic, principal).to_string()),
+        Err(err) => Err(classify_for_topic(err, &topic, principal).reason()),
     }
 }
 
@@ -239,7 +240,7 @@ async fn outcome(
     let result = match delivery.await {
         Ok(_) => Ok(()),
         Err(KafkaError::Canceled) => Err("producer closed before delivery".to_string()),
-        Err(err) => Err(classify_for_topic(&err, &topic, &principal).to_string()),
+        Err(err) => Err(classify_for_topic(err, &topic, &principal).reason()),
     };
     (id, result)
 }

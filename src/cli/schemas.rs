@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use crate::codec::registry::{Registry, RegistryError};
 use crate::codec::{SchemaError, SchemaSet};
 use crate::config::Config;
+use crate::telemetry::ErrorChain;
 
 /// What `relay schemas` does.
 #[derive(Debug, clap::Subcommand)]
@@ -55,7 +56,7 @@ pub async fn register(config: &Config) -> Result<Report, SchemaError> {
             Ok::<_, RegistryError>(format!("id {id}, {} ({})", schema.file, config.codec.compatibility))
         }
         .await;
-        report.push((subject, outcome.map_err(|e| e.to_string())));
+        report.push((subject, outcome.map_err(|e| ErrorChain(&e).to_string())));
     }
     if config.codec.key_format == crate::config::KeyFormat::Avro {
         for topic in crate::codec::key_topics(config) {
@@ -66,7 +67,7 @@ pub async fn register(config: &Config) -> Result<Report, SchemaError> {
                 Ok::<_, RegistryError>(format!("id {id}, key schema \"string\""))
             }
             .await;
-            report.push((subject, outcome.map_err(|e| e.to_string())));
+            report.push((subject, outcome.map_err(|e| ErrorChain(&e).to_string())));
         }
     }
     Ok(report)
@@ -83,9 +84,9 @@ pub async fn check(config: &Config) -> Result<Report, SchemaError> {
             Ok(true) => match registry.check(&subject, &schema.text, &schema.full_name).await {
                 Ok(None) => Ok(format!("{}: compatible", schema.file)),
                 Ok(Some(reason)) => Err(format!("{} is not compatible: {reason}", schema.file)),
-                Err(err) => Err(err.to_string()),
+                Err(err) => Err(ErrorChain(&err).to_string()),
             },
-            Err(err) => Err(err.to_string()),
+            Err(err) => Err(ErrorChain(&err).to_string()),
         };
         report.push((subject, outcome));
     }

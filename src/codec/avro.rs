@@ -22,6 +22,8 @@ use apache_avro::{Days, Decimal, Duration, Millis, Months, Schema};
 use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, SecondsFormat, Timelike, Utc};
 use serde_json::{Map as JsonMap, Value as JsonValue};
 
+use crate::error_class::ErrorClass;
+
 /// A JSON value that does not fit the Avro schema.
 ///
 /// Displays as `at $.items[2].price: expected decimal(10,2), found string "abc"`.
@@ -42,9 +44,19 @@ pub enum AvroError {
     /// The payload does not fit the schema.
     #[error(transparent)]
     Mismatch(#[from] AvroMismatch),
-    /// The Avro library refused the schema or the datum.
-    #[error("cannot encode Avro datum: {0}")]
-    Encode(String),
+    /// The Avro library refused the schema or the datum (one that
+    /// [`json_to_avro`] built: the payload fitted the schema).
+    #[error("cannot encode Avro datum")]
+    Encode(#[source] apache_avro::Error),
+}
+
+impl AvroError {
+    /// Either way the row cannot be encoded as it is: it is held.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Mismatch(_) | Self::Encode(_) => ErrorClass::Hold,
+        }
+    }
 }
 
 /// The outbox row's columns that can fill a record's envelope fields.
@@ -111,10 +123,8 @@ pub fn encode_payload(
     schema: &Schema,
     resolved: &ResolvedSchema<'_>,
 ) -> Result<Vec<u8>, AvroError> {
-    let writer = GenericDatumWriter::builder(schema)
-        .resolved_schemata(resolved.clone())
-        .build()
-        .map_err(|e| AvroError::Encode(e.to_string()))?;
+    let writer =
+        GenericDatumWriter::builder(schema).resolved_schemata(resolved.clone()).build().map_err(AvroError::Encode)?;
     encode_payload_with(&writer, payload, envelope, schema, resolved)
 }
 
@@ -130,7 +140,7 @@ pub fn encode_payload_with(
     let names = resolved.get_names();
     let filled = fill_envelope(payload, envelope, schema, names);
     let value = json_to_avro(filled.as_ref().unwrap_or(payload), schema, names)?;
-    writer.write_value_to_vec(value).map_err(|e| AvroError::Encode(e.to_string()))
+    writer.write_value_to_vec(value).map_err(AvroError::Encode)
 }
 
 /// Frames an Avro datum in the Confluent wire format: magic byte 0, the

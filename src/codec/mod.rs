@@ -21,6 +21,7 @@ use apache_avro::Schema;
 use bytes::Bytes;
 
 use crate::config::{Config, KeyFormat, PayloadFormat};
+use crate::error_class::ErrorClass;
 use crate::outbox::OutboxRow;
 use crate::routing::{RouteTable, TopicKind};
 use registry::{subject_name, Registry, RegistryError};
@@ -28,14 +29,24 @@ use registry::{subject_name, Registry, RegistryError};
 /// Why a payload could not be encoded. The row is held, never dropped.
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
-    #[error("payload is not valid JSON: {0}")]
+    #[error("payload is not valid JSON")]
     Json(#[from] serde_json::Error),
     #[error("no schema for aggregate type `{aggregate_type}`, event type `{event_type}`: add `\"{aggregate_type}/{event_type}\"` or `\"{aggregate_type}\"` to {map}")]
     NoSchema { map: &'static str, aggregate_type: String, event_type: String },
     #[error("schema {file} has no registry id for topic `{topic}`")]
     NoSchemaId { file: String, topic: String },
-    #[error("payload does not match schema {file}: {source}")]
+    #[error("payload does not match schema {file}")]
     Mismatch { file: String, source: avro::AvroError },
+}
+
+impl CodecError {
+    /// The row cannot be encoded as it is: it is held, never dropped.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Json(_) | Self::NoSchema { .. } | Self::NoSchemaId { .. } => ErrorClass::Hold,
+            Self::Mismatch { source, .. } => source.class(),
+        }
+    }
 }
 
 /// Why the schemas could not be prepared.
@@ -52,23 +63,17 @@ pub enum SchemaError {
 }
 
 impl SchemaError {
-    /// A broken schema file or a rejected registry certificate needs an
-    /// operator and a restart; other registry trouble (unreachable, not yet
-    /// registered) may clear by itself.
-    pub fn is_fatal(&self) -> bool {
+    /// A broken schema file needs an operator and a restart; the registry's
+    /// errors say for themselves ([`RegistryError::class`]): a rejected
+    /// certificate needs an operator, other trouble (unreachable, not yet
+    /// registered) may clear by itself. The fix is the relay's last line
+    /// (the error itself follows it, with the detailed fix of a certificate).
+    pub fn class(&self) -> ErrorClass {
         match self {
-            Self::Registry(err) => err.needs_operator(),
-            _ => true,
-        }
-    }
-
-    /// The operator's fix of a fatal error, for the relay's last line (the
-    /// error itself follows it, with the detailed fix of a certificate).
-    pub fn operator_fix(&self) -> &'static str {
-        match self {
-            Self::Registry(RegistryError::Certificate { .. }) => "correct the registry's TLS trust",
-            Self::Registry(RegistryError::CaFile(_)) => "correct registry.tls_ca_file",
-            _ => "correct the schemas or codec.schemas",
+            Self::Read { .. } | Self::Parse { .. } | Self::Unnamed { .. } => {
+                ErrorClass::operator("correct the schemas or codec.schemas")
+            }
+            Self::Registry(e) => e.class(),
         }
     }
 }

@@ -21,6 +21,7 @@
 //! Every client starts from [`client_builder`], so `registry.tls_ca_file`
 //! applies to every call.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use schema_registry_converter::async_impl::schema_registry::{is_compatible_schema, post_schema, SrSettings};
@@ -29,6 +30,7 @@ use schema_registry_converter::schema_registry_common::{SchemaType, SuppliedSche
 use secrecy::ExposeSecret;
 
 use crate::config::{RegistryConfig, SubjectStrategy};
+use crate::error_class::{text_cause, Cause, ErrorClass, Leaf};
 use crate::telemetry::{metrics, ErrorChain};
 
 /// Why a registry call failed.
@@ -36,8 +38,8 @@ use crate::telemetry::{metrics, ErrorChain};
 pub enum RegistryError {
     /// The registry could not be reached or answered with a server error:
     /// retry with backoff.
-    #[error("schema registry unreachable: {0}")]
-    Unreachable(String),
+    #[error("schema registry unreachable")]
+    Unreachable(#[source] Cause),
     /// The schema is not registered under the subject (and auto-registration is off).
     #[error("schema {file} is not registered under subject `{subject}`: run `relay schemas register`")]
     NotRegistered { subject: String, file: String },
@@ -46,8 +48,12 @@ pub enum RegistryError {
     Refused { what: String, reason: String },
     /// `registry.tls_ca_file` cannot be used (validated at start, so only
     /// if it changed since).
-    #[error("registry.tls_ca_file: {0}")]
-    CaFile(String),
+    #[error("registry.tls_ca_file: {file}")]
+    CaFile {
+        file: String,
+        #[source]
+        source: Cause,
+    },
     /// The registry's TLS certificate was rejected (unknown CA, wrong host
     /// name, expired): an operator must fix the configuration or the
     /// certificate; retrying cannot help.
@@ -56,30 +62,43 @@ pub enum RegistryError {
 }
 
 impl RegistryError {
-    /// Whether only an operator can cure this (a retry cannot).
-    pub fn needs_operator(&self) -> bool {
-        matches!(self, Self::CaFile(_) | Self::Certificate { .. })
+    /// A CA file or certificate the relay cannot use needs an operator;
+    /// the rest may clear by itself (an outage, a schema registered later).
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Unreachable(_) | Self::NotRegistered { .. } | Self::Refused { .. } => ErrorClass::Retry,
+            Self::CaFile { .. } => ErrorClass::operator("correct registry.tls_ca_file"),
+            Self::Certificate { .. } => ErrorClass::operator("correct the registry's TLS trust"),
+        }
     }
 
-    /// The error of a failed HTTP call: [`RegistryError::Certificate`] when
-    /// the TLS handshake rejected the registry's certificate, decided by the
-    /// typed rustls error in the source chain; else unreachable.
+    /// Whether only an operator can cure this (a retry cannot).
+    pub fn needs_operator(&self) -> bool {
+        matches!(self.class(), ErrorClass::Operator(_))
+    }
+
+    /// The error of a failed HTTP call, only borrowed (the chain's text is
+    /// kept): [`RegistryError::Certificate`] when the TLS handshake
+    /// rejected the registry's certificate, decided by the typed rustls
+    /// error in the source chain; else unreachable.
     pub fn from_http(err: &(dyn std::error::Error + 'static)) -> Self {
-        match certificate_error(err) {
-            Some(cert) => {
-                Self::Certificate { reason: format!("invalid peer certificate: {cert}"), fix: certificate_fix(cert) }
-            }
-            None => Self::Unreachable(ErrorChain(err).to_string()),
-        }
+        Self::certificate(err).unwrap_or_else(|| Self::Unreachable(text_cause(ErrorChain(err).to_string())))
+    }
+
+    /// [`Self::from_http`] for an error the caller owns, kept as the source.
+    fn http(err: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::certificate(&err).unwrap_or_else(|| Self::Unreachable(Arc::new(err)))
+    }
+
+    fn certificate(err: &(dyn std::error::Error + 'static)) -> Option<Self> {
+        let cert = certificate_error(err)?;
+        Some(Self::Certificate { reason: format!("invalid peer certificate: {cert}"), fix: certificate_fix(cert) })
     }
 
     /// The error of a failed `schema_registry_converter` call, which keeps
     /// the HTTP error as its source (its own text already names the cause).
     fn from_converter(err: &SRCError) -> Self {
-        match Self::from_http(err) {
-            Self::Unreachable(_) => Self::Unreachable(err.to_string()),
-            certificate => certificate,
-        }
+        Self::certificate(err).unwrap_or_else(|| Self::Unreachable(Arc::new(Leaf(err.clone()))))
     }
 }
 
@@ -121,12 +140,13 @@ fn certificate_fix(err: &rustls::CertificateError) -> &'static str {
 pub fn client_builder(config: &RegistryConfig) -> Result<reqwest::ClientBuilder, RegistryError> {
     let builder = reqwest::Client::builder();
     let Some(path) = &config.tls_ca_file else { return Ok(builder) };
-    let certs = crate::tls::ca_certificates(path).map_err(|e| RegistryError::CaFile(e.to_string()))?;
+    let unusable = |source: Cause| RegistryError::CaFile { file: path.display().to_string(), source };
+    let certs = crate::tls::ca_certificates(path).map_err(|e| unusable(Arc::new(e)))?;
     let roots = certs
         .iter()
         .map(|der| reqwest::Certificate::from_der(der))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| RegistryError::CaFile(format!("{}: {}", path.display(), ErrorChain(&e))))?;
+        .map_err(|e| unusable(Arc::new(e)))?;
     Ok(builder.tls_certs_only(roots))
 }
 
@@ -157,7 +177,7 @@ pub fn sr_settings(config: &RegistryConfig) -> Result<SrSettings, RegistryError>
         let password = config.password.as_ref().map(|p| p.expose_secret().to_string());
         builder.set_basic_authorization(user, password.as_deref());
     }
-    builder.build_with(client_builder(config)?).map_err(|e| RegistryError::Unreachable(e.to_string()))
+    builder.build_with(client_builder(config)?).map_err(|e| RegistryError::Unreachable(Arc::new(Leaf(e))))
 }
 
 impl Registry {
@@ -168,10 +188,7 @@ impl Registry {
             .as_ref()
             .map(|u| (u.clone(), config.password.as_ref().map(|p| p.expose_secret().to_string())));
         let settings = sr_settings(config)?;
-        let http = client_builder(config)?
-            .timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|e| RegistryError::Unreachable(e.to_string()))?;
+        let http = client_builder(config)?.timeout(Duration::from_secs(10)).build().map_err(RegistryError::http)?;
         Ok(Self { base, settings, http, auth })
     }
 
@@ -207,7 +224,7 @@ impl Registry {
             self.request(reqwest::Method::POST, &format!("/subjects/{subject}")).json(&body).send().await.map_err(
                 |e| {
                     metrics::registry_error();
-                    RegistryError::from_http(&e)
+                    RegistryError::http(e)
                 },
             )?;
         let status = response.status();
@@ -216,9 +233,9 @@ impl Registry {
         }
         if status.is_server_error() {
             metrics::registry_error();
-            return Err(RegistryError::Unreachable(format!("{subject}: HTTP {status}")));
+            return Err(RegistryError::Unreachable(text_cause(format!("{subject}: HTTP {status}"))));
         }
-        let value: serde_json::Value = response.json().await.map_err(|e| RegistryError::Unreachable(e.to_string()))?;
+        let value: serde_json::Value = response.json().await.map_err(RegistryError::http)?;
         value["id"].as_u64().map(|id| id as u32).ok_or_else(|| RegistryError::Refused {
             what: format!("looking up `{subject}`"),
             reason: format!("HTTP {status}: {value}"),
@@ -232,7 +249,7 @@ impl Registry {
             .json(&serde_json::json!({ "compatibility": level }))
             .send()
             .await
-            .map_err(|e| RegistryError::from_http(&e))?;
+            .map_err(RegistryError::http)?;
         if response.status().is_success() {
             Ok(())
         } else {
@@ -251,7 +268,7 @@ impl Registry {
             .request(reqwest::Method::GET, &format!("/subjects/{subject}/versions"))
             .send()
             .await
-            .map_err(|e| RegistryError::from_http(&e))?;
+            .map_err(RegistryError::http)?;
         Ok(response.status().is_success())
     }
 

@@ -4,13 +4,14 @@
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 use crate::delivery::PublishError;
+use crate::error_class::Leaf;
 
 /// Tells permanent Kafka errors (the same record can never succeed) from
 /// transient ones. `InvalidMessage` (CORRUPT_MESSAGE, a CRC mismatch on the
 /// way) is transient: the same record sent again succeeds. A timestamp the
 /// topic refuses (`message.timestamp.*.max.ms`) needs the topic's settings
 /// fixed: permanent.
-pub fn classify(err: &KafkaError) -> PublishError {
+pub fn classify(err: KafkaError) -> PublishError {
     use RDKafkaErrorCode as C;
     let permanent = matches!(
         err.rdkafka_error_code(),
@@ -28,11 +29,12 @@ pub fn classify(err: &KafkaError) -> PublishError {
                 | C::InvalidRequiredAcks
         )
     );
-    if permanent {
-        PublishError::Permanent(err.to_string())
+    let outcome = if permanent {
+        PublishError::permanent("Kafka refused the record")
     } else {
-        PublishError::Retriable(err.to_string())
-    }
+        PublishError::retriable("Kafka gave up on the record")
+    };
+    outcome.because(Leaf(err))
 }
 
 /// [`classify`] for a record of `topic`, with an authorization refusal
@@ -42,16 +44,17 @@ pub fn classify(err: &KafkaError) -> PublishError {
 /// WRITE on the topic (librdkafka reports it in the delivery report; a
 /// metadata refusal, no DESCRIBE, too). Both are permanent: the row is held
 /// and `relay held retry` sends it again once the ACL is granted.
-pub fn classify_for_topic(err: &KafkaError, topic: &str, principal: &str) -> PublishError {
-    match err.rdkafka_error_code() {
-        Some(RDKafkaErrorCode::TopicAuthorizationFailed) => PublishError::Permanent(format!(
-            "not authorized to write to topic `{topic}` ({err}): grant WRITE on TOPIC {topic} to {principal} (and DESCRIBE, which it needs too), then `relay held retry`"
+pub fn classify_for_topic(err: KafkaError, topic: &str, principal: &str) -> PublishError {
+    let refusal = match err.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::TopicAuthorizationFailed) => PublishError::permanent(format!(
+            "not authorized to write to topic `{topic}`: grant WRITE on TOPIC {topic} to {principal} (and DESCRIBE, which it needs too), then `relay held retry`"
         )),
-        Some(RDKafkaErrorCode::ClusterAuthorizationFailed) => PublishError::Permanent(format!(
-            "not authorized on the cluster while writing to topic `{topic}` ({err}): brokers before Kafka 3.0 need IDEMPOTENT_WRITE on CLUSTER for {principal}; grant it, then `relay held retry`"
+        Some(RDKafkaErrorCode::ClusterAuthorizationFailed) => PublishError::permanent(format!(
+            "not authorized on the cluster while writing to topic `{topic}`: brokers before Kafka 3.0 need IDEMPOTENT_WRITE on CLUSTER for {principal}; grant it, then `relay held retry`"
         )),
-        _ => classify(err),
-    }
+        _ => return classify(err),
+    };
+    refusal.because(Leaf(err))
 }
 
 #[cfg(test)]
@@ -59,9 +62,9 @@ mod tests {
     use super::*;
 
     fn class(code: RDKafkaErrorCode) -> &'static str {
-        match classify(&KafkaError::MessageProduction(code)) {
-            PublishError::Permanent(_) => "permanent",
-            PublishError::Retriable(_) => "retriable",
+        match classify(KafkaError::MessageProduction(code)) {
+            PublishError::Permanent { .. } => "permanent",
+            PublishError::Retriable { .. } => "retriable",
         }
     }
 
@@ -79,14 +82,15 @@ mod tests {
     #[test]
     fn an_authorization_refusal_names_the_topic_and_the_acl() {
         let err = KafkaError::MessageProduction(RDKafkaErrorCode::TopicAuthorizationFailed);
-        match classify_for_topic(&err, "orders", "User:relay") {
-            PublishError::Permanent(text) => {
+        match classify_for_topic(err, "orders", "User:relay") {
+            permanent @ PublishError::Permanent { .. } => {
+                let text = permanent.reason();
                 assert!(text.contains("grant WRITE on TOPIC orders to User:relay"), "{text}");
                 assert!(text.contains("not authorized to write to topic `orders`"), "{text}");
             }
             other => panic!("must be permanent: {other:?}"),
         }
         let err = KafkaError::MessageProduction(RDKafkaErrorCode::RequestTimedOut);
-        assert!(matches!(classify_for_topic(&err, "orders", "User:relay"), PublishError::Retriable(_)));
+        assert!(matches!(classify_for_topic(err, "orders", "User:relay"), PublishError::Retriable { .. }));
     }
 }

@@ -15,6 +15,7 @@ use rdkafka::ClientConfig;
 use secrecy::ExposeSecret;
 
 use crate::config::KafkaConfig;
+use crate::error_class::ErrorClass;
 
 /// The connection properties every client of the relay shares (producer,
 /// admin client, `relay check`): the raw map, then the typed options, which
@@ -73,9 +74,18 @@ impl ConnectError {
         }
     }
 
+    /// A broker that did not answer may answer later; a refusal needs an
+    /// operator and [`Self::fix`].
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Unreachable { .. } => ErrorClass::Retry,
+            Self::Authentication { .. } | Self::Tls { .. } | Self::Client(_) => ErrorClass::operator(self.fix()),
+        }
+    }
+
     /// Whether only an operator can cure it (a retry cannot).
     pub fn needs_operator(&self) -> bool {
-        !matches!(self, Self::Unreachable { .. })
+        matches!(self.class(), ErrorClass::Operator(_))
     }
 }
 

@@ -102,7 +102,7 @@ mod tests {
     use crate::delivery::{Ack, PublishError};
 
     fn delivery(rx: oneshot::Receiver<Result<Ack, PublishError>>) -> PendingDelivery {
-        Box::pin(async move { rx.await.unwrap_or(Err(PublishError::Retriable("dropped".into()))) })
+        Box::pin(async move { rx.await.unwrap_or(Err(PublishError::retriable("dropped"))) })
     }
 
     /// The second record of a partition waits for the first's
@@ -138,7 +138,7 @@ mod tests {
         let mut writes = FirstWrites::default();
         let (fail, first) = oneshot::channel();
         let _first = writes.sent("t", 0, delivery(first));
-        fail.send(Err(PublishError::Retriable("not leader".into()))).expect("send");
+        fail.send(Err(PublishError::retriable("not leader"))).expect("send");
         writes.ready("t", 0).await;
         let (ack_next, next) = oneshot::channel();
         let _next = writes.sent("t", 0, delivery(next));

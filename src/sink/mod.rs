@@ -55,10 +55,11 @@ pub use transaction::Transactions;
 use crate::codec::Codec;
 use crate::config::{Config, Delivery, KafkaConfig};
 use crate::delivery::{Ack, InFlight, PendingDelivery, PublishError, RoutedRow};
+use crate::error_class::ErrorClass;
 use crate::hold::{self, HeldAt, HeldEntities, Holder, TooManyHeld};
 use crate::outbox::{OutboxRow, SourceEvent};
 use crate::routing::{TopicKind, TopicRouter};
-use crate::telemetry::metrics;
+use crate::telemetry::{metrics, ErrorChain};
 
 /// Why the sink stage stopped.
 #[derive(Debug, thiserror::Error)]
@@ -73,15 +74,54 @@ pub enum SinkError {
     Refused(ConnectError),
     /// Exactly-once: another producer with the same transactional id took
     /// over (a new leader): stop at once and step down, never retry.
-    #[error("this relay's Kafka producer was fenced by a newer one with the same transactional id: {0}")]
-    Fenced(String),
+    #[error("this relay's Kafka producer was fenced by a newer one with the same transactional id")]
+    Fenced(#[source] Failure),
     /// Exactly-once: the principal may not use the transactional id.
-    #[error("Kafka refused the transactional id: {0}")]
-    TransactionalIdRefused(String),
+    #[error("Kafka refused the transactional id")]
+    TransactionalIdRefused(#[source] Failure),
     /// Exactly-once: a transaction could not be begun, committed or read
     /// back; the run restarts and nothing of it counts.
-    #[error("Kafka transaction failed: {0}")]
-    Transaction(String),
+    #[error("Kafka transaction failed")]
+    Transaction(#[source] Failure),
+}
+
+impl SinkError {
+    /// Refused credentials or transactional id need an operator, a fenced
+    /// producer ends the term; the rest restarts the run.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Client(_) | Self::Transaction(_) => ErrorClass::Retry,
+            Self::TooManyHeld(e) => e.class(),
+            // Only a refusal is wrapped here (`needs_operator`), so its fix.
+            Self::Refused(e) => ErrorClass::operator(e.fix()),
+            Self::Fenced(_) => ErrorClass::StepDown,
+            Self::TransactionalIdRefused(_) => ErrorClass::operator(
+                "grant WRITE and DESCRIBE on TRANSACTIONAL_ID (kafka.transactional_id, prefixed) to the relay's principal, or use kafka.delivery = \"at_least_once\"",
+            ),
+        }
+    }
+}
+
+/// Which step of exactly-once failed (`step`), and why, when a library
+/// said so.
+#[derive(Debug, thiserror::Error)]
+#[error("{step}")]
+pub struct Failure {
+    step: String,
+    #[source]
+    cause: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl Failure {
+    /// A failure the relay itself detected.
+    pub fn new(step: impl Into<String>) -> Self {
+        Self { step: step.into(), cause: None }
+    }
+
+    /// A failure of `step` that `cause` reports.
+    pub fn because(step: impl Into<String>, cause: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self { step: step.into(), cause: Some(Box::new(cause)) }
+    }
 }
 
 /// The producer properties for `config`: idempotent; in exactly-once mode
@@ -217,11 +257,12 @@ impl KafkaSink {
         }
         let facts = match self.topics.ensure(&routed.topic, kind, Some(&row.aggregate_type)).await {
             Ok(facts) => facts,
-            Err(PublishError::Permanent(error)) => return Err(NotSent::Held(error)),
+            Err(permanent @ PublishError::Permanent { .. }) => return Err(NotSent::Held(permanent.reason())),
             Err(retriable) => return Err(NotSent::Failed(retriable)),
         };
         facts.accepts(kind, &routed.topic, &row.aggregate_type).map_err(NotSent::Held)?;
-        let mut record = self.builder.build(row, &routed.topic).map_err(|err| NotSent::Held(err.to_string()))?;
+        let mut record =
+            self.builder.build(row, &routed.topic).map_err(|err| NotSent::Held(ErrorChain(&err).to_string()))?;
         if let Some(limit) = facts.max_message_bytes {
             let size = record.size();
             if size > limit {
@@ -248,10 +289,10 @@ impl KafkaSink {
         let delivery = match record::produce(&self.producer, record).await {
             Ok(delivery) => delivery,
             Err(err) => {
-                return match classify_for_topic(&err, &routed.topic, &self.principal) {
-                    PublishError::Permanent(error) => {
+                return match classify_for_topic(err, &routed.topic, &self.principal) {
+                    permanent @ PublishError::Permanent { .. } => {
                         routed.key = key;
-                        self.hold(routed, error).await
+                        self.hold(routed, permanent.reason()).await
                     }
                     retriable => Ok(self.failed(routed, retriable)),
                 }
@@ -289,7 +330,7 @@ impl KafkaSink {
     /// stage ends the run when it reaches it, after settling what came
     /// before; the sink sends nothing after it.
     fn failed(&mut self, row: RoutedRow, error: PublishError) -> InFlight {
-        tracing::warn!(row = row.row.id, topic = %row.topic, error = %error, "cannot send the row; the run ends here and restarts from its last confirmed boundary");
+        tracing::warn!(row = row.row.id, topic = %row.topic, error = %ErrorChain(&error), "cannot send the row; the run ends here and restarts from its last confirmed boundary");
         self.failed = true;
         InFlight::Sent { row, delivery: Box::pin(futures::future::ready(Err(error))) }
     }
@@ -312,13 +353,13 @@ fn delivery_outcome(outcome: Result<Ack, KafkaError>, topic: &str, principal: &s
         // retry answered DUPLICATE_SEQUENCE_NUMBER) was seen for a message
         // no consumer could find: never record it as published; the run
         // restarts and sends it again (a duplicate at worst, never a loss).
-        Ok(delivery) if delivery.offset < 0 => Err(PublishError::Retriable(format!(
+        Ok(delivery) if delivery.offset < 0 => Err(PublishError::retriable(format!(
             "delivery report without an offset (partition {}, offset {}); not counted as published",
             delivery.partition, delivery.offset
         ))),
         Ok(ack) => Ok(ack),
-        Err(KafkaError::Canceled) => Err(PublishError::Retriable("producer closed before delivery".into())),
-        Err(err) => Err(classify_for_topic(&err, topic, principal)),
+        Err(KafkaError::Canceled) => Err(PublishError::retriable("producer closed before delivery")),
+        Err(err) => Err(classify_for_topic(err, topic, principal)),
     }
 }
 
@@ -332,11 +373,14 @@ mod tests {
     fn a_delivery_report_counts_as_published_only_with_an_offset() {
         let outcome = |report| delivery_outcome(report, "orders", "User:relay");
         assert_eq!(outcome(Ok(Ack { partition: 2, offset: 7 })).ok(), Some(Ack { partition: 2, offset: 7 }));
-        assert!(matches!(outcome(Ok(Ack { partition: 2, offset: -1001 })), Err(PublishError::Retriable(_))));
-        assert!(matches!(outcome(Err(KafkaError::Canceled)), Err(PublishError::Retriable(_))));
+        assert!(matches!(outcome(Ok(Ack { partition: 2, offset: -1001 })), Err(PublishError::Retriable { .. })));
+        assert!(matches!(outcome(Err(KafkaError::Canceled)), Err(PublishError::Retriable { .. })));
         let refused = KafkaError::MessageProduction(RDKafkaErrorCode::TopicAuthorizationFailed);
         match outcome(Err(refused)) {
-            Err(PublishError::Permanent(text)) => assert!(text.contains("grant WRITE on TOPIC orders"), "{text}"),
+            Err(err @ PublishError::Permanent { .. }) => {
+                let text = err.reason();
+                assert!(text.contains("grant WRITE on TOPIC orders"), "{text}")
+            }
             other => panic!("an ACL refusal holds the row: {other:?}"),
         }
     }

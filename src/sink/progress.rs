@@ -16,9 +16,10 @@ use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Message, OwnedHeaders};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::{client_config, Outbound, SinkError};
+use super::{client_config, Failure, Outbound, SinkError};
 use crate::config::Config;
 use crate::delivery::{ProgressRecord, ProgressSource};
+use crate::error_class::Leaf;
 
 /// Records read per partition and window when reading back.
 const WINDOW: i64 = 2_000;
@@ -29,7 +30,8 @@ const READ_TIMEOUT: Duration = Duration::from_secs(60);
 impl ProgressRecord {
     /// The record for the progress topic (JSON, keyed by the transactional id).
     pub fn outbound(&self, topic: &str) -> Result<Outbound, SinkError> {
-        let payload = serde_json::to_vec(self).map_err(|e| SinkError::Transaction(e.to_string()))?;
+        let payload = serde_json::to_vec(self)
+            .map_err(|e| SinkError::Transaction(Failure::because("cannot serialize the progress record", e)))?;
         Ok(Outbound {
             topic: topic.into(),
             key: Bytes::copy_from_slice(self.transactional_id.as_bytes()),
@@ -63,16 +65,16 @@ pub async fn ensure_topic(config: &Config) -> Result<(), SinkError> {
     let results = admin
         .create_topics([&topic], &options)
         .await
-        .map_err(|e| SinkError::Transaction(format!("cannot create the progress topic: {e}")))?;
+        .map_err(|e| SinkError::Transaction(Failure::because("cannot create the progress topic", Leaf(e))))?;
     for result in results {
         match result {
             Ok(_) => tracing::info!(topic = %config.kafka.progress_topic, "created the progress topic"),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((_, code)) => {
-                return Err(SinkError::Transaction(format!(
+                return Err(SinkError::Transaction(Failure::new(format!(
                     "cannot create the progress topic `{}`: {code}; create it (compacted) or grant CREATE",
                     config.kafka.progress_topic
-                )))
+                ))))
             }
         }
     }
@@ -144,7 +146,8 @@ impl ProgressSource for ProgressReader {
                 *end = *start;
             }
         }
-        let consumer = self.consumer.take().ok_or_else(|| SinkError::Transaction("progress reader closed".into()))?;
+        let consumer =
+            self.consumer.take().ok_or_else(|| SinkError::Transaction(Failure::new("progress reader closed")))?;
         let (topic, id) = (self.topic.clone(), self.transactional_id.clone());
         let (consumer, mut records) = blocking(move || {
             let mut found = Vec::new();
@@ -205,7 +208,9 @@ async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, rdkafka::error::KafkaError> + Send + 'static,
 ) -> Result<T, SinkError> {
     match tokio::task::spawn_blocking(f).await {
-        Ok(result) => result.map_err(|e| SinkError::Transaction(format!("cannot read the progress topic: {e}"))),
-        Err(e) => Err(SinkError::Transaction(format!("cannot read the progress topic: {e}"))),
+        Ok(result) => {
+            result.map_err(|e| SinkError::Transaction(Failure::because("cannot read the progress topic", Leaf(e))))
+        }
+        Err(e) => Err(SinkError::Transaction(Failure::because("cannot read the progress topic", e))),
     }
 }

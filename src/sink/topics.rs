@@ -25,6 +25,7 @@ use super::reports::KafkaProducer;
 
 use crate::config::RoutingConfig;
 use crate::delivery::PublishError;
+use crate::error_class::Leaf;
 use crate::routing::TopicKind;
 
 /// What the relay learnt about a topic once, when it first sent to it.
@@ -115,19 +116,19 @@ impl Topics {
             match self.exists(topic).await? {
                 Presence::Exists => {}
                 Presence::Missing if self.routing.create_topics => {
-                    return Err(PublishError::Permanent(format!(
+                    return Err(PublishError::permanent(format!(
                         "not authorized to create topic `{topic}`: grant CREATE on TOPIC {topic} to {principal}, or create the topic"
                     )))
                 }
                 Presence::Missing => {
-                    return Err(PublishError::Permanent(format!(
+                    return Err(PublishError::permanent(format!(
                         "topic `{topic}` does not exist and routing.create_topics is false: create it, or set routing.create_topics = true"
                     )))
                 }
                 // Without DESCRIBE the broker does not say whether it exists.
                 Presence::NotAuthorized => {
                     let create = if self.routing.create_topics { " (and CREATE, if it does not exist)" } else { "" };
-                    return Err(PublishError::Permanent(format!(
+                    return Err(PublishError::permanent(format!(
                         "not authorized to describe topic `{topic}`: grant DESCRIBE and WRITE on TOPIC {topic} to {principal}{create}, then `relay held retry`"
                     )));
                 }
@@ -201,7 +202,7 @@ impl Topics {
             .admin
             .create_topics([&new_topic], &options)
             .await
-            .map_err(|e| PublishError::Retriable(format!("cannot create topic `{topic}`: {e}")))?;
+            .map_err(|e| PublishError::retriable(format!("cannot create topic `{topic}`")).because(Leaf(e)))?;
         for result in results {
             match result {
                 Ok(_) => {
@@ -227,8 +228,8 @@ impl Topics {
                         RDKafkaErrorCode::InvalidTopic
                         | RDKafkaErrorCode::InvalidPartitions
                         | RDKafkaErrorCode::InvalidReplicationFactor
-                        | RDKafkaErrorCode::PolicyViolation => PublishError::Permanent(error),
-                        _ => PublishError::Retriable(error),
+                        | RDKafkaErrorCode::PolicyViolation => PublishError::permanent(error),
+                        _ => PublishError::retriable(error),
                     });
                 }
             }
@@ -311,8 +312,8 @@ impl Topics {
             })
         })
         .await
-        .map_err(|e| PublishError::Retriable(e.to_string()))?
-        .map_err(|e| PublishError::Retriable(format!("cannot read metadata of topic `{topic}`: {e}")))
+        .map_err(|e| PublishError::retriable(format!("cannot read metadata of topic `{topic}`")).because(e))?
+        .map_err(|e| PublishError::retriable(format!("cannot read metadata of topic `{topic}`")).because(Leaf(e)))
     }
 }
 

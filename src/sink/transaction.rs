@@ -33,9 +33,10 @@ use rdkafka::producer::Producer;
 use super::reports::KafkaProducer;
 use tokio::sync::mpsc;
 
-use super::{KafkaSink, SinkError};
+use super::{Failure, KafkaSink, SinkError};
 use crate::config::Config;
 use crate::delivery::{InFlight, ProgressRecord, ProgressRow, PublishError, RoutedRow};
+use crate::error_class::Leaf;
 use crate::hold::HeldAt;
 use crate::outbox::{OutboxRow, SourceEvent};
 use crate::telemetry::metrics;
@@ -105,8 +106,9 @@ where
 }
 
 /// Whether `err` says another producer with the same transactional id took
-/// over (or the producer can go on no more): the relay must step down.
-pub fn is_fenced(err: &KafkaError) -> bool {
+/// over (or the producer can go on no more): then the sink stops with
+/// [`SinkError::Fenced`], whose class makes the relay step down.
+fn is_fenced(err: &KafkaError) -> bool {
     if let KafkaError::Transaction(e) = err {
         if e.is_fatal() {
             return true;
@@ -129,13 +131,15 @@ fn requires_abort(err: &KafkaError) -> bool {
 
 /// A transaction call's failure as the sink's error.
 fn failure(what: &str, err: KafkaError) -> SinkError {
-    if err.rdkafka_error_code() == Some(RDKafkaErrorCode::TransactionalIdAuthorizationFailed) {
-        return SinkError::TransactionalIdRefused(format!("{what}: {err}"));
-    }
-    if is_fenced(&err) {
-        SinkError::Fenced(format!("{what}: {err}"))
+    let refused = err.rdkafka_error_code() == Some(RDKafkaErrorCode::TransactionalIdAuthorizationFailed);
+    let fenced = is_fenced(&err);
+    let failure = Failure::because(what, Leaf(err));
+    if refused {
+        SinkError::TransactionalIdRefused(failure)
+    } else if fenced {
+        SinkError::Fenced(failure)
     } else {
-        SinkError::Transaction(format!("{what}: {err}"))
+        SinkError::Transaction(failure)
     }
 }
 
@@ -311,7 +315,7 @@ impl KafkaSink {
                 }
             }
         }
-        Err(SinkError::Transaction(format!("a batch was aborted {MAX_ATTEMPTS} times in a row")))
+        Err(SinkError::Transaction(Failure::new(format!("a batch was aborted {MAX_ATTEMPTS} times in a row"))))
     }
 
     /// One transaction over `batch`: produce, wait for every delivery
@@ -345,14 +349,14 @@ impl KafkaSink {
                     progress.push(ProgressRow::new(&row, ack));
                     settled.push(InFlight::Sent { row, delivery: Box::pin(futures::future::ready(Ok(ack))) });
                 }
-                Err(PublishError::Permanent(error)) => {
+                Err(permanent @ PublishError::Permanent { .. }) => {
                     self.abort().await?;
-                    return Ok(Attempt::Refused(Box::new(row), error));
+                    return Ok(Attempt::Refused(Box::new(row), permanent.reason()));
                 }
-                Err(PublishError::Retriable(error)) => {
+                Err(retriable @ PublishError::Retriable { .. }) => {
                     // A fenced producer fails here too; its abort says so.
                     self.abort().await?;
-                    return Err(SinkError::Transaction(error));
+                    return Err(SinkError::Transaction(Failure::because("a delivery failed", retriable)));
                 }
             }
         }
@@ -383,7 +387,7 @@ impl KafkaSink {
             }
             Err(err) if requires_abort(&err) => {
                 self.abort().await?;
-                Err(SinkError::Transaction(format!("the commit failed: {err}")))
+                Err(SinkError::Transaction(Failure::because("the commit failed", Leaf(err))))
             }
             Err(err) => Err(failure("the commit failed", err)),
         }

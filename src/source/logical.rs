@@ -20,10 +20,13 @@ use chrono::{DateTime, Utc};
 use pgwire_replication::{Lsn as PgLsn, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
 use secrecy::ExposeSecret;
 use tokio::sync::{mpsc, watch};
+use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
 use super::pgoutput::{self, Message};
 use crate::config::{Config, OutboxConfig};
+use crate::database;
+use crate::error_class::ErrorClass;
 use crate::outbox::{pg_epoch_micros_to_utc, CommitBoundary, Lsn, RowError, RowLayout, SourceEvent};
 use crate::store::{Store, StoreError};
 use crate::telemetry::metrics;
@@ -41,10 +44,52 @@ pub enum LogicalError {
     Postgres(#[from] tokio_postgres::Error),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("invalid postgres.url for replication: {0}")]
-    Url(String),
+    #[error("invalid postgres.url for replication")]
+    Url(#[source] tokio_postgres::Error),
     #[error("the replication stream ended")]
     StreamEnded,
+}
+
+impl LogicalError {
+    /// A replication connection error by its type and the SQLSTATE the
+    /// server sent (`replication_class`); everything else restarts the run.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Replication(e) => replication_class(e),
+            Self::Decode(e) => e.class(),
+            Self::Row(e) => e.class(),
+            // The stream's own reads (the resend check, which rows are
+            // recorded) are retried whatever their SQLSTATE.
+            Self::Postgres(_) | Self::Store(_) => ErrorClass::Retry,
+            // `prepare` connected with the same URL before the stream starts.
+            Self::Url(_) => ErrorClass::Retry,
+            Self::StreamEnded => ErrorClass::Retry,
+        }
+    }
+}
+
+/// The class of a replication connection error: typed variants, and the
+/// SQLSTATE the server sent. The one reading of message text:
+/// pgwire-replication reports a server error as text only, so its SQLSTATE
+/// is taken from the `(SQLSTATE xxxxx)` the text ends with
+/// ([`server_sql_state`]).
+fn replication_class(err: &pgwire_replication::PgWireError) -> ErrorClass {
+    use pgwire_replication::PgWireError as E;
+    match err {
+        E::Auth(_) => database::sql_state_class(Some(&SqlState::INVALID_PASSWORD)),
+        E::Tls(_) => ErrorClass::operator("check postgres.url's sslmode and postgres.tls_ca_file"),
+        E::Server(message) => database::sql_state_class(server_sql_state(message).as_ref()),
+        // I/O, protocol and the rest; the enum is `#[non_exhaustive]`.
+        _ => ErrorClass::Retry,
+    }
+}
+
+/// The SQLSTATE code pgwire-replication appends to a server error
+/// (`... (SQLSTATE 42501)`).
+fn server_sql_state(message: &str) -> Option<SqlState> {
+    let start = message.rfind("(SQLSTATE ")? + "(SQLSTATE ".len();
+    let code = message.get(start..start + 5)?;
+    Some(SqlState::from_code(code))
 }
 
 /// Streams outbox inserts from the slot in commit order.
@@ -58,13 +103,7 @@ impl LogicalSource {
     }
 
     fn replication_config(&self) -> Result<ReplicationConfig, LogicalError> {
-        let pg: tokio_postgres::Config = self
-            .config
-            .postgres
-            .url
-            .expose_secret()
-            .parse()
-            .map_err(|e: tokio_postgres::Error| LogicalError::Url(e.to_string()))?;
+        let pg: tokio_postgres::Config = self.config.postgres.url.expose_secret().parse().map_err(LogicalError::Url)?;
         let host = match pg.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
             Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),

@@ -9,6 +9,8 @@
 
 use bytes::{Buf, Bytes};
 
+use crate::error_class::ErrorClass;
+
 /// A decoding failure: the stream is not what protocol version 1 promises.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -18,6 +20,16 @@ pub enum DecodeError {
     NotUtf8,
     #[error("unexpected tuple column kind {0:?}")]
     ColumnKind(char),
+}
+
+impl DecodeError {
+    /// A message that cannot be decoded: the run restarts and the stream
+    /// sends it again.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Truncated(_) | Self::NotUtf8 | Self::ColumnKind(_) => ErrorClass::Retry,
+        }
+    }
 }
 
 /// A column of a relation, as announced by a Relation message.

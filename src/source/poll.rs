@@ -112,6 +112,7 @@ use tokio_postgres::Client;
 
 use crate::config::Config;
 use crate::database::{self, DatabaseError};
+use crate::error_class::ErrorClass;
 use crate::outbox::{CommitBoundary, PollBatch, RowError, RowLayout, SourceEvent};
 use crate::store::{ident, rows_within, text_values, RowQuery, Store, StoreError};
 
@@ -128,6 +129,25 @@ pub enum PollError {
     Row(#[from] RowError),
     #[error("the LISTEN connection to Postgres closed")]
     ListenerClosed,
+}
+
+impl PollError {
+    /// Statements by their SQLSTATE, a missing outbox table needs `relay
+    /// migrate`; a closed listener or an unreadable row restarts the run.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Database(e @ DatabaseError::Connect(_)) => e.class(),
+            // The LISTEN statement, and a URL and CA file `prepare` used
+            // before this run's source started: retried.
+            Self::Database(DatabaseError::Query(_) | DatabaseError::Url(_) | DatabaseError::Tls { .. }) => {
+                ErrorClass::Retry
+            }
+            Self::Postgres(e) => database::class_of(e),
+            Self::Store(e) => e.class(),
+            Self::Row(e) => e.class(),
+            Self::ListenerClosed => ErrorClass::Retry,
+        }
+    }
 }
 
 /// Creates (poll mode) or drops (logical mode) the statement-level trigger

@@ -8,6 +8,8 @@ use pgwire_replication::Lsn as PgLsn;
 use tokio_postgres::Client;
 
 use crate::config::Config;
+use crate::database;
+use crate::error_class::ErrorClass;
 use crate::outbox::Lsn;
 use crate::store::{CatchUpReason, Store, StoreError};
 use crate::telemetry::metrics;
@@ -26,6 +28,21 @@ pub enum SlotError {
     Postgres(#[from] tokio_postgres::Error),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl SlotError {
+    /// A slot the relay may not recreate or a publication that covers the
+    /// wrong tables needs an operator; statements go by their SQLSTATE.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::NotAllowed { .. } => ErrorClass::operator("recreate the slot, or set source.create_slot = true"),
+            Self::PublicationMismatch { .. } | Self::PublicationNotViaRoot { .. } => {
+                ErrorClass::operator("correct the publication as said below")
+            }
+            Self::Postgres(e) => database::class_of(e),
+            Self::Store(e) => e.class(),
+        }
+    }
 }
 
 /// What `pg_replication_slots` says about the slot.

@@ -36,6 +36,8 @@ use tokio_postgres::types::FromSql;
 use tokio_postgres::{Client, Row};
 
 use crate::config::Config;
+use crate::database;
+use crate::error_class::ErrorClass;
 use crate::outbox::RowError;
 
 /// Why a statement of the store failed.
@@ -43,7 +45,7 @@ use crate::outbox::RowError;
 pub enum StoreError {
     #[error(transparent)]
     Postgres(#[from] tokio_postgres::Error),
-    #[error("cannot read column `{column}` as {expected}: {source}")]
+    #[error("cannot read column `{column}` as {expected}")]
     Column {
         column: String,
         expected: &'static str,
@@ -76,6 +78,24 @@ impl StoreError {
         match self {
             Self::Postgres(err) | Self::Column { source: err, .. } => err.code(),
             _ => None,
+        }
+    }
+
+    /// A statement is judged by its SQLSTATE ([`database::sql_state_class`]);
+    /// a missing table or the other publish-state layout needs `relay
+    /// migrate`; a refused fence ends the term.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Postgres(_) | Self::Column { .. } => database::sql_state_class(self.sql_state()),
+            Self::NoTable(table) => {
+                ErrorClass::Operator(format!("outbox table {table} does not exist: run `relay migrate`").into())
+            }
+            Self::Layout { .. } => ErrorClass::operator("run `relay migrate` with this config"),
+            Self::Row(e) => e.class(),
+            // A row a command names that is not in the state it asked for:
+            // the command says so; no statement failed.
+            Self::NotFound(_) | Self::NotHeld { .. } | Self::Behind { .. } => ErrorClass::Retry,
+            Self::Fenced { .. } => ErrorClass::StepDown,
         }
     }
 }
