@@ -6,8 +6,8 @@
 //! several at a time: every test has its own database, slot and topic
 //! prefix. The modules in `slow` run the same way but are left out of
 //! `scripts/test --fast`. The modules in `exclusive` stop or reconfigure a
-//! service, so they run one file at a time on a second stack of their own,
-//! beside the others.
+//! service the others share, so they run afterwards, one file at a time,
+//! with nothing else running.
 
 mod common;
 
@@ -43,7 +43,7 @@ mod slow {
 }
 
 /// Tests that stop Postgres, Kafka or the registry, or change cluster-wide
-/// settings: they run on a stack of their own (`scripts/test` starts it).
+/// settings: `scripts/test` runs them alone.
 mod exclusive {
     mod chaos;
     mod slot_recovery;

@@ -62,11 +62,9 @@ async fn kill_at_ninety_percent_of_a_large_transaction_repeats_only_the_in_fligh
         db.write_config(&format!("checkpoint.max_in_flight = {MAX_IN_FLIGHT}\ncheckpoint.batch_rows = {BATCH_ROWS}"));
     db.migrate(&config);
     let client = db.client().await;
-    // Ten times the in-flight window: resending from the transaction's start
-    // would repeat about nine windows, far over the bound. The mechanism
-    // (skip what is recorded) does not depend on the size;
+    // The mechanism (skip what is recorded) does not depend on the size;
     // `scripts/bench large-transaction` runs it with 1M rows in release.
-    let rows: i64 = std::env::var("RELAY_LARGE_TX_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(60_000);
+    let rows: i64 = std::env::var("RELAY_LARGE_TX_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
     insert_one_transaction(&client, rows, 0).await;
     let mut relay = RelayProcess::start(&config);
     wait_for("90% of the transaction to be published", Duration::from_secs(1800), || async {
